@@ -26,3 +26,9 @@ def run_cli(main: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many lines), for one-line UserErrors."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

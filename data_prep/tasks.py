@@ -81,7 +81,7 @@ def state_from_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs"
     """
     spec = get_task(task)
     parts = []
-    for key, dim in zip(STATE_KEYS, (*ROBOT_DIMS, spec.object_dim)):
+    for key, dim in zip(STATE_KEYS, (*ROBOT_DIMS, spec.object_dim), strict=True):
         value = obs.get(key) if key in obs else (obs.get("object-state") if key == OBJECT_KEY else None)
         if value is None:
             raise UserError(f"{source}: missing observation key {key!r} (expected keys {list(STATE_KEYS)})")

@@ -1,0 +1,418 @@
+"""Reference GPU numbers for docs/SCALING.md: the Llama-3-8B VLA and the world model on one GPU.
+
+    python benchmarks/gpu_reference.py                      # a CUDA GPU with ~40 GB free; writes the JSON below
+    python benchmarks/gpu_reference.py --tiny               # CPU smoke test of the same code path (seconds)
+
+Measures, with random weights (speed and memory do not depend on the values):
+* VLA policy = Meta-Llama-3-8B-shaped backbone (bf16, built directly on the GPU) + LoRA r=32 on q/v +
+  gradient checkpointing + state tokens + action-chunk head (`modeling_vla.VLAPolicy`):
+  peak GPU memory, training samples/s and tokens/s at an effective batch of 128 (the largest micro-batch
+  that fits, with gradient accumulation up to 128), and predict_actions latency at batch 1;
+* world model (`modeling_vla.WorldModel`, default config): imagined steps/s for 65,536 parallel dreams.
+
+Prints a markdown table and writes JSON (settings, device, versions, numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from data_prep.errors import UserError, run_cli  # noqa: E402
+from data_prep.tasks import ACTION_DIM, STATE_DIM, TASKS, instructions_for  # noqa: E402
+
+# transformers.LlamaConfig of meta-llama/Meta-Llama-3-8B(-Instruct): 8.03 B parameters with the LM head,
+# 7.50 B in the LlamaModel the VLA uses (it reads hidden states; no LM head).
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+# Same architecture family, small enough for a CPU test.
+LLAMA_TINY = {**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256}
+
+
+@dataclass
+class Settings:
+    backbone: dict[str, Any] = field(default_factory=lambda: dict(LLAMA3_8B))
+    dtype: str = "bfloat16"
+    lora_r: int = 32
+    lora_alpha: float = 64.0
+    batch_size: int = 128  # effective batch of one optimizer step
+    train_warmup_steps: int = 2
+    train_steps: int = 5  # timed optimizer steps
+    latency_warmup: int = 5
+    latency_iters: int = 50
+    dreams: int = 65536  # parallel world-model rollouts
+    dream_steps: int = 20  # timed imagined steps of each
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> Settings:
+        return cls(backbone=dict(LLAMA_TINY), batch_size=8, train_warmup_steps=1, train_steps=2,
+                   latency_warmup=1, latency_iters=3, dreams=64, dream_steps=2)
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of fn(), with the GPU's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_gpu_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def host_peak_rss_gib() -> float:
+    """Peak resident memory of this process: a CPU fp32 copy of the 8B backbone would show up here as ~30 GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def all_instructions() -> list[str]:
+    return [text for task in TASKS for text in instructions_for(task, "train")]
+
+
+def write_backbone_folder(folder: Path, backbone: dict[str, Any]) -> Path:
+    """A config-only Llama folder (no weights) plus a word-level tokenizer over the project's instructions.
+
+    The Llama-3 tokenizer is gated and not needed for speed: instructions tokenise to a similar handful of
+    tokens per phrase (the count actually fed to the model is reported).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    LlamaConfig(**backbone).save_pretrained(folder)
+    words = sorted({w for text in all_instructions() for w in text.lower().replace(",", " ").split()})
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    if len(vocab) > backbone["vocab_size"]:
+        raise UserError(f"backbone vocab_size={backbone['vocab_size']} is smaller than the {len(vocab)} instruction words")
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def build_policy(settings: Settings, folder: Path, device: torch.device):
+    """VLAPolicy with random backbone weights created directly on `device` in `settings.dtype`."""
+    from transformers import AutoConfig
+
+    from configuration_vla import VLAConfig
+    from modeling_vla import VLAPolicy
+
+    config = VLAConfig(
+        backbone=str(folder),
+        # Setting backbone_config makes load_backbone build random weights (from_config) instead of loading.
+        backbone_config=AutoConfig.from_pretrained(folder).to_dict(),
+        backbone_dtype=settings.dtype,
+        lora_r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+    )
+    # Under a device context every parameter is allocated on the GPU at creation: no CPU fp32 copy of 8B weights.
+    with torch.device(device):
+        policy = VLAPolicy(config)
+    # The trainer's `gradient_checkpointing: true` path: recompute each decoder layer in the backward pass.
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not any(getattr(m, "gradient_checkpointing", False) for m in policy.base_backbone.modules()):
+        raise RuntimeError("gradient checkpointing did not reach the backbone's decoder layers")
+    wrong = {(p.device.type, p.dtype) for p in policy.base_backbone.parameters() if p.device.type != device.type}
+    if wrong:
+        raise RuntimeError(f"backbone parameters landed on {wrong}, expected {device}")
+    return policy.train()
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def policy_batch(batch: int, chunk: int, device: torch.device, generator: torch.Generator) -> dict[str, Any]:
+    """A training batch in the docs/DESIGN.md layout (random values, real instructions)."""
+    texts = all_instructions()
+    picks = torch.randint(len(texts), (batch,), generator=generator).tolist()
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=generator) * 2 - 1).to(device)
+
+    return {
+        "instruction": [texts[i] for i in picks],
+        "state": uniform(batch, STATE_DIM),
+        "state_mask": torch.ones(batch, STATE_DIM, device=device),
+        "actions": uniform(batch, chunk, ACTION_DIM),
+        "step_mask": torch.ones(batch, chunk, device=device),
+    }
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def measure_training(policy, settings: Settings, device: torch.device) -> dict[str, Any]:
+    """Optimizer steps of `batch_size` samples: the largest power-of-two micro-batch that fits, accumulated."""
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(settings.seed)
+    chunk = policy.config.chunk_size
+    micro = settings.batch_size
+    while True:
+        try:
+            accumulation = settings.batch_size // micro
+            batches = [policy_batch(micro, chunk, device, generator) for _ in range(accumulation)]
+
+            def optimizer_step() -> None:
+                for batch in batches:
+                    (policy(**batch).loss / accumulation).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            reset_peak(device)
+            for _ in range(settings.train_warmup_steps):
+                optimizer_step()
+            seconds = timed(lambda: [optimizer_step() for _ in range(settings.train_steps)], device)
+            break
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err) or micro == 1:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            micro //= 2
+            print(f"micro-batch {micro * 2} does not fit; trying {micro}", file=sys.stderr)
+    ids, _ = policy._instruction_ids(batches[0]["instruction"], device)
+    tokens_per_sample = ids.shape[1] + policy.config.num_state_tokens  # padded instruction + state tokens
+    samples_per_s = settings.batch_size * settings.train_steps / seconds
+    return {
+        "micro_batch": micro,
+        "grad_accumulation": settings.batch_size // micro,
+        "tokens_per_sample": int(tokens_per_sample),
+        "train_samples_per_s": samples_per_s,
+        "train_tokens_per_s": samples_per_s * tokens_per_sample,
+        "train_step_s": seconds / settings.train_steps,
+        "train_peak_gpu_gib": peak_gpu_gib(device),
+    }
+
+
+def measure_latency(policy, settings: Settings, device: torch.device) -> dict[str, Any]:
+    """predict_actions at batch 1 (one control step: an H-step action chunk)."""
+    policy.eval()
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    state = (torch.rand(1, STATE_DIM, generator=generator) * 2 - 1).to(device)
+    instruction = all_instructions()[0]
+    for _ in range(settings.latency_warmup):
+        policy.predict_actions(state, instruction)
+    times = [timed(lambda: policy.predict_actions(state, instruction), device) for _ in range(settings.latency_iters)]
+    times.sort()
+    return {
+        "latency_ms_median": 1000 * statistics.median(times),
+        "latency_ms_p90": 1000 * times[min(len(times) - 1, int(0.9 * len(times)))],
+    }
+
+
+def measure_dreams(settings: Settings, device: torch.device) -> dict[str, Any]:
+    """WorldModel.step on `dreams` parallel states for `dream_steps` steps (eval mode, fp32 as trained)."""
+    from configuration_vla import WorldModelConfig
+    from modeling_vla import WorldModel
+
+    with torch.device(device):
+        world = WorldModel(WorldModelConfig()).eval()
+    generator = torch.Generator().manual_seed(settings.seed + 2)
+    n = settings.dreams
+    texts = all_instructions()
+    instructions = [texts[i % len(texts)] for i in range(n)]
+    text_emb = world.embed_instructions(instructions)  # once per rollout, as the dream env does
+    state = torch.randn(n, STATE_DIM, generator=generator).to(device)
+    actions = (torch.rand(settings.dream_steps, n, ACTION_DIM, generator=generator) * 2 - 1).to(device)
+
+    def dream() -> None:
+        s = state
+        for t in range(settings.dream_steps):
+            s = world.step(s, actions[t], text_emb=text_emb)[0]
+
+    dream()  # warm-up (kernel selection, caches)
+    reset_peak(device)
+    seconds = timed(dream, device)
+    return {
+        "world_model_params": parameter_counts(world)[0],
+        "dreams": n,
+        "dream_steps": settings.dream_steps,
+        "imagined_steps_per_s": n * settings.dream_steps / seconds,
+        "dream_step_ms": 1000 * seconds / settings.dream_steps,
+        "dream_peak_gpu_gib": peak_gpu_gib(device),
+    }
+
+
+def run_benchmark(settings: Settings, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(settings.seed)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="llama-config-") as tmp:
+        folder = write_backbone_folder(Path(tmp), settings.backbone)
+        reset_peak(device)
+        build_seconds = timed(lambda: results.update(policy=build_policy(settings, folder, device)), device)
+        policy = results.pop("policy")
+        policy.tokenizer  # noqa: B018 -- loads the tokenizer while its folder still exists
+    total, trainable = parameter_counts(policy)
+    results.update(
+        params_total=total,
+        params_trainable=trainable,
+        build_s=build_seconds,
+        weights_gpu_gib=peak_gpu_gib(device),
+    )
+    results.update(measure_training(policy, settings, device))
+    results.update(measure_latency(policy, settings, device))
+    del policy
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    results.update(measure_dreams(settings, device))
+    results["host_peak_rss_gib"] = host_peak_rss_gib()
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return info
+
+
+ROWS = [
+    ("VLA parameters (total / trainable)", lambda r: f"{count(r['params_total'])} / {count(r['params_trainable'])}"),
+    ("GPU memory after building the model", lambda r: gib(r["weights_gpu_gib"])),
+    ("peak GPU memory, training", lambda r: gib(r["train_peak_gpu_gib"])),
+    ("micro-batch x accumulation", lambda r: f"{r['micro_batch']} x {r['grad_accumulation']}"),
+    ("training samples/s", lambda r: f"{r['train_samples_per_s']:.1f}"),
+    ("training tokens/s", lambda r: f"{r['train_tokens_per_s']:.0f} ({r['tokens_per_sample']} tokens/sample)"),
+    ("inference latency, batch 1 (median / p90)", lambda r: f"{r['latency_ms_median']:.1f} / {r['latency_ms_p90']:.1f} ms"),
+    ("world model imagined steps/s", lambda r: f"{r['imagined_steps_per_s']:,.0f} ({r['dreams']:,} parallel dreams)"),
+    ("peak GPU memory, dreams", lambda r: gib(r["dream_peak_gpu_gib"])),
+    ("peak host RSS", lambda r: gib(r["host_peak_rss_gib"])),
+]
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def gib(value: float | None) -> str:
+    return "n/a (CPU)" if value is None else f"{value:.2f} GiB"
+
+
+def markdown_table(results: dict[str, Any], env: dict[str, Any]) -> str:
+    lines = [f"| measurement ({env['device']}) | value |", "| --- | --- |"]
+    lines += [f"| {name} | {fmt(results)} |" for name, fmt in ROWS]
+    return "\n".join(lines)
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gpu_reference", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny Llama on CPU: checks the code path in seconds")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda, or cpu with --tiny)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output (default: runs/benchmarks/gpu_reference[_tiny].json)")
+    parser.add_argument("--batch-size", type=int, default=None, help="effective training batch (default 128)")
+    parser.add_argument("--dreams", type=int, default=None, help="parallel world-model rollouts (default 65536)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+
+    def run() -> dict[str, Any]:
+        settings = Settings.tiny() if args.tiny else Settings()
+        if args.batch_size is not None:
+            if args.batch_size < 1 or args.batch_size & (args.batch_size - 1):
+                raise UserError(f"--batch-size {args.batch_size}: expected a power of two (micro-batches halve it)")
+            settings.batch_size = args.batch_size
+        if args.dreams is not None:
+            if args.dreams < 1:
+                raise UserError(f"--dreams {args.dreams}: expected a positive number")
+            settings.dreams = args.dreams
+        device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("no CUDA GPU visible: run on a GPU machine, or pass --tiny for the CPU smoke test")
+        if device.type == "cpu" and not args.tiny:
+            raise UserError("the full-size benchmark (Llama-3-8B shapes) needs a GPU; pass --tiny on CPU")
+        out = args.out or REPO_ROOT / "runs" / "benchmarks" / f"gpu_reference{'_tiny' if args.tiny else ''}.json"
+        env = environment(device)
+        print(f"benchmark on {env['device']}: backbone {settings.backbone['num_hidden_layers']} layers x "
+              f"{settings.backbone['hidden_size']}, batch {settings.batch_size}, {settings.dreams:,} dreams", flush=True)
+        results = run_benchmark(settings, device)
+        payload = {"command": " ".join(["python", "benchmarks/gpu_reference.py", *(argv or [])]),
+                   "environment": env, "settings": dataclasses.asdict(settings), "results": results}
+        write_json_atomically(out, payload)
+        print(markdown_table(results, env))
+        print(f"wrote {out}")
+        return payload
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

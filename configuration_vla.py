@@ -1,0 +1,250 @@
+"""Configurations of the three models: the MLP-Mixer world model, the LoRA VLA policy and the MLP baseline.
+
+Each config carries everything a saved model folder needs to be used on its own: the state layout id,
+the normalisation statistics (raw units in, raw units out), the text encoder / backbone name and, for
+the VLA, the backbone's architecture (`backbone_config`) so `from_pretrained(folder)` never needs the
+original backbone weights.
+
+This file is copied into saved model folders (trust_remote_code), so it imports nothing from the project;
+`DEFAULT_STATE_LAYOUT` mirrors `data_prep.tasks.STATE_LAYOUT` for that reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+DEFAULT_STATE_LAYOUT = "eef_pos3+eef_quat4+gripper_qpos2+object14pad"
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# One mixer token per semantic slice of the 23-D state: eef_pos, eef_quat, gripper_qpos, then the
+# object block read as pos 3, quat 4, relative pos 3, relative quat 4 (Lift's last 4 are padding).
+DEFAULT_STATE_TOKEN_GROUPS = [3, 4, 2, 3, 4, 3, 4]
+LOSSES = ("l1", "mse")
+POOLINGS = ("auto", "mean", "last")
+BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(config: object, field: str, expected: str, value: Any) -> None:
+    raise ValueError(f"{type(config).__name__}.{field}: expected {expected}, got {value!r}")
+
+
+def _check_positive_int(config: object, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(config, field, "a positive integer", value)
+
+
+def _check_fraction(config: object, *fields: str, low_open: bool = False) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+        if not ok or (low_open and value == 0.0):
+            _fail(config, field, "a number in (0, 1]" if low_open else "a number in [0, 1]", value)
+
+
+def _check_non_negative(config: object, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            _fail(config, field, "a non-negative number", value)
+
+
+def _check_choice(config: object, field: str, choices: Sequence[str]) -> None:
+    if getattr(config, field) not in choices:
+        _fail(config, field, f"one of {list(choices)}", getattr(config, field))
+
+
+def _vector(config: object, field: str, dim_field: str, default: float, positive: bool = False) -> list[float]:
+    """Fill a stats vector with its default and check its length and values."""
+    value, length = getattr(config, field), getattr(config, dim_field)
+    if value is None:
+        return [default] * length
+    try:
+        vector = [float(v) for v in value]
+    except (TypeError, ValueError):
+        _fail(config, field, f"a list of {length} numbers", value)
+    if len(vector) != length:
+        _fail(config, field, f"a list of {dim_field}={length} numbers", f"{len(vector)} numbers")
+    if not all(math.isfinite(v) for v in vector) or (positive and min(vector) < 0):
+        _fail(config, field, f"{length} finite{' non-negative' if positive else ''} numbers", value)
+    return vector
+
+
+class RobotModelConfig(PretrainedConfig):
+    """Fields shared by the three models: dims, layout, normalisation statistics, tasks trained on."""
+
+    state_dim: int = 23
+    action_dim: int = 7
+    state_layout: str = DEFAULT_STATE_LAYOUT
+    state_mean: list[float] | None = None  # None -> zeros
+    state_std: list[float] | None = None  # None -> ones; entries < 1e-6 are treated as 1 (constant dims)
+    action_mean: list[float] | None = None
+    action_std: list[float] | None = None
+    tasks: list[str] | None = None  # task names trained on (informative; the model cards list them)
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        _check_positive_int(self, "state_dim", "action_dim")
+        if not isinstance(self.state_layout, str) or not self.state_layout:
+            _fail(self, "state_layout", "a non-empty layout id string", self.state_layout)
+        self.state_mean = _vector(self, "state_mean", "state_dim", 0.0)
+        self.state_std = _vector(self, "state_std", "state_dim", 1.0, positive=True)
+        self.action_mean = _vector(self, "action_mean", "action_dim", 0.0)
+        self.action_std = _vector(self, "action_std", "action_dim", 1.0, positive=True)
+        self.tasks = list(self.tasks) if self.tasks is not None else []
+        self.validate_fields()
+        super().__post_init__(**kwargs)
+
+    def validate_fields(self) -> None:
+        """Model-specific checks; subclasses raise ValueError naming the field."""
+
+    def set_normalization(self, stats: Mapping[str, Any], source: str = "normalization.json") -> None:
+        """Copy the statistics of a dataset's normalization.json (train split) into this config.
+
+        Refuses statistics of another state layout: a model must never normalise with the wrong slots.
+        """
+        layout = stats.get("state_layout")
+        if layout != self.state_layout:
+            raise ValueError(f"{source}: state_layout {layout!r} does not match the model's {self.state_layout!r}")
+        for kind in ("state", "action"):
+            block = stats.get(kind)
+            if not isinstance(block, Mapping) or "mean" not in block or "std" not in block:
+                raise ValueError(f"{source}: expected a {kind!r} object with 'mean' and 'std'")
+            for moment in ("mean", "std"):
+                field = f"{kind}_{moment}"
+                setattr(self, field, list(block[moment]))
+                setattr(self, field, _vector(self, field, f"{kind}_dim", 0.0, positive=moment == "std"))
+
+
+class WorldModelConfig(RobotModelConfig):
+    """MLP-Mixer ensemble predicting s_{t+1} - s_t (normalised), success and done from (s_t, a_t, instruction).
+
+    Token layout: one token per entry of `state_token_groups` (consecutive slices of the state, default
+    eef_pos | eef_quat | gripper | obj pos | obj quat | obj rel pos | obj rel quat), one action token and one
+    text token (the MiniLM sentence embedding) -> 9 tokens of width `hidden_dim`.
+    """
+
+    model_type = "vla_world_model"
+
+    text_encoder: str = MINILM_NAME
+    text_embed_dim: int = 384
+    state_token_groups: list[int] | None = None  # None -> DEFAULT_STATE_TOKEN_GROUPS (must sum to state_dim)
+    hidden_dim: int = 128
+    token_mlp_dim: int = 64
+    channel_mlp_dim: int = 256
+    num_layers: int = 4
+    dropout: float = 0.0
+    num_ensemble: int = 5
+    # Each member trains on its own random subset of every batch (bootstrap-style) so the ensemble
+    # disagrees where data is thin; 1.0 turns this off.
+    ensemble_data_fraction: float = 0.8
+    multi_step: int = 8  # open-loop horizon of the multi-step loss (clipped to the batch's H)
+    loss_one_step: float = 1.0
+    loss_multi_step: float = 0.5
+    loss_success: float = 0.1
+    loss_done: float = 0.1
+    state_mask: list[float] | None = None  # dims this model ever predicts (None -> all); ANDed with batch masks
+
+    def validate_fields(self) -> None:
+        _check_positive_int(
+            self, "text_embed_dim", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers", "num_ensemble",
+            "multi_step",
+        )
+        _check_fraction(self, "dropout")
+        _check_fraction(self, "ensemble_data_fraction", low_open=True)
+        _check_non_negative(self, "loss_one_step", "loss_multi_step", "loss_success", "loss_done")
+        groups = DEFAULT_STATE_TOKEN_GROUPS if self.state_token_groups is None else self.state_token_groups
+        if self.state_token_groups is None and self.state_dim != sum(groups):
+            groups = [self.state_dim]  # a non-default state width gets a single state token unless told otherwise
+        if (
+            not isinstance(groups, Sequence)
+            or not groups
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups)
+            or sum(groups) != self.state_dim
+        ):
+            _fail(self, "state_token_groups", f"positive integers summing to state_dim={self.state_dim}", groups)
+        self.state_token_groups = list(groups)
+        mask = _vector(self, "state_mask", "state_dim", 1.0)
+        if any(v not in (0.0, 1.0) for v in mask):
+            _fail(self, "state_mask", "0/1 values", self.state_mask)
+        self.state_mask = mask
+
+
+class VLAConfig(RobotModelConfig):
+    """A pretrained transformer (MiniLM by default, any AutoModel) + LoRA + an action-chunk head.
+
+    Input sequence: `num_state_tokens` tokens projected from the normalised state, plus the tokenised
+    instruction; encoders (BERT-like) mean-pool the final hidden states, decoders (Llama-like) read the
+    last token (state tokens go last, instruction left-padded).
+    """
+
+    model_type = "vla_policy"
+
+    backbone: str = MINILM_NAME  # hub name (resolved in the local cache / PyPI package) or a local path
+    backbone_config: dict | None = None  # the backbone's architecture, filled in when it is first loaded
+    backbone_dtype: str = "float32"  # "bfloat16" for billion-parameter backbones on GPU
+    use_lora: bool = True
+    lora_r: int = 16  # the reference Llama-3-8B setup uses 32
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None -> per architecture (BERT: query,value; Llama: q_proj,v_proj)
+    gradient_checkpointing: bool = False
+    chunk_size: int = 8  # H: actions predicted per call
+    num_state_tokens: int = 2
+    state_hidden_dim: int = 256  # hidden width of the state -> tokens MLP
+    head_hidden_dim: int = 256
+    head_dropout: float = 0.0
+    pooling: str = "auto"  # auto: mean for masked-LM encoders, last token otherwise
+    max_instruction_tokens: int = 32
+    loss: str = "l1"
+
+    def validate_fields(self) -> None:
+        if not isinstance(self.backbone, str) or not self.backbone.strip():
+            _fail(self, "backbone", "a model name or local path", self.backbone)
+        if self.backbone_config is not None and (
+            not isinstance(self.backbone_config, Mapping) or "model_type" not in self.backbone_config
+        ):
+            _fail(self, "backbone_config", "a transformers config dict with 'model_type'", type(self.backbone_config))
+        _check_choice(self, "backbone_dtype", BACKBONE_DTYPES)
+        _check_positive_int(
+            self, "lora_r", "chunk_size", "num_state_tokens", "state_hidden_dim", "head_hidden_dim",
+            "max_instruction_tokens",
+        )
+        _check_non_negative(self, "lora_alpha")
+        _check_fraction(self, "lora_dropout", "head_dropout")
+        if self.lora_target_modules is not None and (
+            isinstance(self.lora_target_modules, str)
+            or not self.lora_target_modules
+            or not all(isinstance(m, str) and m for m in self.lora_target_modules)
+        ):
+            _fail(self, "lora_target_modules", "a non-empty list of module names or None", self.lora_target_modules)
+        _check_choice(self, "pooling", POOLINGS)
+        _check_choice(self, "loss", LOSSES)
+
+
+class MLPPolicyConfig(RobotModelConfig):
+    """Behaviour-cloning baseline: [normalised state, MiniLM instruction embedding] -> MLP -> H x 7."""
+
+    model_type = "vla_mlp_policy"
+
+    text_encoder: str = MINILM_NAME
+    text_embed_dim: int = 384
+    hidden_dim: int = 512
+    num_layers: int = 3
+    dropout: float = 0.1
+    chunk_size: int = 8
+    loss: str = "l1"
+
+    def validate_fields(self) -> None:
+        _check_positive_int(self, "text_embed_dim", "hidden_dim", "num_layers", "chunk_size")
+        _check_fraction(self, "dropout")
+        _check_choice(self, "loss", LOSSES)
+
+
+for _config_class in (WorldModelConfig, VLAConfig, MLPPolicyConfig):
+    # save_pretrained then writes auto_map and copies this file next to the weights (trust_remote_code).
+    _config_class.register_for_auto_class()
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)

@@ -1,0 +1,458 @@
+"""`vla-preprocess`: robomimic HDF5 files -> one Hugging Face `datasets` repo folder.
+
+Output (docs/DESIGN.md, "Dataset repo"):
+
+    <out>/README.md             dataset card; its YAML `configs:` let `datasets.load_dataset(<out>)` find the splits
+    <out>/data/train-XXXXX-of-YYYYY.parquet
+    <out>/data/validation-XXXXX-of-YYYYY.parquet
+    <out>/normalization.json    per-dimension statistics of the train split
+    <out>/instructions.json     the instruction paraphrases used
+
+Every input is read and validated before anything is written, the repo is assembled in
+`<out>.tmp-<pid>` and renamed into place, so a bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from datasets import Dataset as HFDataset
+from datasets import DatasetDict, Features, List, Value, load_dataset
+from huggingface_hub import DatasetCard, DatasetCardData
+from tqdm.auto import tqdm
+
+from data_prep.errors import UserError, run_cli
+from data_prep.robomimic_io import Episode, RobomimicFile, read_robomimic_hdf5, split_demo_names
+from data_prep.tasks import (
+    ACTION_DIM,
+    INSTRUCTIONS_FILE,
+    OBJECT_DIM,
+    STATE_DIM,
+    STATE_LAYOUT,
+    get_task,
+    instructions_for,
+)
+
+SPLITS = ("train", "validation")
+ROBOMIMIC_MASK = {"train": "train", "validation": "valid"}  # our split name -> robomimic's filter key
+STD_FLOOR = 1e-3  # a dimension (nearly) constant over the train split is scaled as if std were this
+DEFAULT_SHARD_ROWS = 250_000  # ~80 MB of parquet per shard
+
+FEATURES = Features(
+    {
+        "task": Value("string"),
+        "instruction": Value("string"),
+        "episode": Value("int64"),
+        "step": Value("int32"),
+        "state": List(Value("float32"), length=STATE_DIM),
+        "state_mask": List(Value("float32"), length=STATE_DIM),
+        "action": List(Value("float32"), length=ACTION_DIM),
+        "next_state": List(Value("float32"), length=STATE_DIM),
+        "reward": Value("float32"),
+        "done": Value("bool"),
+        "success": Value("bool"),
+        "source": Value("string"),
+    }
+)
+FEATURE_DOCS = {
+    "task": "short task name (`lift`, `can`, `square`)",
+    "instruction": "language goal; a train paraphrase on train rows, a held-out paraphrase on validation rows",
+    "episode": "episode id, unique over the whole repo",
+    "step": "control step within the episode (0-based)",
+    "state": f"s_t, {STATE_DIM} floats in the shared layout (below)",
+    "state_mask": "1 where `state` holds a real value, 0 where it is padding",
+    "action": f"a_t, {ACTION_DIM} floats, OSC_POSE delta in [-1, 1]; last = gripper (-1 open, +1 close)",
+    "next_state": "s_{t+1}, same layout as `state`",
+    "reward": "robomimic's sparse reward after the step",
+    "done": "robomimic's done flag",
+    "success": "task solved after the step (`reward > 0`)",
+    "source": "name of the HDF5 file the row came from",
+}
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def find_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given, directories searched recursively for *.hdf5; duplicates dropped, order kept."""
+    found: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            matches = sorted(path.rglob("*.hdf5"))
+            if not matches:
+                raise UserError(f"{path}: directory holds no *.hdf5 files")
+            found.extend(matches)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise UserError(f"{path}: file not found (expected a robomimic HDF5 file or a directory of them)")
+    unique = {p.resolve(): p for p in reversed(found)}
+    return [p for p in found if unique.get(p.resolve()) is p]
+
+
+def episode_splits(source: RobomimicFile, valid_fraction: float, seed: int) -> dict[str, str]:
+    """demo name -> split. The file's own `mask/valid` decides when present (robomimic's published split);
+    otherwise a seeded split of the file's demos."""
+    valid_mask = source.masks.get(ROBOMIMIC_MASK["validation"])
+    if valid_mask is not None:
+        unknown = sorted(set(valid_mask) - set(source.demo_names))
+        if unknown:
+            raise UserError(f"{source.path}: mask/valid names {unknown[:3]} which are not episodes in 'data'")
+        valid = set(valid_mask)
+    else:
+        _, valid_names = split_demo_names(source.demo_names, valid_fraction, seed)
+        valid = set(valid_names)
+    return {name: ("validation" if name in valid else "train") for name in source.demo_names}
+
+
+def pick_instruction(task: str, split: str, episode_id: int, seed: int) -> str:
+    """One paraphrase per episode, reproducible from (seed, episode id)."""
+    options = instructions_for(task, split)
+    return options[int(np.random.default_rng([seed, episode_id]).integers(len(options)))]
+
+
+def episode_rows(source: RobomimicFile, episode: Episode, episode_id: int, split: str, seed: int) -> dict[str, np.ndarray]:
+    state, mask = source.state(episode, "obs")
+    next_state, _ = source.state(episode, "next_obs")
+    steps = len(episode)
+    rewards = episode.rewards.astype(np.float32)
+    return {
+        "task": np.full(steps, source.task, dtype=object),
+        "instruction": np.full(steps, pick_instruction(source.task, split, episode_id, seed), dtype=object),
+        "episode": np.full(steps, episode_id, dtype=np.int64),
+        "step": np.arange(steps, dtype=np.int32),
+        "state": state,
+        "state_mask": mask,
+        "action": episode.actions.astype(np.float32),
+        "next_state": next_state,
+        "reward": rewards,
+        "done": episode.dones.astype(bool),
+        "success": rewards > 0,
+        "source": np.full(steps, source.path.name, dtype=object),
+    }
+
+
+@dataclass
+class SourceSummary:
+    path: Path
+    task: str
+    origin: str
+    episodes: Counter = field(default_factory=Counter)  # split -> count
+
+
+@dataclass
+class Collected:
+    columns: dict[str, dict[str, np.ndarray]]  # split -> column -> array (rows sorted by episode, step)
+    sources: list[SourceSummary]
+
+
+def collect(paths: list[Path], seed: int, valid_fraction: float) -> Collected:
+    """Read and validate every input file; rows of all files grouped by split."""
+    sources = [read_robomimic_hdf5(p) for p in paths]  # validates headers before the long read
+    parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
+    summaries = []
+    episode_id = 0
+    with tqdm(total=sum(len(s) for s in sources), desc="episodes", unit="ep") as progress:
+        for source in sources:
+            summary = SourceSummary(source.path, source.task, source.origin)
+            splits = episode_splits(source, valid_fraction, seed)
+            for episode in source:
+                split = splits[episode.name]
+                parts[split].append(episode_rows(source, episode, episode_id, split, seed))
+                summary.episodes[split] += 1
+                episode_id += 1
+                progress.update()
+            summaries.append(summary)
+    columns = {}
+    for split, rows in parts.items():
+        if not rows:
+            raise UserError(f"{', '.join(map(str, paths))}: no {split} episodes (need at least one per split)")
+        columns[split] = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
+    return Collected(columns, summaries)
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+def dimension_stats(values: np.ndarray, mask: np.ndarray | None = None) -> dict[str, list[float]]:
+    """mean/std/min/max per column over rows where mask is 1; a column never observed gets mean 0, std 1."""
+    mask = np.ones_like(values, dtype=bool) if mask is None else mask.astype(bool)
+    count = mask.sum(axis=0)
+    seen = count > 0
+    safe = np.maximum(count, 1)
+    values = values.astype(np.float64)
+    mean = np.where(mask, values, 0).sum(axis=0) / safe
+    var = np.where(mask, (values - mean) ** 2, 0).sum(axis=0) / safe
+    std = np.maximum(np.sqrt(var), STD_FLOOR)
+    low = np.where(mask, values, np.inf).min(axis=0)
+    high = np.where(mask, values, -np.inf).max(axis=0)
+    return {
+        "mean": np.where(seen, mean, 0.0).tolist(),
+        "std": np.where(seen, std, 1.0).tolist(),
+        "min": np.where(seen, low, 0.0).tolist(),
+        "max": np.where(seen, high, 0.0).tolist(),
+    }
+
+
+def normalization_stats(train: dict[str, np.ndarray]) -> dict:
+    return {
+        "state_layout": STATE_LAYOUT,
+        "std_floor": STD_FLOOR,
+        "num_rows": int(len(train["action"])),
+        "state": dimension_stats(train["state"], train["state_mask"]),
+        "action": dimension_stats(train["action"]),
+    }
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: np.ndarray
+    std: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+
+@dataclass(frozen=True)
+class Normalization:
+    state_layout: str
+    state: Stats
+    action: Stats
+
+
+def load_normalization(path: str | os.PathLike) -> Normalization:
+    """Read `normalization.json` (or the one inside a dataset folder); refuses another state layout."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "normalization.json"
+    try:
+        raw = json.loads(path.read_text())
+        stats = {
+            part: Stats(**{k: np.asarray(raw[part][k], dtype=np.float32) for k in ("mean", "std", "min", "max")})
+            for part in ("state", "action")
+        }
+        layout = raw["state_layout"]
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (expected a dataset folder made by vla-preprocess)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a valid normalization file ({type(err).__name__}: {err})") from None
+    if layout != STATE_LAYOUT:
+        raise UserError(f"{path}: state_layout {layout!r} does not match this code's {STATE_LAYOUT!r}")
+    for part, dim in (("state", STATE_DIM), ("action", ACTION_DIM)):
+        if stats[part].mean.shape != (dim,):
+            raise UserError(f"{path}: {part} statistics have shape {stats[part].mean.shape}, expected ({dim},)")
+    return Normalization(layout, stats["state"], stats["action"])
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def to_arrow(values: np.ndarray) -> pa.Array:
+    """Column -> Arrow without a Python loop per row ([N, D] floats become fixed-size lists)."""
+    if values.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    return pa.array(values.tolist() if values.dtype == object else values)
+
+
+def write_split(columns: dict[str, np.ndarray], split: str, data_dir: Path, shard_rows: int) -> int:
+    dataset = HFDataset.from_dict({k: to_arrow(v) for k, v in columns.items()}, features=FEATURES, split=split)
+    num_shards = max(1, math.ceil(len(dataset) / shard_rows))
+    for index in range(num_shards):
+        shard = dataset.shard(num_shards, index, contiguous=True)
+        shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"))
+    return num_shards
+
+
+def split_counts(collected: Collected) -> dict[str, dict[str, dict[str, int]]]:
+    """task -> split -> {episodes, steps, successful_steps}."""
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for split, columns in collected.columns.items():
+        for task in sorted(set(columns["task"])):
+            rows = columns["task"] == task
+            counts.setdefault(task, {})[split] = {
+                "episodes": len(np.unique(columns["episode"][rows])),
+                "steps": int(rows.sum()),
+                "success_steps": int(columns["success"][rows].sum()),
+            }
+    return counts
+
+
+def dataset_card(collected: Collected, seed: int) -> DatasetCard:
+    counts = split_counts(collected)
+    total_rows = sum(len(c["episode"]) for c in collected.columns.values())
+    size = "n<1K" if total_rows < 1_000 else "1K<n<10K" if total_rows < 10_000 else "10K<n<100K" if total_rows < 100_000 else "100K<n<1M"
+    data = DatasetCardData(
+        license="mit",
+        task_categories=["robotics"],
+        language=["en"],
+        tags=["robomimic", "robosuite", "vision-language-action", "low-dim", "world-model"],
+        pretty_name="Dreaming VLA: robomimic low-dim demonstrations with language instructions",
+        size_categories=[size],
+        configs=[{"config_name": "default", "data_files": [{"split": s, "path": f"data/{s}-*"} for s in SPLITS]}],
+    )
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(collected, counts, seed)}")
+
+
+def feature_type(feature) -> str:
+    """`Value('float32')` -> `float32`, `List(Value('float32'), length=23)` -> `float32[23]`."""
+    if isinstance(feature, List):
+        return f"{feature.feature.dtype}[{feature.length}]"
+    return feature.dtype
+
+
+def card_body(collected: Collected, counts: dict, seed: int) -> str:
+    lines = [
+        "# Dreaming VLA demonstrations",
+        "",
+        "Low-dimensional robosuite Panda demonstrations in robomimic format, flattened to one row per control step "
+        "and paired with a language instruction. Made by `vla-preprocess` of the dreaming-vla project; load with "
+        "`datasets.load_dataset(<this folder>)`.",
+        "",
+        "## Features",
+        "",
+        "| column | type | meaning |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| `{name}` | `{feature_type(FEATURES[name])}` | {doc} |" for name, doc in FEATURE_DOCS.items()]
+    lines += ["", "Rows are sorted by (`episode`, `step`); the train/validation split is by episode.", "", "## Tasks", ""]
+    for task in counts:
+        spec = get_task(task)
+        lines += [
+            f"### `{task}` (robosuite `{spec.env_name}`)",
+            "",
+            f"- train instructions: {'; '.join(repr(i) for i in instructions_for(task, 'train'))}",
+            f"- validation instructions (held out, never on train rows): "
+            f"{'; '.join(repr(i) for i in instructions_for(task, 'validation'))}",
+            "",
+        ]
+    lines += ["## Counts", "", "| task | split | episodes | steps | steps with success |", "| --- | --- | ---: | ---: | ---: |"]
+    for task, per_split in counts.items():
+        for split, c in per_split.items():
+            lines.append(f"| {task} | {split} | {c['episodes']} | {c['steps']} | {c['success_steps']} |")
+    lines += [
+        "",
+        "## State layout and padding",
+        "",
+        f"`state` and `next_state` have {STATE_DIM} floats, identical for every task (layout id `{STATE_LAYOUT}`):",
+        "",
+        "| index | content |",
+        "| --- | --- |",
+        "| 0-2 | `robot0_eef_pos` (end-effector position) |",
+        "| 3-6 | `robot0_eef_quat` (end-effector orientation, xyzw) |",
+        "| 7-8 | `robot0_gripper_qpos` (finger joint positions) |",
+        f"| 9-{STATE_DIM - 1} | robomimic `object` observation, zero-padded to {OBJECT_DIM} |",
+        "",
+        "Lift's `object` observation has 10 dimensions (cube position, quaternion, gripper-to-cube vector); Can's and "
+        "Square's have 14. Narrower ones are padded with zeros on the right, and `state_mask` marks real entries with 1 "
+        "and padding with 0, so models can ignore the padding (e.g. zero it after normalisation).",
+        "",
+        "`normalization.json` holds mean/std/min/max per state and action dimension over the **train** split only; "
+        "state statistics count only unpadded entries, a dimension that is padding on every train row gets mean 0 and "
+        f"std 1, and std is floored at {STD_FLOOR}.",
+        "",
+        "## How it was made",
+        "",
+        f"Converted with `vla-preprocess --seed {seed}` from these robomimic HDF5 files (`generated` = scripted-expert "
+        "demos made by `vla-generate` in robosuite; `robomimic` = robomimic's published files, e.g. from `vla-download`):",
+        "",
+        "| file | task | origin | train episodes | validation episodes |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for s in collected.sources:
+        lines.append(f"| `{s.path.name}` | {s.task} | {s.origin} | {s.episodes['train']} | {s.episodes['validation']} |")
+    lines += [
+        "",
+        "The split follows each file's `mask/valid` filter key when it has one (robomimic's published split), "
+        "otherwise a seeded 90/10 split of its episodes. Each episode gets one instruction paraphrase, drawn with "
+        "a seed made of (`--seed`, episode id). `success` is robomimic's sparse reward > 0. `instructions.json` "
+        "lists every paraphrase.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`; an existing `out` is swapped aside first and removed after."""
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    out: Path
+    rows: dict[str, int]
+    episodes: dict[str, int]
+    shards: dict[str, int]
+
+
+def preprocess(
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    seed: int = 0,
+    overwrite: bool = False,
+    valid_fraction: float = 0.1,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+) -> PreprocessResult:
+    """Convert robomimic HDF5 files (or folders of them) into the dataset repo at `out`."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    collected = collect(find_inputs([Path(p) for p in inputs]), seed, valid_fraction)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "data").mkdir(parents=True)
+        shards = {split: write_split(collected.columns[split], split, tmp / "data", shard_rows) for split in SPLITS}
+        stats = normalization_stats(collected.columns["train"])
+        (tmp / "normalization.json").write_text(json.dumps(stats, indent=2) + "\n")
+        shutil.copyfile(INSTRUCTIONS_FILE, tmp / "instructions.json")
+        dataset_card(collected, seed).save(tmp / "README.md")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreprocessResult(
+        out=out,
+        rows={s: len(c["episode"]) for s, c in collected.columns.items()},
+        episodes={s: len(np.unique(c["episode"])) for s, c in collected.columns.items()},
+        shards=shards,
+    )
+
+
+def load_vla_dataset(path: str | os.PathLike, cache_dir: str | None = None) -> DatasetDict:
+    """Load a repo written by `vla-preprocess` (train + validation) after checking its state layout."""
+    load_normalization(path)
+    return load_dataset(str(path), cache_dir=cache_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vla-preprocess", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inputs", nargs="+", type=Path, required=True, help="robomimic HDF5 files or folders of them")
+    parser.add_argument("--out", type=Path, default=Path("data/hf_dataset"))
+    parser.add_argument("--seed", type=int, default=0, help="seeds instruction choice and splits of mask-less files")
+    parser.add_argument("--valid-fraction", type=float, default=0.1, help="validation share for files without mask/valid")
+    parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="max rows per parquet file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        result = preprocess(args.inputs, args.out, args.seed, args.overwrite, args.valid_fraction, args.shard_rows)
+        for split in SPLITS:
+            print(f"{split}: {result.episodes[split]} episodes, {result.rows[split]} rows, {result.shards[split]} shard(s)")
+        print(f"wrote {result.out}")
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

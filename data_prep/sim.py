@@ -1,0 +1,102 @@
+"""The one way to build a robosuite environment, shared by demo generation and evaluation.
+
+`make_env` uses robomimic's standard low-dim settings (Panda, BASIC composite controller =
+OSC_POSE delta arm, 20 Hz, object observations, no cameras, sparse reward) and returns the
+`env_args` dict stored in every generated HDF5 (`data.attrs["env_args"]`, robomimic layout), so
+a file always records exactly how its environment was made.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from data_prep.tasks import get_task
+
+ROBOT = "Panda"
+CONTROL_FREQ = 20
+ROBOMIMIC_ENV_TYPE = 1  # robomimic.envs.env_base.EnvType.ROBOSUITE_TYPE
+
+
+def quiet_robosuite() -> None:
+    """robosuite logs a warning per optional dependency at import and INFO per controller load."""
+    for name in ("robosuite", "robosuite_logs"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def standard_env_kwargs(task: str) -> dict[str, Any]:
+    """robosuite.make(**kwargs) for `task`, matching robomimic's low-dim datasets."""
+    quiet_robosuite()
+    from robosuite.controllers import load_composite_controller_config
+
+    spec = get_task(task)
+    return {
+        "has_renderer": False,
+        "has_offscreen_renderer": False,
+        "ignore_done": True,  # episode ends are decided by the caller (success or task horizon)
+        "use_object_obs": True,
+        "use_camera_obs": False,
+        "control_freq": CONTROL_FREQ,
+        "horizon": spec.horizon,
+        "controller_configs": load_composite_controller_config(controller="BASIC"),
+        "robots": [ROBOT],
+        "reward_shaping": False,
+    }
+
+
+def env_args_for(task: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """robomimic's `env_args` record: env_name, env_version, type, env_kwargs."""
+    import robosuite
+
+    return {
+        "env_name": get_task(task).env_name,
+        "env_version": robosuite.__version__,
+        "type": ROBOMIMIC_ENV_TYPE,
+        "env_kwargs": env_kwargs,
+    }
+
+
+@dataclass
+class SimEnv:
+    """A robosuite env plus the env_args that rebuild it."""
+
+    task: str
+    env: Any  # robosuite.environments.ManipulationEnv
+    env_args: dict[str, Any]
+
+    def reset(self, seed: int) -> dict[str, np.ndarray]:
+        """Reset to the initial state determined by `seed` alone (independent of earlier episodes)."""
+        reseed(self.env, seed)
+        return self.env.reset()
+
+    def success(self) -> bool:
+        return bool(self.env._check_success())
+
+
+def reseed(env: Any, seed: int) -> None:
+    """Point every random source robosuite uses on reset (object sizes/placements, joint noise) at one fresh RNG.
+
+    robosuite keeps a single `env.rng` but its placement samplers hold their own reference to it,
+    so both must be replaced for a reset to depend only on `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    env.rng = rng
+    samplers = [env.placement_initializer] if getattr(env, "placement_initializer", None) is not None else []
+    while samplers:
+        sampler = samplers.pop()
+        sampler.rng = rng
+        samplers.extend(getattr(sampler, "samplers", {}).values())
+
+
+def make_env(task: str, seed: int = 0) -> SimEnv:
+    """Build the standard robosuite env for `task` (see module docstring), seeded with `seed`."""
+    quiet_robosuite()
+    import robosuite
+
+    kwargs = standard_env_kwargs(task)
+    env = robosuite.make(get_task(task).env_name, seed=seed, **kwargs)
+    quiet_robosuite()
+    return SimEnv(task=task, env=env, env_args=env_args_for(task, kwargs))

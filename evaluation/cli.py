@@ -1,0 +1,265 @@
+"""`vla-rollout`: evaluate a policy in dreams (world model), in real robosuite, or both.
+
+    vla-rollout --policy runs/vla --world-model runs/world --tasks lift can square --episodes 50 \
+        --env both --out results/ --seed 0 --workers 2 [--instruction "custom text"] [--video]
+
+`--policy expert` plays the scripted expert (real only: it reads simulator ground truth).
+Initial states: real episode i of a task starts from `make_env` reset with seed `--seed + i`; with
+`--env both` each dream starts from its real twin's initial state (paired by seed). With
+`--env dream`, dreams start from the first state of the held-out validation episodes of
+`--dataset` when given, else from seeded simulator resets. Every check (folders, state layouts,
+tasks) happens before the first rollout; the results folder appears atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import UserError, run_cli
+from data_prep.tasks import STATE_LAYOUT, TASKS, get_task
+from evaluation.envs import DreamEnv, RobosuiteEnv, Start, VideoSpec
+from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
+from evaluation.records import EpisodeRecord, write_episodes
+from evaluation.rollout import rollout
+
+EXPERT = "expert"
+WORLD_MODEL_TYPE = "vla_world_model"
+POLICY_TYPES = ("vla_policy", "vla_mlp_policy")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vla-rollout", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="saved VLAPolicy / MLPPolicy folder, or 'expert'")
+    p.add_argument("--world-model", type=Path, help="saved WorldModel folder (needed for --env dream/both)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to play (default: {' '.join(TASKS)})")
+    p.add_argument("--episodes", type=int, default=50, help="episodes per task and env")
+    p.add_argument("--env", choices=("dream", "real", "both"), default="both")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results folder (replaced atomically)")
+    p.add_argument("--seed", type=int, default=0, help="episode i starts from simulator seed seed+i")
+    p.add_argument("--workers", type=int, default=2, help="simulator processes for real rollouts (1 = in-process)")
+    p.add_argument("--instruction", help="custom instruction for every episode (default: the task's canonical one)")
+    p.add_argument("--dataset", type=Path, help="vla-preprocess folder: --env dream starts from held-out episodes")
+    p.add_argument("--horizon", type=int, help="max steps per episode (default: the task's horizon, 400)")
+    p.add_argument("--name", help="policy label in tables/figures (default: the policy folder's name)")
+    p.add_argument("--chunk-mode", choices=("ensemble", "receding"), default="ensemble",
+                   help="action chunks: ACT temporal ensembling (default) or receding horizon")
+    p.add_argument("--execute", type=int, default=1, help="receding horizon: actions played per chunk")
+    p.add_argument("--ensemble-decay", type=float, default=0.01, help="temporal ensembling weight decay m")
+    p.add_argument("--success-threshold", type=float, default=0.5, help="dream success when p_success exceeds it")
+    p.add_argument("--done-threshold", type=float, default=0.5, help="dream ends when p_done exceeds it")
+    p.add_argument("--video", action="store_true", help="MP4 of real rollouts (offscreen MuJoCo; MUJOCO_GL=egl|osmesa)")
+    p.add_argument("--video-episodes", type=int, default=2, help="filmed real episodes per task")
+    p.add_argument("--device", default="cpu", help="torch device for the models")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before any rollout
+# --------------------------------------------------------------------------------------------------
+
+
+def read_model_config(folder: Path, flag: str) -> dict[str, Any]:
+    """config.json of a saved model folder, as a dict; one-line errors for missing or broken folders."""
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: folder not found")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: missing (expected a model folder written by save_pretrained)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{flag} {path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{flag} {path}: expected a JSON object")
+    return config
+
+
+def check_model_config(config: dict, folder: Path, flag: str, kinds: tuple[str, ...], tasks: list[str]) -> None:
+    model_type = config.get("model_type")
+    if model_type not in kinds:
+        raise UserError(f"{flag} {folder}/config.json: model_type {model_type!r}, expected one of {list(kinds)}")
+    layout = config.get("state_layout")
+    if layout != STATE_LAYOUT:
+        raise UserError(f"{flag} {folder}/config.json: state_layout {layout!r} does not match this code's {STATE_LAYOUT!r}")
+    trained = config.get("tasks") or []
+    unknown = [t for t in tasks if trained and t not in trained]
+    if unknown:
+        raise UserError(f"{flag} {folder}/config.json: tasks {trained} do not include {unknown}; pass --tasks from that list")
+
+
+@dataclass
+class Plan:
+    """Everything decided and checked before the first rollout."""
+
+    policy_name: str
+    policy_dir: Path | None  # None = scripted expert
+    world_model_dir: Path | None
+    tasks: list[str]
+    envs: list[str]  # in play order: "real" before "dream" (dreams may start from real states)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    tasks = list(dict.fromkeys(args.tasks))
+    for task in tasks:
+        get_task(task)
+    if args.episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.horizon is not None and args.horizon < 1:
+        raise UserError(f"--horizon must be >= 1, got {args.horizon}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.instruction is not None and not args.instruction.strip():
+        raise UserError("--instruction: expected a non-empty instruction")
+    envs = {"dream": ["dream"], "real": ["real"], "both": ["real", "dream"]}[args.env]
+    expert = args.policy == EXPERT
+    if expert and "dream" in envs:
+        raise UserError("--policy expert reads the simulator's ground truth and runs only with --env real")
+    policy_dir = None if expert else Path(args.policy)
+    if policy_dir is not None:
+        config = read_model_config(policy_dir, "--policy")
+        check_model_config(config, policy_dir, "--policy", POLICY_TYPES, tasks)
+    world_model_dir = None
+    if "dream" in envs:
+        if args.world_model is None:
+            raise UserError(f"--env {args.env} needs --world-model DIR (a saved WorldModel folder)")
+        world_model_dir = args.world_model
+        world_config = read_model_config(world_model_dir, "--world-model")
+        check_model_config(world_config, world_model_dir, "--world-model", (WORLD_MODEL_TYPE,), tasks)
+        if policy_dir is not None and world_config.get("state_layout") != config.get("state_layout"):
+            raise UserError(
+                f"--world-model state_layout {world_config.get('state_layout')!r} differs from "
+                f"--policy state_layout {config.get('state_layout')!r}"
+            )
+    if args.dataset is not None:
+        from data_prep.preprocess import load_normalization
+
+        load_normalization(args.dataset)  # exists and has our state layout
+    name = args.name or (EXPERT if expert else policy_dir.resolve().name)
+    return Plan(name, policy_dir, world_model_dir, tasks, envs)
+
+
+def load_model(folder: Path, flag: str, device: str) -> Any:
+    """AutoModel.from_pretrained(folder, trust_remote_code=True), offline, in eval mode on `device`."""
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{flag} {folder}: cannot load the model ({type(err).__name__}: {err})") from None
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Initial states
+# --------------------------------------------------------------------------------------------------
+
+
+def seeded_starts(seed: int, episodes: int) -> list[Start]:
+    return [Start(seed=seed + i) for i in range(episodes)]
+
+
+def real_initial_states(task: str, starts: list[Start], workers: int) -> list[Start]:
+    """Reset simulators with the starts' seeds and read their 23-d states (no step is played)."""
+    with RobosuiteEnv(task, workers=workers) as env:
+        result = env.reset(starts, [])
+    bad = [(s.seed, e) for s, e in zip(starts, result.errors, strict=True) if e is not None]
+    if bad:
+        raise UserError(f"simulator reset failed for task {task!r} seed {bad[0][0]}: {bad[0][1]}")
+    return [Start(seed=s.seed, state=state) for s, state in zip(starts, result.states, strict=True)]
+
+
+def dataset_starts(dataset: Path, task: str, episodes: int) -> list[Start]:
+    """First states of the held-out validation episodes of `task` (seed = dataset episode id)."""
+    from data_prep.preprocess import load_vla_dataset
+
+    split = load_vla_dataset(dataset)["validation"].select_columns(["task", "episode", "step", "state"])
+    table = split.with_format("numpy")[:]
+    rows = np.flatnonzero((table["task"] == task) & (table["step"] == 0))[:episodes]
+    if len(rows) == 0:
+        raise UserError(f"--dataset {dataset}: no validation episodes of task {task!r}")
+    return [Start(seed=int(table["episode"][i]), state=np.asarray(table["state"][i], np.float32)) for i in rows]
+
+
+def dream_starts(args: argparse.Namespace, task: str, real: list[EpisodeRecord] | None) -> list[Start]:
+    if real is not None:
+        return [Start(seed=r.seed, state=r.states[0]) for r in real if r.error is None]
+    if args.dataset is not None:
+        return dataset_starts(args.dataset, task, args.episodes)
+    return real_initial_states(task, seeded_starts(args.seed, args.episodes), args.workers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(args: argparse.Namespace) -> Path:
+    """Run every (task, env) of the plan and write the results folder; returns its path."""
+    import torch
+
+    from data_prep.preprocess import replace_dir
+    from evaluation.report import write_summary
+
+    plan = make_plan(args)
+    torch.manual_seed(args.seed)
+    model = load_model(plan.policy_dir, "--policy", args.device) if plan.policy_dir else None
+    world_model = load_model(plan.world_model_dir, "--world-model", args.device) if plan.world_model_dir else None
+    execution = ChunkExecution(args.chunk_mode, args.execute, args.ensemble_decay)
+    out = Path(args.out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    records: list[EpisodeRecord] = []
+    messages: list[str] = []
+    try:
+        for task in plan.tasks:
+            horizon = args.horizon or get_task(task).horizon
+            instruction = args.instruction or get_task(task).instruction
+            real: list[EpisodeRecord] | None = None
+            for kind in plan.envs:
+                if kind == "real":
+                    video = VideoSpec(tmp / "videos", args.video_episodes, plan.policy_name) if args.video else None
+                    with RobosuiteEnv(task, workers=args.workers, video=video) as env:
+                        policy: Policy = ExpertPolicy(env) if model is None else ChunkPolicy(model, plan.policy_name, execution)
+                        starts = seeded_starts(args.seed, args.episodes)
+                        real = rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
+                        messages += [f"{task}: {m}" for m in env.finish()]
+                    records += real
+                else:
+                    starts = dream_starts(args, task, real)
+                    env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold)
+                    policy = ChunkPolicy(model, plan.policy_name, execution)
+                    records += rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
+        if args.video and "real" not in plan.envs:
+            messages.append("video skipped: videos are filmed from real rollouts (use --env real or both)")
+        write_episodes(records, tmp)
+        markdown = write_summary(records, tmp, settings_of(args, plan), messages)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(markdown)
+    for message in messages:
+        print(message)
+    print(f"wrote {out}")
+    return out
+
+
+def settings_of(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(policy_name=plan.policy_name, envs=plan.envs, state_layout=STATE_LAYOUT)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in settings.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_cli(lambda: evaluate(args))

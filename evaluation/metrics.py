@@ -1,0 +1,149 @@
+"""Numbers from rollouts: success rates with Wilson intervals, dream-vs-real agreement, trajectory error.
+
+Episodes whose simulator failed (`error` set) are counted separately and left out of rates:
+a crashed simulator says nothing about the policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from evaluation.records import EpisodeRecord
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+EEF_POS = slice(0, 3)  # state layout: eef_pos first
+OBJECT_POS = slice(9, 12)  # object block starts at 9 with the object's position for every task
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (0, 1) when there is no trial."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # Exact ends at 0 and n (the formula leaves rounding noise there).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+@dataclass
+class SuccessSummary:
+    """One row of the results table: one task in one env for one policy."""
+
+    policy: str
+    task: str
+    env: str
+    episodes: int  # without errors
+    successes: int
+    errors: int
+    success_rate: float
+    ci_low: float
+    ci_high: float
+    mean_return: float
+    mean_length: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(records: Sequence[EpisodeRecord]) -> SuccessSummary:
+    """Success rate (95% Wilson CI), mean return and length of records from one (policy, task, env)."""
+    if not records:
+        raise ValueError("summarize needs at least one episode record")
+    ok = [r for r in records if r.error is None]
+    successes = sum(r.success for r in ok)
+    low, high = wilson_interval(successes, len(ok))
+    return SuccessSummary(
+        policy=records[0].policy,
+        task=records[0].task,
+        env=records[0].env,
+        episodes=len(ok),
+        successes=successes,
+        errors=len(records) - len(ok),
+        success_rate=successes / len(ok) if ok else float("nan"),
+        ci_low=low,
+        ci_high=high,
+        mean_return=float(np.mean([r.episode_return for r in ok])) if ok else float("nan"),
+        mean_length=float(np.mean([r.length for r in ok])) if ok else float("nan"),
+    )
+
+
+def pair_by_seed(dream: Sequence[EpisodeRecord], real: Sequence[EpisodeRecord]) -> list[tuple[EpisodeRecord, EpisodeRecord]]:
+    """Dream and real episodes that started from the same initial state (same seed), both error-free."""
+    real_by_seed = {r.seed: r for r in real if r.error is None}
+    return [(d, real_by_seed[d.seed]) for d in dream if d.error is None and d.seed in real_by_seed]
+
+
+@dataclass
+class Agreement:
+    """How often the dream predicts the real outcome, for episodes from the same initial state."""
+
+    task: str
+    pairs: int
+    both_succeed: int
+    both_fail: int
+    dream_only: int  # dreamed success, real failure (the world model is too optimistic)
+    real_only: int
+    agreement_rate: float
+    dream_success_rate: float
+    real_success_rate: float
+    success_gap: float  # dream - real
+    eef_error: list[float]  # mean |eef_dream(t) - eef_real(t)| (m) for t = 0.., over pairs still running
+    object_error: list[float]  # same for the object position
+    error_support: list[int]  # number of pairs contributing at each t
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def error_at(self, t: int, which: str = "eef") -> float:
+        errors = self.eef_error if which == "eef" else self.object_error
+        return errors[t] if t < len(errors) else float("nan")
+
+
+def trajectory_error(
+    pairs: Sequence[tuple[EpisodeRecord, EpisodeRecord]], part: slice
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean Euclidean distance of a 3-d state part between dream and real at each step, and its support."""
+    if not pairs:
+        return np.zeros(0), np.zeros(0, int)
+    horizon = max(min(len(d.states), len(r.states)) for d, r in pairs)
+    total, count = np.zeros(horizon), np.zeros(horizon, int)
+    for dream, real in pairs:
+        steps = min(len(dream.states), len(real.states))
+        total[:steps] += np.linalg.norm(dream.states[:steps, part] - real.states[:steps, part], axis=-1)
+        count[:steps] += 1
+    return total / np.maximum(count, 1), count
+
+
+def agreement(dream: Sequence[EpisodeRecord], real: Sequence[EpisodeRecord]) -> Agreement:
+    pairs = pair_by_seed(dream, real)
+    both = sum(d.success and r.success for d, r in pairs)
+    neither = sum(not d.success and not r.success for d, r in pairs)
+    dream_only = sum(d.success and not r.success for d, r in pairs)
+    real_only = sum(r.success and not d.success for d, r in pairs)
+    n = len(pairs)
+    eef, support = trajectory_error(pairs, EEF_POS)
+    obj, _ = trajectory_error(pairs, OBJECT_POS)
+    rate = (lambda k: k / n) if n else (lambda k: float("nan"))
+    return Agreement(
+        task=(dream or real)[0].task if (dream or real) else "",
+        pairs=n,
+        both_succeed=both,
+        both_fail=neither,
+        dream_only=dream_only,
+        real_only=real_only,
+        agreement_rate=rate(both + neither),
+        dream_success_rate=rate(both + dream_only),
+        real_success_rate=rate(both + real_only),
+        success_gap=rate(dream_only - real_only),
+        eef_error=[float(x) for x in eef],
+        object_error=[float(x) for x in obj],
+        error_support=[int(x) for x in support],
+    )

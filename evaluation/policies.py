@@ -1,0 +1,123 @@
+"""Policies the rollout loop can drive: trained models (action chunks) and the scripted expert.
+
+Every policy answers `act(states [N, 23], instructions, active [N]) -> actions [N, 7]` once per
+control step, after `reset(n)` at the start of a batch of episodes.
+
+`ChunkPolicy` wraps anything with `predict_actions(state, instruction) -> [B, H, 7]` (`VLAPolicy`,
+`MLPPolicy`) and turns chunks into one action per step, either
+* "ensemble" (default, ACT's temporal ensembling): query every step; the action for step t is the
+  average of every chunk's prediction for t, weighted exp(-decay * i) with i = 0 the oldest chunk, or
+* "receding": query every `execute` steps and play the first `execute` actions of each chunk.
+
+`ExpertPolicy` is the scripted expert. It reads ground-truth object poses that exist only inside
+the simulator, so it runs only with a `RobosuiteEnv` (never in a dream).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from data_prep.errors import UserError
+from data_prep.tasks import ACTION_DIM
+from evaluation.envs import RobosuiteEnv, to_numpy
+
+
+class Policy:
+    """Interface: `name`, `reset(n)`, `act(states, instructions, active)`; `errors` of the last act."""
+
+    name: str = "policy"
+
+    def reset(self, n: int) -> None:
+        self.errors: list[str | None] = [None] * n
+
+    def act(self, states: np.ndarray, instructions: Sequence[str], active: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass
+class ChunkExecution:
+    """How action chunks are turned into per-step actions."""
+
+    mode: Literal["ensemble", "receding"] = "ensemble"
+    execute: int = 1  # receding: steps played from each chunk before re-planning
+    decay: float = 0.01  # ensemble: ACT's weight decay m in exp(-m * i)
+
+
+class ChunkPolicy(Policy):
+    """A trained model's action chunks executed with temporal ensembling or a receding horizon."""
+
+    def __init__(self, model: Any, name: str = "model", execution: ChunkExecution | None = None):
+        self.model = model.eval() if hasattr(model, "eval") else model
+        self.name = name
+        self.execution = execution or ChunkExecution()
+        if self.execution.mode not in ("ensemble", "receding"):
+            raise UserError(f"--chunk-mode must be 'ensemble' or 'receding', got {self.execution.mode!r}")
+        if self.execution.execute < 1:
+            raise UserError(f"--execute must be >= 1, got {self.execution.execute}")
+        self.t = 0
+        self.chunks: deque[tuple[int, np.ndarray]] = deque()
+
+    def reset(self, n: int) -> None:
+        super().reset(n)
+        self.t = 0
+        self.chunks.clear()
+
+    def predict(self, states: np.ndarray, instructions: Sequence[str], active: np.ndarray) -> np.ndarray:
+        """Chunks [N, H, 7] for the active rows (zeros elsewhere: those episodes are over)."""
+        import torch
+
+        rows = np.flatnonzero(active)
+        device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else "cpu"
+        with torch.no_grad():
+            chunk = to_numpy(
+                self.model.predict_actions(
+                    torch.as_tensor(states[rows], dtype=torch.float32, device=device), [instructions[i] for i in rows]
+                )
+            )
+        if chunk.ndim != 3 or chunk.shape[0] != len(rows) or chunk.shape[2] != ACTION_DIM:
+            raise ValueError(f"{self.name}.predict_actions returned shape {chunk.shape}, expected ({len(rows)}, H, 7)")
+        full = np.zeros((len(states), chunk.shape[1], ACTION_DIM), np.float32)
+        full[rows] = chunk
+        return full
+
+    def act(self, states: np.ndarray, instructions: Sequence[str], active: np.ndarray) -> np.ndarray:
+        t, ex = self.t, self.execution
+        self.t += 1
+        if ex.mode == "receding":
+            if not self.chunks or t - self.chunks[-1][0] >= min(ex.execute, self.chunks[-1][1].shape[1]):
+                self.chunks.clear()
+                self.chunks.append((t, self.predict(states, instructions, active)))
+            t0, chunk = self.chunks[-1]
+            return chunk[:, t - t0]
+        chunk = self.predict(states, instructions, active)
+        horizon = chunk.shape[1]
+        self.chunks.append((t, chunk))
+        while self.chunks and t - self.chunks[0][0] >= horizon:
+            self.chunks.popleft()
+        # Oldest first, as in ACT: the oldest prediction gets weight 1, newer ones exp(-decay * i).
+        predictions = np.stack([c[:, t - t0] for t0, c in self.chunks])
+        weights = np.exp(-ex.decay * np.arange(len(predictions), dtype=np.float32))
+        return np.tensordot(weights / weights.sum(), predictions, axes=1).astype(np.float32)
+
+
+class ExpertPolicy(Policy):
+    """The scripted expert of `data_prep.experts`, run next to each real simulator."""
+
+    name = "expert"
+
+    def __init__(self, env: Any):
+        if not isinstance(env, RobosuiteEnv):
+            raise UserError(
+                "the scripted expert reads the simulator's ground truth, so it runs only in real robosuite "
+                "(use --env real with --policy expert)"
+            )
+        self.env = env
+
+    def act(self, states: np.ndarray, instructions: Sequence[str], active: np.ndarray) -> np.ndarray:
+        actions, self.errors = self.env.expert_actions(active)
+        return actions

@@ -1,0 +1,72 @@
+"""One finished episode (`EpisodeRecord`) and how records are stored in a results folder.
+
+    episodes.jsonl       one JSON line per episode (no trajectories)
+    trajectories.npz     states / actions / ensemble std per episode, keyed "<policy>__<task>__<env>__<index>__<field>"
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class EpisodeRecord:
+    policy: str
+    task: str
+    env: str  # "dream" or "real"
+    index: int  # position in its batch
+    seed: int  # simulator seed of the initial state (dataset episode id for dataset starts)
+    instruction: str
+    success: bool
+    episode_return: float  # real: sparse reward sum; dream: sum of p_success
+    length: int  # executed steps
+    error: str | None  # simulator / worker failure that ended the episode
+    states: np.ndarray  # [length + 1, 23]: initial state, then the state after every step
+    actions: np.ndarray  # [length, 7]
+    std: np.ndarray | None = None  # [length + 1, 23] world-model ensemble spread (dreams)
+    success_step: int | None = None  # step (1-based) at which success was first reported
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy}__{self.task}__{self.env}__{self.index}"
+
+    def to_json(self) -> dict:
+        return {
+            "policy": self.policy,
+            "task": self.task,
+            "env": self.env,
+            "episode": self.index,
+            "seed": self.seed,
+            "instruction": self.instruction,
+            "success": bool(self.success),
+            "return": float(self.episode_return),
+            "length": int(self.length),
+            "success_step": self.success_step,
+            "error": self.error,
+            "initial_state": [round(float(x), 6) for x in self.states[0]],
+            "final_state": [round(float(x), 6) for x in self.states[-1]],
+        }
+
+
+def write_episodes(records: Iterable[EpisodeRecord], folder: Path) -> None:
+    records = list(records)
+    with open(folder / "episodes.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record.to_json()) + "\n")
+    arrays: dict[str, np.ndarray] = {}
+    for record in records:
+        arrays[f"{record.key}__states"] = record.states.astype(np.float32)
+        arrays[f"{record.key}__actions"] = record.actions.astype(np.float32)
+        if record.std is not None:
+            arrays[f"{record.key}__std"] = record.std.astype(np.float32)
+    np.savez_compressed(folder / "trajectories.npz", **arrays)
+
+
+def select(records: Sequence[EpisodeRecord], **match: str) -> list[EpisodeRecord]:
+    """Records whose attributes equal every given value, e.g. select(rs, task="lift", env="real")."""
+    return [r for r in records if all(getattr(r, k) == v for k, v in match.items())]

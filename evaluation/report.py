@@ -1,0 +1,125 @@
+"""The results folder's summary: summary.json, summary.md and the figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from evaluation.metrics import Agreement, SuccessSummary, agreement, pair_by_seed, summarize
+from evaluation.plots import plot_dream_vs_real, plot_success_rates, plot_trajectories_3d, plot_trajectory_error
+from evaluation.records import EpisodeRecord, select
+
+ERROR_STEPS = (10, 50, 100)  # steps at which the markdown table reports dream-vs-real distances
+
+
+def groups(records: Sequence[EpisodeRecord]) -> list[tuple[str, str, str]]:
+    """(policy, task, env) combinations in first-seen order."""
+    return list(dict.fromkeys((r.policy, r.task, r.env) for r in records))
+
+
+def summaries_of(records: Sequence[EpisodeRecord]) -> list[SuccessSummary]:
+    return [summarize(select(records, policy=p, task=t, env=e)) for p, t, e in groups(records)]
+
+
+def agreements_of(records: Sequence[EpisodeRecord]) -> list[tuple[str, Agreement]]:
+    """(policy, agreement) for every (policy, task) played both in dreams and for real."""
+    result = []
+    for policy, task in dict.fromkeys((p, t) for p, t, _ in groups(records)):
+        dream = select(records, policy=policy, task=task, env="dream")
+        real = select(records, policy=policy, task=task, env="real")
+        if dream and real:
+            result.append((policy, agreement(dream, real)))
+    return result
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.0f}%"
+
+
+def _num(x: float, digits: int = 1) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def summary_markdown(summaries: Sequence[SuccessSummary], agreements: Sequence[tuple[str, Agreement]]) -> str:
+    lines = [
+        "| policy | task | env | episodes | success | 95% CI (Wilson) | mean return | mean length | errors |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s.policy} | {s.task} | {s.env} | {s.episodes} | {s.successes}/{s.episodes} = {_pct(s.success_rate)} "
+            f"| [{_pct(s.ci_low)}, {_pct(s.ci_high)}] | {_num(s.mean_return, 2)} | {_num(s.mean_length)} | {s.errors} |"
+        )
+    if agreements:
+        cols = " | ".join(f"eef / obj err t={t} (cm)" for t in ERROR_STEPS)
+        lines += [
+            "",
+            "Dream vs real from the same initial states (pairs by seed; errors cm = mean distance at step t over pairs still running):",
+            "",
+            f"| policy | task | pairs | both succeed | both fail | dream only | real only | agreement | dream - real | {cols} |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(ERROR_STEPS),
+        ]
+        for policy, a in agreements:
+            errors = " | ".join(
+                f"{_num(100 * a.error_at(t, 'eef'))} / {_num(100 * a.error_at(t, 'object'))}" for t in ERROR_STEPS
+            )
+            gap = "n/a" if math.isnan(a.success_gap) else f"{100 * a.success_gap:+.0f} pp"
+            lines.append(
+                f"| {policy} | {a.task} | {a.pairs} | {a.both_succeed} | {a.both_fail} | {a.dream_only} | {a.real_only} "
+                f"| {_pct(a.agreement_rate)} | {gap} | {errors} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_figures(records: Sequence[EpisodeRecord], summaries: Sequence[SuccessSummary],
+                  agreements: Sequence[tuple[str, Agreement]], folder: Path, pairs_per_task: int = 2) -> list[Path]:
+    figures = folder / "figures"
+    paths = []
+    for policy, task, env in groups(records):
+        ok = [r for r in select(records, policy=policy, task=task, env=env) if r.error is None and r.length > 0]
+        if ok:
+            title = f"{policy} on {task} ({env}): end-effector and object paths"
+            paths.append(plot_trajectories_3d(ok, figures / f"trajectories_{policy}_{task}_{env}.png", title))
+    for policy, a in agreements:
+        dream = select(records, policy=policy, task=a.task, env="dream")
+        real = select(records, policy=policy, task=a.task, env="real")
+        for d, r in pair_by_seed(dream, real)[:pairs_per_task]:
+            paths.append(plot_dream_vs_real(d, r, figures / f"dream_vs_real_{policy}_{a.task}_seed{d.seed}.png"))
+    if summaries:
+        paths.append(plot_success_rates(summaries, figures / "success_rates.png"))
+    if agreements:
+        paths.append(plot_trajectory_error([a for _, a in agreements], figures / "trajectory_error.png"))
+    return paths
+
+
+def json_safe(value: Any) -> Any:
+    """NaN (a rate over zero episodes) becomes null so summary.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_summary(records: Sequence[EpisodeRecord], folder: Path, settings: dict, messages: Sequence[str]) -> str:
+    """summary.json, summary.md and figures/ for `records`; returns the markdown table."""
+    summaries = summaries_of(records)
+    agreements = agreements_of(records)
+    markdown = summary_markdown(summaries, agreements)
+    figures = write_figures(records, summaries, agreements, folder)
+    payload = {
+        "settings": settings,
+        "results": [s.as_dict() for s in summaries],
+        "agreement": [{"policy": p, **a.as_dict()} for p, a in agreements],
+        "figures": [str(p.relative_to(folder)) for p in figures],
+        "messages": list(messages),
+    }
+    (folder / "summary.json").write_text(json.dumps(json_safe(payload), indent=2) + "\n")
+    notes = "".join(f"* {m}\n" for m in messages)
+    (folder / "summary.md").write_text(f"# Rollout results\n\n{markdown}\n{notes}")
+    return markdown

@@ -1,0 +1,102 @@
+"""The one rollout loop, for every (env, policy) pair: dreams or real robosuite; VLA, MLP or expert.
+
+    records = rollout(env, policy, starts, instructions, horizon)
+
+Each control step: the policy acts for the active episodes, the env steps them, and an episode
+ends at its first success, a `done`, an error, or the horizon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from data_prep.tasks import ACTION_DIM, STATE_DIM
+from evaluation.envs import Env, Start
+from evaluation.policies import Policy
+from evaluation.records import EpisodeRecord
+
+
+def rollout(
+    env: Env,
+    policy: Policy,
+    starts: Sequence[Start],
+    instructions: Sequence[str],
+    horizon: int,
+    progress: bool = True,
+) -> list[EpisodeRecord]:
+    """Play len(starts) episodes at once in `env` with `policy`; one record per episode, in order."""
+    n = len(starts)
+    if len(instructions) != n:
+        raise ValueError(f"got {len(instructions)} instructions for {n} episodes")
+    instructions = list(instructions)
+    first = env.reset(starts, instructions)
+    policy.reset(n)
+    states = np.zeros((n, horizon + 1, STATE_DIM), np.float32)
+    stds = np.zeros_like(states)
+    actions = np.zeros((n, horizon, ACTION_DIM), np.float32)
+    states[:, 0] = first.states
+    errors = list(first.errors)
+    active = np.array([e is None for e in errors])
+    success = np.zeros(n, bool)
+    success_step: list[int | None] = [None] * n
+    returns = np.zeros(n, np.float64)
+    lengths = np.zeros(n, int)
+    bar = tqdm(total=horizon, desc=f"{policy.name} {env.task} {env.kind}", unit="step", disable=not progress, leave=False)
+    for t in range(horizon):
+        if not active.any():
+            break
+        action = np.clip(np.asarray(policy.act(states[:, t], instructions, active), np.float32), -1.0, 1.0)
+        for i, error in enumerate(policy.errors):
+            if error is not None and active[i]:
+                errors[i], active[i] = f"policy: {error}", False
+        result = env.step(action, active)
+        actions[active, t] = action[active]
+        states[:, t + 1] = result.states
+        if result.std is not None:
+            stds[:, t + 1] = result.std
+        returns[active] += result.reward[active]
+        lengths[active] += 1
+        for i in np.flatnonzero(active):
+            if result.errors[i] is not None:
+                errors[i] = result.errors[i]
+            if result.success[i]:
+                success[i], success_step[i] = True, t + 1
+        ended = result.success | result.done | np.array([e is not None for e in errors])
+        active &= ~ended
+        bar.update()
+        bar.set_postfix(running=int(active.sum()), success=int(success.sum()))
+    bar.close()
+    dream = env.kind == "dream"
+    return [
+        EpisodeRecord(
+            policy=policy.name,
+            task=env.task,
+            env=env.kind,
+            index=i,
+            seed=starts[i].seed,
+            instruction=instructions[i],
+            success=bool(success[i]),
+            episode_return=float(returns[i]),
+            length=int(lengths[i]),
+            error=errors[i],
+            states=states[i, : lengths[i] + 1].copy(),
+            actions=actions[i, : lengths[i]].copy(),
+            std=stds[i, : lengths[i] + 1].copy() if dream else None,
+            success_step=success_step[i],
+        )
+        for i in range(n)
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`vla-rollout`: see evaluation/cli.py."""
+    from evaluation.cli import main as cli_main
+
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hub-native release: model/dataset cards and `vla-export`."""

@@ -1,0 +1,307 @@
+"""Model and dataset cards written from the files a run actually produced.
+
+A card only formats numbers read from results files (the saved `config.json`, the trainer's
+`train_summary.json`, `vla-rollout`'s `summary.json`); a result that is missing makes the card say
+"not evaluated yet" instead of inventing one. The cards are `huggingface_hub` `ModelCard` /
+`DatasetCard` objects: YAML metadata (library, tags, datasets, `model-index` with the measured success
+rates) on top of the markdown body rendered from `templates/model_card.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import DatasetCard, EvalResult, ModelCard, ModelCardData
+
+from data_prep.errors import UserError
+
+TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
+COMMON_TAGS = ["robotics", "vla", "robosuite", "robomimic", "dreaming-vla"]
+# Keys of train_summary.json shown as training metrics / configuration (everything else is bookkeeping).
+TRAIN_METRIC_KEYS = ("steps", "epochs", "best_val_loss", "final_val", "train_samples_per_s", "wall_time_s",
+                     "params_total", "params_trainable", "train_windows", "validation_windows", "processes", "horizon")
+TRAIN_CONFIG_KEYS = ("dataset", "batch_size", "grad_accum_steps", "lr", "weight_decay", "warmup_steps", "max_steps",
+                     "max_grad_norm", "mixed_precision", "seed", "early_stopping_patience")
+SUCCESS_COLUMNS = ("policy", "task", "env", "episodes", "successes", "success_rate", "ci_low", "ci_high", "errors")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What differs between the three models' cards."""
+
+    title: str
+    tags: tuple[str, ...]
+    summary: str
+    architecture_keys: tuple[str, ...]
+    usage: str  # body of the `with torch.no_grad():` block of the loading snippet
+    intended_use: str
+    limitations: str
+
+
+_SHARED_LIMITS = (
+    "- Low-dimensional state only (robot proprioception + object pose from the simulator); no cameras.\n"
+    "- Trained on a small set of demonstrations for the listed tasks only; it does not generalise to other objects, "
+    "robots or controllers (robosuite OSC_POSE delta, 20 Hz).\n"
+    "- Instructions are embedded by a small sentence encoder; phrasings far from the training paraphrases may "
+    "select the wrong task.\n"
+    "- Simulation only. Never run on a real robot without an independent safety layer."
+)
+
+KINDS: dict[str, ModelKind] = {
+    "vla_world_model": ModelKind(
+        title="Dreaming VLA world model (MLP-Mixer ensemble)",
+        tags=("world-model", "mlp-mixer"),
+        summary="Predicts the next robot/object state, task success and episode end from the current state, a 7-D "
+        "action and a language instruction (frozen MiniLM sentence embedding). An ensemble of MLP-Mixers; the spread "
+        "of its members is the uncertainty of every imagined step.",
+        architecture_keys=("text_encoder", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers",
+                           "num_ensemble", "multi_step", "state_token_groups"),
+        usage="    next_state, std, p_success, p_done = model.step(state, torch.zeros(1, 7), [\"Lift the red cube\"])",
+        intended_use="Imagining rollouts (\"dreams\") of a policy to estimate its success and to visualise what it "
+        "would do, for research on world models and model-based evaluation of VLA policies in robosuite.",
+        limitations=_SHARED_LIMITS + "\n- Errors compound over long open-loop dreams; trust the ensemble spread "
+        "(`std`) and compare with real rollouts before trusting a dreamed success rate.",
+    ),
+    "vla_policy": ModelKind(
+        title="Dreaming VLA policy (pretrained transformer + LoRA)",
+        tags=("lora", "peft", "vision-language-action"),
+        summary="A pretrained transformer reads the instruction tokens plus state tokens and a continuous head emits "
+        "a chunk of 7-D end-effector actions. The backbone is fine-tuned with LoRA (peft).",
+        architecture_keys=("backbone", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "chunk_size",
+                           "num_state_tokens", "pooling", "loss"),
+        usage="    actions = model.predict_actions(state, [\"Lift the red cube\"])  # [1, chunk_size, 7]",
+        intended_use="Controlling a simulated robosuite Panda arm from a language instruction on the listed tasks; "
+        "a baseline for research on language-conditioned policies evaluated in learned world models.",
+        limitations=_SHARED_LIMITS,
+    ),
+    "vla_mlp_policy": ModelKind(
+        title="Dreaming VLA MLP behaviour-cloning baseline",
+        tags=("behavior-cloning", "baseline"),
+        summary="The baseline policy: normalised state plus a frozen MiniLM instruction embedding through an MLP "
+        "that predicts a chunk of 7-D end-effector actions.",
+        architecture_keys=("text_encoder", "hidden_dim", "num_layers", "dropout", "chunk_size", "loss"),
+        usage="    actions = model.predict_actions(state, [\"Lift the red cube\"])  # [1, chunk_size, 7]",
+        intended_use="A reference point for the VLA policy on the same data and tasks.",
+        limitations=_SHARED_LIMITS,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: {what} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object as {what}, got {type(data).__name__}")
+    return data
+
+
+def is_train_summary(data: Mapping[str, Any]) -> bool:
+    return "best_val_loss" in data and "steps" in data
+
+
+def iter_dicts(node: Any) -> Iterator[Mapping[str, Any]]:
+    """Every JSON object inside `node`, depth first (the evaluation summary nests its rows)."""
+    if isinstance(node, Mapping):
+        yield node
+        for value in node.values():
+            yield from iter_dicts(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from iter_dicts(item)
+
+
+def success_rows(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The (policy, task, env) success-rate rows of a `vla-rollout` summary.json."""
+    return [d for d in iter_dicts(summary) if {"task", "env", "success_rate"} <= d.keys()]
+
+
+def agreement_rows(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [d for d in iter_dicts(summary) if {"task", "agreement_rate", "pairs"} <= d.keys()]
+
+
+@dataclass
+class Results:
+    """The results files a card is written from; any of them may be missing."""
+
+    train_summary: dict[str, Any] | None = None
+    train_source: Path | None = None
+    eval_summaries: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
+
+    @classmethod
+    def from_files(cls, paths: Sequence[Path]) -> Results:
+        """Sort the given JSON files into a training summary and evaluation summaries by their content."""
+        results = cls()
+        for path in paths:
+            data = read_json(path, "results file")
+            if is_train_summary(data):
+                results.train_summary, results.train_source = data, Path(path)
+            elif success_rows(data):
+                results.eval_summaries.append((Path(path), data))
+            else:
+                raise UserError(
+                    f"{path}: neither a train_summary.json (keys 'steps', 'best_val_loss') nor a vla-rollout "
+                    "summary.json (rows with 'task', 'env', 'success_rate')"
+                )
+        return results
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def format_value(value: Any) -> str:
+    """One table cell; floats keep 4 significant digits, NaN (no valid episode) reads 'n/a'."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if isinstance(value, bool) else "-"
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)
+
+
+def flatten(data: Mapping[str, Any], keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, cell) rows for the present `keys`; a nested object becomes `key.sub` rows."""
+    rows: list[tuple[str, str]] = []
+    for key in keys:
+        if key not in data:
+            continue
+        value = data[key]
+        if isinstance(value, Mapping):
+            rows += [(f"{key}.{sub}", format_value(v)) for sub, v in value.items() if not isinstance(v, Mapping | list)]
+        else:
+            rows.append((key, format_value(value)))
+    return rows
+
+
+def evaluation_table(results: Results) -> tuple[list[str], list[list[str]]]:
+    header = ["policy", "task", "env", "episodes", "successes", "success rate", "95% CI", "errors"]
+    rows = []
+    for _, summary in results.eval_summaries:
+        for row in success_rows(summary):
+            ci = (f"[{format_value(row['ci_low'])}, {format_value(row['ci_high'])}]"
+                  if "ci_low" in row and "ci_high" in row else "-")
+            rows.append([format_value(row.get("policy")), str(row["task"]), str(row["env"]),
+                         format_value(row.get("episodes")), format_value(row.get("successes")),
+                         format_value(row["success_rate"]), ci, format_value(row.get("errors"))])
+    return header, rows
+
+
+def eval_results(results: Results, dataset_id: str | None) -> list[EvalResult]:
+    """model-index entries: one success rate per (task, env) that has a number."""
+    entries = []
+    for _, summary in results.eval_summaries:
+        for row in success_rows(summary):
+            rate = row["success_rate"]
+            if not isinstance(rate, int | float) or isinstance(rate, bool) or math.isnan(rate):
+                continue
+            entries.append(EvalResult(
+                task_type="robotics",
+                task_name=f"{row['task']} ({row['env']})",
+                dataset_type=dataset_id or "local/dreaming-vla-dataset",
+                dataset_name=f"robosuite {row['task']}" + (" (world-model dream)" if row["env"] == "dream" else ""),
+                dataset_config=str(row["task"]),
+                metric_type="success_rate",
+                metric_name=f"success rate ({row['env']}, {format_value(row.get('episodes'))} episodes)",
+                metric_value=float(rate),
+            ))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------- cards
+
+
+def model_kind(config: Mapping[str, Any], source: Path) -> ModelKind:
+    model_type = config.get("model_type")
+    if model_type not in KINDS:
+        raise UserError(f"{source}: model_type {model_type!r} is not one of this project's models {sorted(KINDS)}")
+    return KINDS[model_type]
+
+
+def model_card(config: Mapping[str, Any], repo_id: str, results: Results, dataset_id: str | None = None,
+               source: Path = Path("config.json")) -> ModelCard:
+    """The card of one saved model (its config.json content) from whatever results exist."""
+    kind = model_kind(config, source)
+    tags = [*COMMON_TAGS, *kind.tags]
+    if config.get("model_type") == "vla_policy" and not config.get("use_lora", True):
+        tags.remove("lora")
+    train = results.train_summary
+    evals = eval_results(results, dataset_id)
+    header, rows = evaluation_table(results)
+    backbone = config.get("backbone") if config.get("model_type") == "vla_policy" else None
+    card_data = ModelCardData(
+        library_name="transformers",
+        license="mit",
+        language="en",
+        pipeline_tag="robotics",
+        tags=tags,
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=backbone if backbone and not Path(backbone).is_absolute() else None,
+        metrics=["success_rate"] if evals else None,
+        model_name=repo_id.split("/")[-1] if evals else None,
+        eval_results=evals or None,
+    )
+    architectures = config.get("architectures") or ["?"]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        title=kind.title,
+        summary=kind.summary,
+        repo_id=repo_id,
+        model_class=architectures[0],
+        model_type=config["model_type"],
+        state_dim=config.get("state_dim", "?"),
+        action_dim=config.get("action_dim", "?"),
+        state_layout=config.get("state_layout", "?"),
+        tasks=", ".join(config.get("tasks") or []) or "not recorded",
+        architecture=flatten(config, kind.architecture_keys),
+        train_metrics=flatten(train, TRAIN_METRIC_KEYS) if train else [],
+        train_config=flatten(train.get("config", {}), TRAIN_CONFIG_KEYS) if train else [],
+        train_config_source=f"`{results.train_source.name}`" if results.train_source else "",
+        eval_rows=rows,
+        eval_header=header,
+        eval_align=" | ".join(["---"] * 3 + ["---:"] * (len(header) - 3)),
+        eval_source=", ".join(str(path.name) for path, _ in results.eval_summaries),
+        eval_note="the world model is evaluated through the policies' dream rollouts; see their cards"
+        if config["model_type"] == "vla_world_model" else "",
+        robosuite_note="1.5.2 from the same initial states",
+        usage=kind.usage,
+        intended_use=kind.intended_use,
+        limitations=kind.limitations,
+    )
+
+
+def dataset_card(dataset_dir: Path, repo_id: str) -> DatasetCard:
+    """The card `vla-preprocess` wrote from the data (counts, features, splits), pointed at `repo_id`.
+
+    The counts come from the preprocessing run, so this only adds how to load the repo by its id
+    and checks the card still has the `configs:` that `datasets` needs to find the splits.
+    """
+    readme = Path(dataset_dir) / "README.md"
+    if not readme.is_file():
+        raise UserError(f"{readme}: missing; expected the dataset card written by vla-preprocess")
+    card = DatasetCard.load(readme)
+    if not card.data.to_dict().get("configs"):
+        raise UserError(f"{readme}: YAML header has no 'configs:' entry (expected the one vla-preprocess writes)")
+    how_to_load = (
+        "\n## How to load\n\n"
+        "After `vla-export` (or a download) the repo is in the local Hugging Face cache and loads offline by id:\n\n"
+        "```python\n"
+        "from datasets import load_dataset\n\n"
+        f"ds = load_dataset(\"{repo_id}\")  # DatasetDict with 'train' and 'validation'\n"
+        "```\n"
+    )
+    if "## How to load" not in card.text:
+        card.text = card.text.rstrip("\n") + "\n" + how_to_load
+    return card

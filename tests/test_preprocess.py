@@ -1,0 +1,262 @@
+"""vla-preprocess: robomimic HDF5 -> Hugging Face dataset repo (parquet + card + normalisation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from datasets import load_dataset
+
+from data_prep import preprocess as pp
+from data_prep.errors import UserError
+from data_prep.tasks import STATE_LAYOUT, instructions_for
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+@pytest.fixture(scope="module")
+def inputs(make_robomimic_file, make_downloaded_style_file) -> dict[str, Path]:
+    return {
+        "lift": make_robomimic_file("lift", episodes=10, steps=8, seed=3, valid_fraction=0.2),
+        "can": make_downloaded_style_file("can", episodes=6, steps=9),
+    }
+
+
+@pytest.fixture(scope="module")
+def converted(inputs, tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("converted")
+    out = root / "hf_dataset"
+    pp.preprocess([inputs["lift"], inputs["can"].parent], out, seed=0, shard_rows=40)
+    dataset = load_dataset(str(out), cache_dir=str(root / "cache"))
+    return out, {split: dataset[split].with_format("numpy")[:] for split in pp.SPLITS}
+
+
+def test_repo_layout(converted):
+    out, rows = converted
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "data", "instructions.json", "normalization.json"]
+    n_train = -(-len(rows["train"]["episode"]) // 40)  # shard_rows=40
+    assert n_train > 1
+    expected = [f"train-{i:05d}-of-{n_train:05d}.parquet" for i in range(n_train)] + ["validation-00000-of-00001.parquet"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == expected
+    assert json.loads((out / "instructions.json").read_text())["lift"]["validation"] == instructions_for("lift", "validation")
+    assert not list(out.parent.glob("hf_dataset.tmp-*"))
+
+
+def test_rows_match_the_source_files(converted, inputs):
+    _, rows = converted
+    every = {k: np.concatenate([rows[s][k] for s in pp.SPLITS]) for k in ("task", "state", "state_mask", "action", "source")}
+    assert every["state"].shape[1:] == (23,) and every["action"].shape[1:] == (7,)
+    lift, can = every["task"] == "lift", every["task"] == "can"
+    assert lift.sum() == sum(8 + i % 3 for i in range(10)) and can.sum() == sum(9 + i % 3 for i in range(6))
+    expected_mask = np.r_[np.ones(19), np.zeros(4)]
+    assert (every["state_mask"][lift] == expected_mask).all() and (every["state_mask"][can] == 1).all()
+    assert (every["state"][lift][:, 19:] == 0).all()
+    assert set(every["source"][can]) == {"low_dim_v15.hdf5"}
+    # one episode, value by value, against the raw HDF5 arrays
+    train = rows["train"]
+    first_can = train["episode"][train["task"] == "can"].min()
+    rows_of = train["episode"] == first_can
+    with h5py.File(inputs["can"], "r") as f:
+        demo = f["data/demo_1"]  # demo_0 is the file's validation demo
+        keys = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+        np.testing.assert_allclose(train["state"][rows_of], np.concatenate([demo[f"obs/{k}"][()] for k in keys], 1), rtol=1e-6)
+        np.testing.assert_allclose(train["next_state"][rows_of], np.concatenate([demo[f"next_obs/{k}"][()] for k in keys], 1), rtol=1e-6)
+        np.testing.assert_allclose(train["action"][rows_of], demo["actions"][()], rtol=1e-6)
+        np.testing.assert_array_equal(train["done"][rows_of], demo["dones"][()].astype(bool))
+    np.testing.assert_array_equal(train["step"][rows_of], np.arange(rows_of.sum()))
+
+
+def test_split_is_by_episode_and_follows_file_masks(converted, inputs):
+    _, rows = converted
+    train_eps, valid_eps = set(rows["train"]["episode"]), set(rows["validation"]["episode"])
+    assert not train_eps & valid_eps
+    assert len(train_eps | valid_eps) == 16  # unique episode ids over both files
+    for split in pp.SPLITS:
+        order = np.lexsort((rows[split]["step"], rows[split]["episode"]))
+        assert (order == np.arange(len(order))).all()  # sorted by (episode, step)
+    valid = rows["validation"]
+    with h5py.File(inputs["lift"], "r") as f:
+        lift_valid = len(f["mask/valid"][()])
+    assert len(set(valid["episode"][valid["task"] == "lift"])) == lift_valid == 2
+    assert len(set(valid["episode"][valid["task"] == "can"])) == 1  # the raw file's mask/valid = [demo_0]
+
+
+def test_instructions_one_per_episode_and_validation_ones_held_out(converted):
+    _, rows = converted
+    for split in pp.SPLITS:
+        r = rows[split]
+        for episode in set(r["episode"]):
+            assert len(set(r["instruction"][r["episode"] == episode])) == 1
+        for task in ("lift", "can"):
+            assert set(r["instruction"][r["task"] == task]) <= set(instructions_for(task, split))
+    train_texts = {t for task in ("lift", "can") for t in instructions_for(task, "train")}
+    assert not set(rows["validation"]["instruction"]) & train_texts
+    assert len(set(rows["train"]["instruction"][rows["train"]["task"] == "lift"])) > 1  # paraphrases actually vary
+
+
+def test_success_is_sparse_reward(converted):
+    _, rows = converted
+    for split in pp.SPLITS:
+        np.testing.assert_array_equal(rows[split]["success"], rows[split]["reward"] > 0)
+        assert rows[split]["success"].any()
+
+
+def test_normalization_matches_numpy_on_train_rows(converted):
+    out, rows = converted
+    stats = json.loads((out / "normalization.json").read_text())
+    norm = pp.load_normalization(out)
+    assert stats["state_layout"] == norm.state_layout == STATE_LAYOUT
+    train = rows["train"]
+    state, action, can = train["state"].astype(np.float64), train["action"].astype(np.float64), train["task"] == "can"
+    np.testing.assert_allclose(norm.state.mean[:19], state[:, :19].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.state.std[:19], state[:, :19].std(0), rtol=1e-4)
+    # dims 19-22 are padding on lift rows: statistics come from can rows only
+    np.testing.assert_allclose(norm.state.mean[19:], state[can][:, 19:].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.state.min[19:], state[can][:, 19:].min(0), rtol=1e-6)
+    np.testing.assert_allclose(norm.action.mean, action.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.action.std, action.std(0), rtol=1e-4)
+    np.testing.assert_allclose(norm.action.max, action.max(0), rtol=1e-6)
+
+
+def test_dimension_stats_floor_and_unseen_padding():
+    values = np.array([[1.0, 5.0, 0.0], [1.0, 7.0, 0.0]])
+    mask = np.array([[1, 1, 0], [1, 1, 0]])
+    stats = pp.dimension_stats(values, mask)
+    assert stats["std"][0] == pp.STD_FLOOR  # constant column
+    assert stats["mean"][1] == 6.0 and stats["std"][1] == 1.0
+    assert stats["mean"][2] == 0.0 and stats["std"][2] == 1.0  # padding everywhere
+
+
+def test_card_header_and_body(converted):
+    out, _ = converted
+    text = (out / "README.md").read_text()
+    header = text.split("---")[1]
+    for needle in ("license: mit", "- robotics", "configs:", "path: data/train-*", "path: data/validation-*"):
+        assert needle in header
+    for needle in ("| lift | train |", "| can | validation | 1 |", "Hoist the red block into the air",
+                   "| `low_dim_v15.hdf5` | can | robomimic |", "| `lift_demo.hdf5` | lift | generated |", "`float32[23]`"):
+        assert needle in text
+
+
+def test_cli_output_loads_offline_in_a_fresh_process(inputs, tmp_path):
+    out = tmp_path / "repo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "data_prep.preprocess", "--inputs", str(inputs["lift"]), str(inputs["can"]),
+           "--out", str(out), "--seed", "5"]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "train:" in done.stdout and "wrote" in done.stdout
+    check = ("import datasets, sys; d = datasets.load_dataset(sys.argv[1]); "
+             "print(sorted(d), len(d['train'][0]['state']), d['validation'].num_rows)")
+    loaded = subprocess.run([sys.executable, "-c", check, str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split()[:3] == ["['train',", "'validation']", "23"]
+
+
+def test_refuses_existing_output_unless_overwrite(inputs, tmp_path, capsys):
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        pp.main(["--inputs", str(inputs["lift"]), "--out", str(out)])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()
+    pp.main(["--inputs", str(inputs["lift"]), "--out", str(out), "--overwrite"])
+    assert not (out / "keep.txt").exists() and (out / "normalization.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_file_without_masks_gets_seeded_split(make_downloaded_style_file, tmp_path):
+    path = make_downloaded_style_file("square", episodes=10, masks=False)
+    a = pp.preprocess([path], tmp_path / "a", seed=1)
+    b = pp.preprocess([path], tmp_path / "b", seed=1)
+    assert a.episodes == b.episodes == {"train": 9, "validation": 1}
+    assert (tmp_path / "a/data/validation-00000-of-00001.parquet").read_bytes() == \
+        (tmp_path / "b/data/validation-00000-of-00001.parquet").read_bytes()
+
+
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+    return dst
+
+
+def narrow_actions(f: h5py.File) -> None:
+    actions = f["data/demo_1/actions"][()]
+    del f["data/demo_1/actions"]
+    f["data/demo_1"].create_dataset("actions", data=actions[:, :6])
+
+
+BAD_INPUTS = {
+    "missing": (None, "file not found"),
+    "corrupt": ("garbage", "cannot read as HDF5"),
+    "truncated": ("truncate", "truncated or corrupt"),
+    "missing_obs_key": (lambda f: f.__delitem__("data/demo_1/next_obs/robot0_eef_quat"), "missing observation key 'robot0_eef_quat'"),
+    "unknown_env": (lambda f: f["data"].attrs.__setitem__("env_args", json.dumps({"env_name": "Door"})), "unknown env_name 'Door'"),
+    "action_width": (narrow_actions, "data/demo_1/actions has width 6, expected 7"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, inputs, tmp_path, capsys):
+    edit, message = BAD_INPUTS[case]
+    bad = tmp_path / "in" / f"{case}.hdf5"
+    bad.parent.mkdir()
+    if edit == "garbage":
+        bad.write_bytes(os.urandom(4096))
+    elif edit == "truncate":
+        content = inputs["can"].read_bytes()
+        bad.write_bytes(content[: len(content) // 2])
+    elif edit is not None:
+        edited_copy(inputs["can"], bad, edit)
+    out = tmp_path / "out" / "repo"
+    with pytest.raises(SystemExit) as exit_info:
+        pp.main(["--inputs", str(inputs["lift"]), str(bad), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # the rest is the progress bar
+    assert len(errors) == 1 and message in errors[0] and str(bad) in errors[0] and "Traceback" not in err
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_empty_directory_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no \\*.hdf5 files"):
+        pp.preprocess([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_layout_mismatch_is_refused(converted, tmp_path):
+    out, _ = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    stats = json.loads((copy / "normalization.json").read_text())
+    stats["state_layout"] = "something-else"
+    (copy / "normalization.json").write_text(json.dumps(stats))
+    with pytest.raises(UserError, match="state_layout 'something-else' does not match"):
+        pp.load_vla_dataset(copy)
+
+
+def test_load_vla_dataset(converted, tmp_path):
+    out, rows = converted
+    dataset = pp.load_vla_dataset(out, cache_dir=str(tmp_path / "cache"))
+    assert dataset["train"].num_rows == len(rows["train"]["episode"])
+    assert dataset["validation"].features["state"].length == 23
+
+
+@pytest.mark.skipif(not list(FIXTURES.rglob("*.hdf5")), reason="no vla-generate fixtures shipped in tests/fixtures")
+def test_shipped_generated_fixtures_convert(tmp_path):
+    files = sorted(FIXTURES.rglob("*.hdf5"))
+    result = pp.preprocess(files, tmp_path / "repo")
+    assert result.rows["train"] > 0
+    dataset = pp.load_vla_dataset(tmp_path / "repo", cache_dir=str(tmp_path / "cache"))
+    tasks = {pp.read_robomimic_hdf5(f).task for f in files}
+    assert set(dataset["train"]["task"]) | set(dataset["validation"]["task"]) == tasks

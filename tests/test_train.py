@@ -1,0 +1,283 @@
+"""The trainer end to end on a tiny synthetic dataset repo: every model kind, checkpoints, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_accelerate as ta
+from data_prep.errors import UserError
+from data_prep.tasks import ACTION_DIM, STATE_DIM, STATE_LAYOUT
+
+torch.set_num_threads(2)
+
+TASKS = {"lift": "Lift the red cube", "can": "Pick up the coke can"}
+
+
+def synthetic_rows(episodes: int, steps: int, seed: int, first_episode: int, state_dim: int) -> dict[str, list]:
+    """Linear dynamics s' = s + 0.5 B a with a state-feedback expert a = tanh(K s): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    mixing = np.random.default_rng(123).normal(0, 1, (state_dim, ACTION_DIM)).astype(np.float32)
+    gain = np.random.default_rng(321).normal(0, 0.5, (ACTION_DIM, state_dim)).astype(np.float32)
+    rows: dict[str, list] = {k: [] for k in ("task", "instruction", "episode", "step", "state", "state_mask", "action",
+                                            "next_state", "reward", "done", "success", "source")}
+    for e in range(episodes):
+        task = list(TASKS)[e % len(TASKS)]
+        state = rng.normal(0, 1, state_dim).astype(np.float32)
+        length = steps + e % 3  # unequal lengths: windows must stop at episode ends
+        for t in range(length):
+            action = np.tanh(gain @ state).astype(np.float32)
+            next_state = (state + 0.5 * mixing @ action).astype(np.float32)
+            last = t == length - 1
+            rows["task"].append(task)
+            rows["instruction"].append(TASKS[task])
+            rows["episode"].append(first_episode + e)
+            rows["step"].append(t)
+            rows["state"].append(state)
+            rows["state_mask"].append(np.ones(state_dim, np.float32))
+            rows["action"].append(action)
+            rows["next_state"].append(next_state)
+            rows["reward"].append(float(last))
+            rows["done"].append(last)
+            rows["success"].append(last)
+            rows["source"].append("synthetic.hdf5")
+            state = next_state
+    return rows
+
+
+def write_dataset(root: Path, state_dim: int = STATE_DIM, train_episodes: int = 12, steps: int = 10) -> Path:
+    """A dataset repo in the docs/DESIGN.md layout, written with `datasets` like vla-preprocess does."""
+    from datasets import Dataset
+
+    (root / "data").mkdir(parents=True)
+    train = synthetic_rows(train_episodes, steps, seed=0, first_episode=0, state_dim=state_dim)
+    validation = synthetic_rows(4, steps, seed=1, first_episode=1000, state_dim=state_dim)
+    for name, rows in (("train", train), ("validation", validation)):
+        Dataset.from_dict(rows).to_parquet(str(root / "data" / f"{name}-00000-of-00001.parquet"))
+    states, actions = np.stack(train["state"]), np.stack(train["action"])
+
+    def stats(x: np.ndarray) -> dict[str, list[float]]:
+        return {"mean": x.mean(0).tolist(), "std": (x.std(0) + 1e-6).tolist(), "min": x.min(0).tolist(), "max": x.max(0).tolist()}
+
+    normalization = {"state_layout": STATE_LAYOUT, "state": stats(states), "action": stats(actions)}
+    (root / "normalization.json").write_text(json.dumps(normalization))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("ds") / "repo")
+
+
+TINY_MODELS = {
+    "world": {"hidden_dim": 32, "token_mlp_dim": 16, "channel_mlp_dim": 32, "num_layers": 1, "num_ensemble": 2, "multi_step": 3},
+    "mlp": {"hidden_dim": 32, "num_layers": 2, "chunk_size": 4},
+    "policy": {"lora_r": 4, "lora_alpha": 8.0, "chunk_size": 4, "num_state_tokens": 1, "state_hidden_dim": 32,
+               "head_hidden_dim": 32, "max_instruction_tokens": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama saved as a local backbone folder (with MiniLM's tokenizer: any tokenizer will do)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    from configuration_vla import MINILM_NAME
+    from modeling_vla import resolve_pretrained_path
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_path(MINILM_NAME))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_config(dataset: Path, out: Path, model: str = "world", **overrides) -> ta.TrainConfig:
+    values = dict(model=model, dataset=str(dataset), output_dir=str(out), model_config=dict(TINY_MODELS[model]),
+                  batch_size=16, lr=3e-3, warmup_steps=2, max_steps=10, eval_every=5, save_every=5, log_every=2, seed=0)
+    values.update(overrides)
+    cfg = ta.TrainConfig(**values)
+    cfg.validate("test")
+    return cfg
+
+
+def state_dict_of(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_windows_stop_at_episode_ends(dataset: Path) -> None:
+    data = ta.load_training_data(dataset)
+    horizon = 4
+    windows = ta.WindowDataset(data.train, horizon)
+    last_row_of_first_episode = 9  # episode 0 has 10 steps
+    batch = ta.collate_windows(windows.__getitems__([0, last_row_of_first_episode - 1]))
+    assert batch["actions"].shape == (2, horizon, ACTION_DIM)
+    assert batch["next_states"].shape == (2, horizon, STATE_DIM)
+    assert batch["state"].shape == (2, STATE_DIM)
+    assert batch["step_mask"][0].tolist() == [1, 1, 1, 1]
+    assert batch["step_mask"][1].tolist() == [1, 1, 0, 0]  # rows 8, 9 then the next episode starts
+    assert batch["done"][1].tolist()[:2] == [0, 1]
+    # the window is the episode itself: next_states[k] is the state of step t+k+1
+    torch.testing.assert_close(batch["next_states"][0, 0], torch.as_tensor(data.train.state[1]))
+    assert batch["instruction"] == ["Lift the red cube"] * 2
+    assert data.tasks == ["can", "lift"]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_yaml_and_set_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: world\nlr: 1e-4\nbatch_size: 8\nmodel_config:\n  hidden_dim: 16\n")
+    cfg = ta.load_config(path, ["max_steps=7", "model_config.multi_step=2", "dataset=123", "early_stopping_patience=null"])
+    assert (cfg.lr, cfg.batch_size, cfg.max_steps, cfg.dataset) == (1e-4, 8, 7, "123")
+    assert cfg.model_config == {"hidden_dim": 16, "multi_step": 2}
+    assert cfg.early_stopping_patience is None
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("lr: 0.1\nbatch_sise: 4\n", [], "unknown key 'batch_sise'"),
+        ("lr: [1\n", [], "not valid YAML"),
+        ("lr: -0.1\n", [], "lr=-0.1, expected a positive number"),
+        ("batch_size: 4\n", ["batch_size=-2"], "batch_size=-2, expected a positive number"),
+        ("batch_size: 4\n", ["batch_size=four"], "--set batch_size: batch_size='four' is not a valid int"),
+        ("model: diffusion\n", [], "model='diffusion'"),
+    ],
+)
+def test_bad_config_is_one_line_error(tmp_path: Path, capsys, text: str, overrides: list[str], message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    argv = ["--config", str(path)] + (["--set", *overrides] if overrides else [])
+    with pytest.raises(SystemExit) as exit_info:
+        ta.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    if "unknown key" in message:
+        assert str(path) in err
+
+
+def test_missing_dataset_is_one_line_error(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"dataset: {tmp_path / 'nowhere'}\n")
+    with pytest.raises(SystemExit):
+        ta.main(["--model", "world", "--config", str(path), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere does not exist" in err, err
+
+
+def test_state_width_mismatch_is_refused(dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(dataset, tmp_path / "out")
+    cfg.model_config["state_dim"] = 20
+    with pytest.raises(UserError, match=rf"^dataset {dataset} has state width 23 but model config state_dim=20$"):
+        ta.train(cfg)
+
+
+def test_unknown_model_config_field_is_refused(dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(dataset, tmp_path / "out")
+    cfg.model_config["hiden_dim"] = 8
+    with pytest.raises(UserError, match="model_config.hiden_dim is not a WorldModelConfig field"):
+        ta.train(cfg)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_world_model_trains_checkpoints_and_saves_best(dataset: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    out = tmp_path / "world"
+    summary = ta.train(tiny_config(dataset, out, max_steps=20, eval_every=10, save_every=5))
+    assert summary["steps"] == 20
+    assert [p.name for p in ta.list_checkpoints(out)] == ["step_15", "step_20"]  # keeps the last 2
+    assert not list(out.rglob(".tmp-*"))
+    assert summary["best_val_loss"] is not None and summary["params_trainable"] == summary["params_total"] > 0
+    written = json.loads((out / "train_summary.json").read_text())
+    assert written["steps"] == 20 and written["config"]["max_steps"] == 20
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # learning: training loss falls and the second validation is better than the first
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    train_loss = [e.value for e in events.Scalars("train/loss")]
+    val_loss = [e.value for e in events.Scalars("val/loss")]
+    assert train_loss[-1] < 0.8 * train_loss[0] and val_loss[1] < val_loss[0], (train_loss, val_loss)
+    assert summary["best_val_loss"] == pytest.approx(min(val_loss))
+    assert {"train/one_step_mse", "train/lr", "train/samples_per_s", "val/one_step_mse"} <= set(events.Tags()["scalars"])
+    best = AutoModel.from_pretrained(out / "best", trust_remote_code=True)
+    assert type(best).__name__ == "WorldModel"
+    assert best.config.tasks == ["can", "lift"] and best.config.state_layout == STATE_LAYOUT
+
+
+def test_existing_checkpoints_need_resume(dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(dataset, tmp_path / "w", max_steps=3, save_every=3, eval_every=3)
+    ta.train(cfg)
+    with pytest.raises(UserError, match="pass --resume"):
+        ta.train(cfg)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    """Crash right after the step-6 checkpoint, resume, and land on the same weights as a straight 10-step run.
+
+    Batches per epoch = 120 windows // 16 = 7, so step 6 is mid-epoch: resume must skip the seen batches.
+    """
+    straight = ta.train(tiny_config(dataset, tmp_path / "straight", save_every=3))
+    crashed_dir = tmp_path / "crashed"
+    real_save = ta.save_checkpoint
+
+    def save_then_crash(accelerator, output_dir, state, keep):
+        path = real_save(accelerator, output_dir, state, keep)
+        if state["step"] == 6:
+            raise KeyboardInterrupt("simulated kill")
+        return path
+
+    monkeypatch.setattr(ta, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        ta.train(tiny_config(dataset, crashed_dir, save_every=3))
+    monkeypatch.setattr(ta, "save_checkpoint", real_save)
+    assert [p.name for p in ta.list_checkpoints(crashed_dir)] == ["step_3", "step_6"]
+    assert not (crashed_dir / "final").exists()
+
+    resumed = ta.train(tiny_config(dataset, crashed_dir, save_every=3), resume=True)
+    assert resumed["steps"] == 10
+    expected, got = state_dict_of(tmp_path / "straight" / "final"), state_dict_of(crashed_dir / "final")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert resumed["best_val_loss"] == straight["best_val_loss"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "policy"])
+def test_policies_train_and_load_with_auto_model(kind: str, dataset: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    cfg = tiny_config(dataset, tmp_path / kind, model=kind, max_steps=12, eval_every=6, save_every=6, lr=1e-2)
+    if kind == "policy":
+        cfg.model_config["backbone"] = str(tiny_llama)
+    summary = ta.train(cfg)
+    assert summary["model_class"] == {"mlp": "MLPPolicy", "policy": "VLAPolicy"}[kind]
+    assert summary["horizon"] == 4 and summary["steps"] == 12
+    first, last = summary["first_train_loss"], summary["last_train_loss"]
+    assert last < first, (first, last)
+    if kind == "policy":  # LoRA: the backbone is frozen, only adapters + state encoder + head train
+        assert 0 < summary["params_trainable"] < summary["params_total"]
+    model = AutoModel.from_pretrained(tmp_path / kind / "best", trust_remote_code=True)
+    assert type(model).__name__ == summary["model_class"]
+    states = torch.as_tensor(ta.load_training_data(dataset).validation.state[:3])
+    chunk = model.predict_actions(states, "Lift the red cube")
+    assert chunk.shape == (3, 4, ACTION_DIM) and torch.isfinite(chunk).all()

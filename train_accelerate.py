@@ -1,0 +1,697 @@
+"""The one trainer for every model: world model, VLA policy and MLP baseline.
+
+    vla-train --model world --config configs/world_model.yaml [--set lr=3e-4 model_config.hidden_dim=128]
+    accelerate launch train_accelerate.py --model policy --config configs/vla_minilm_cpu.yaml --resume
+
+Reads a `vla-preprocess` dataset repo, cuts it into windows of H steps (docs/DESIGN.md "Training batches"),
+and trains with Accelerate (mixed precision, gradient accumulation, multi-GPU), logging to TensorBoard.
+Output folder:
+
+    <output_dir>/checkpoints/step_<N>/   accelerator.save_state + trainer_state.json (last `keep_checkpoints`)
+    <output_dir>/best/                   save_pretrained of the lowest validation loss
+    <output_dir>/final/                  save_pretrained at the end
+    <output_dir>/logs/                   TensorBoard
+    <output_dir>/train_summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from data_prep.errors import UserError, run_cli
+
+MODEL_KINDS = ("world", "policy", "mlp")
+# (config class, model class, config field that sets the window length H)
+MODEL_CLASSES = {
+    "world": ("WorldModelConfig", "WorldModel", "multi_step"),
+    "policy": ("VLAConfig", "VLAPolicy", "chunk_size"),
+    "mlp": ("MLPPolicyConfig", "MLPPolicy", "chunk_size"),
+}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+CHECKPOINT_PREFIX = "step_"
+TRAINER_STATE = "trainer_state.json"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; YAML files in configs/ hold exactly these keys."""
+
+    model: str = "world"  # world | policy | mlp
+    dataset: str = "data/hf_dataset"  # a vla-preprocess output folder
+    output_dir: str = "runs/world_model"
+    model_config: dict[str, Any] = field(default_factory=dict)  # kwargs for the model's PretrainedConfig
+    batch_size: int = 256  # per device, per micro-batch
+    grad_accum_steps: int = 1  # effective batch = batch_size x grad_accum_steps x processes
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 2000  # optimizer steps
+    max_grad_norm: float = 1.0
+    mixed_precision: str | None = None  # no | fp16 | bf16; None: from `accelerate launch`/env (else no)
+    seed: int = 0
+    eval_every: int = 200
+    max_eval_batches: int | None = None  # None: the whole validation split
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    num_workers: int = 0
+    horizon: int | None = None  # window length H; None: the model config's multi_step / chunk_size
+    early_stopping_patience: int | None = None  # evaluations without a new best before stopping
+
+    def validate(self, source: str) -> None:
+        """Refuse values that would fail later with a worse message (or silently train nonsense)."""
+        if self.model not in MODEL_KINDS:
+            raise UserError(f"{source}: model={self.model!r}, expected one of {list(MODEL_KINDS)}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(f"{source}: mixed_precision={self.mixed_precision!r}, expected one of {list(MIXED_PRECISION)}")
+        positive = ("batch_size", "grad_accum_steps", "lr", "max_steps", "eval_every", "save_every", "log_every", "keep_checkpoints", "max_grad_norm")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UserError(f"{source}: {name}={getattr(self, name)!r}, expected a positive number")
+        for name in ("weight_decay", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{source}: {name}={getattr(self, name)!r}, expected >= 0")
+        for name in ("horizon", "early_stopping_patience", "max_eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{source}: {name}={value!r}, expected a positive integer or null")
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a YAML/CLI value to the type of TrainConfig.<name>; one-line error if it cannot be."""
+    expected = _field_types()[name]
+    allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+            try:  # PyYAML reads "1e-4" (no dot) as a string
+                return float(value)
+            except ValueError:
+                continue
+        if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        if typing.get_origin(kind) is dict and isinstance(value, dict):
+            return dict(value)
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise UserError(f"{source}: {name}={value!r} is not a valid {names}")
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), **explicit: Any) -> TrainConfig:
+    """YAML file -> TrainConfig, then `key=value` overrides (dotted keys reach into model_config).
+
+    `explicit` holds values from dedicated CLI flags (model, dataset, output_dir); None means "not given".
+    """
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping of TrainConfig keys at the top level, got {type(loaded).__name__}")
+        values = dict(loaded)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in values:
+        if key not in known:
+            raise UserError(f"{source}: unknown key {key!r} (expected one of {sorted(known)})")
+    values = {key: _coerce(key, value, source) for key, value in values.items()}
+    values.setdefault("model_config", {})
+    values["model_config"] = dict(values["model_config"] or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value")
+        value = yaml.safe_load(raw) if raw else ""
+        if key.startswith("model_config."):
+            values["model_config"][key.removeprefix("model_config.")] = value
+        elif key in known:
+            values[key] = _coerce(key, raw if _field_types()[key] is str else value, f"--set {key}")
+        else:
+            raise UserError(f"--set {key}: unknown key (expected one of {sorted(known)} or model_config.<field>)")
+    for key, value in explicit.items():
+        if value is not None:
+            values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
+    config = TrainConfig(**values)
+    config.validate(source)
+    return config
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EpisodeTable:
+    """One split as flat numpy arrays, rows sorted by (episode, step), plus where each row's episode ends."""
+
+    state: np.ndarray  # [N, D]
+    state_mask: np.ndarray  # [N, D]
+    action: np.ndarray  # [N, A]
+    next_state: np.ndarray  # [N, D]
+    success: np.ndarray  # [N] float32
+    done: np.ndarray  # [N] float32
+    instruction: np.ndarray  # [N] object (str)
+    task: np.ndarray  # [N] object (str)
+    episode_end: np.ndarray  # [N] int64, one past the episode's last row
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    @classmethod
+    def from_split(cls, split, name: str) -> EpisodeTable:
+        columns = ("episode", "step", "state", "state_mask", "action", "next_state", "success", "done", "instruction", "task")
+        missing = [c for c in columns if c not in split.column_names]
+        if missing:
+            raise UserError(f"{name}: missing columns {missing} (expected the docs/DESIGN.md dataset layout)")
+        arrays = split.with_format("numpy")[:] if len(split) else {c: np.zeros(0) for c in columns}
+        episode = np.asarray(arrays["episode"], dtype=np.int64)
+        step = np.asarray(arrays["step"], dtype=np.int64)
+        order = np.lexsort((step, episode))  # the repo is sorted already; this makes the windows safe if not
+        episode = episode[order]
+
+        def take(col: str, dtype) -> np.ndarray:
+            return np.asarray(arrays[col])[order].astype(dtype, copy=False)
+
+        # Each row's window may not cross into the next episode: it ends where the episode id changes.
+        change = np.flatnonzero(np.diff(episode)) + 1
+        bounds = np.concatenate([change, [len(episode)]])
+        episode_end = np.repeat(bounds, np.diff(np.concatenate([[0], bounds]))) if len(episode) else np.zeros(0, np.int64)
+        return cls(
+            state=take("state", np.float32),
+            state_mask=take("state_mask", np.float32),
+            action=take("action", np.float32),
+            next_state=take("next_state", np.float32),
+            success=take("success", np.float32),
+            done=take("done", np.float32),
+            instruction=take("instruction", object),
+            task=take("task", object),
+            episode_end=episode_end.astype(np.int64),
+        )
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Every row t is a window start; a batch is gathered with one fancy index per array, no per-row Python."""
+
+    def __init__(self, table: EpisodeTable, horizon: int):
+        self.table = table
+        self.offsets = np.arange(horizon)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Called by DataLoader with a whole batch of start rows (torch's batched fetch)."""
+        t = self.table
+        rows = np.asarray(indices, dtype=np.int64)
+        end = t.episode_end[rows, None]
+        window = rows[:, None] + self.offsets  # [B, H]
+        step_mask = window < end
+        # Past the episode's end, repeat its last step (an absorbing state); step_mask marks those as padding.
+        window = np.minimum(window, end - 1)
+        return {
+            "instruction": t.instruction[rows].tolist(),
+            "task": t.task[rows].tolist(),
+            "state": t.state[rows],
+            "state_mask": t.state_mask[rows],
+            "actions": t.action[window],
+            "next_states": t.next_state[window],
+            "step_mask": step_mask.astype(np.float32),
+            "success": t.success[window],
+            "done": t.done[window],
+        }
+
+
+def collate_windows(batch: dict[str, Any]) -> dict[str, Any]:
+    """The dataset already batched (see __getitems__); only numpy -> torch is left."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A permutation that depends only on (seed, epoch): resuming at epoch e replays exactly the same order.
+
+    Uses its own numpy generator, never torch's global RNG, so creating loaders cannot shift dropout noise.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist())
+
+
+@dataclass
+class TrainingData:
+    train: EpisodeTable
+    validation: EpisodeTable
+    normalization: Any  # data_prep.preprocess.Normalization (train-split statistics)
+    tasks: list[str]
+    state_dim: int
+
+
+def load_training_data(dataset_dir: str | Path) -> TrainingData:
+    from data_prep.preprocess import load_normalization, load_vla_dataset
+
+    path = Path(dataset_dir)
+    if not path.is_dir():
+        raise UserError(f"dataset directory {path} does not exist (expected a vla-preprocess output folder)")
+    splits = load_vla_dataset(path)
+    for name in ("train", "validation"):
+        if name not in splits:
+            raise UserError(f"dataset {path} has no {name!r} split (found {sorted(splits)})")
+    train = EpisodeTable.from_split(splits["train"], f"{path} train split")
+    validation = EpisodeTable.from_split(splits["validation"], f"{path} validation split")
+    if len(train) == 0 or len(validation) == 0:
+        raise UserError(f"dataset {path}: train has {len(train)} rows and validation {len(validation)}; both must be non-empty")
+    return TrainingData(
+        train=train,
+        validation=validation,
+        normalization=load_normalization(path),
+        tasks=sorted(set(train.task.tolist())),
+        state_dim=train.state.shape[1],
+    )
+
+
+def make_loader(table: EpisodeTable, horizon: int, cfg: TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
+    dataset = WindowDataset(table, horizon)
+    sampler = EpochShuffleSampler(len(dataset), cfg.seed) if shuffle else None
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=shuffle,  # equal-sized training batches; validation sees every window
+        collate_fn=collate_windows,
+        num_workers=cfg.num_workers,
+        # A private generator: creating an iterator would otherwise draw a seed from torch's global RNG,
+        # so a resumed run (which creates one more iterator) would drift from an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def normalization_mapping(norm) -> dict[str, Any]:
+    """data_prep.preprocess.Normalization -> the normalization.json shape that config.set_normalization reads."""
+    return {
+        "state_layout": norm.state_layout,
+        **{part: {"mean": stats.mean.tolist(), "std": stats.std.tolist()} for part, stats in (("state", norm.state), ("action", norm.action))},
+    }
+
+
+def build_model(cfg: TrainConfig, data: TrainingData, source: str):
+    """Model config = YAML model_config + the dataset's statistics, layout and tasks; then the model."""
+    import configuration_vla
+    import modeling_vla
+
+    config_name, model_name, horizon_field = MODEL_CLASSES[cfg.model]
+    config_cls = getattr(configuration_vla, config_name)
+    known = set(config_cls().to_dict())
+    for key in cfg.model_config:
+        if key not in known:
+            raise UserError(f"{source}: model_config.{key} is not a {config_name} field")
+    try:
+        config = config_cls(**cfg.model_config)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{source}: model_config: {err}") from None
+    if config.state_dim != data.state_dim:
+        raise UserError(f"dataset {cfg.dataset} has state width {data.state_dim} but model config state_dim={config.state_dim}")
+    try:
+        config.set_normalization(normalization_mapping(data.normalization), source=f"{cfg.dataset}/normalization.json")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    config.tasks = data.tasks
+    model_horizon = int(getattr(config, horizon_field))
+    horizon = cfg.horizon or model_horizon
+    if horizon < model_horizon:
+        raise UserError(f"{source}: horizon={horizon} is shorter than model_config.{horizon_field}={model_horizon}")
+    return getattr(modeling_vla, model_name)(config), horizon
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; a reader sees the old folder or the new one, never half of one."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (incomplete ones only ever exist under a .tmp- name)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    root = output_dir / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{state['step']}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        replace_dir(tmp, final)
+        for stale in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_model(accelerator, model, output_dir: Path, name: str) -> None:
+    """save_pretrained into <output_dir>/<name> through a temp folder (best/ and final/)."""
+    from accelerate.utils import DistributedType
+
+    # FSDP / DeepSpeed shard the weights: every rank takes part in gathering the full state dict.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    extra = {"state_dict": accelerator.get_state_dict(model)} if sharded else {}
+    if accelerator.is_main_process:
+        tmp = output_dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, **extra)
+        replace_dir(tmp, output_dir / name)
+    accelerator.wait_for_everyone()
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainerState:
+    """What accelerate's save_state does not know: where we are in the data and the best validation loss."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    best_val_loss: float | None = None
+    evals_since_best: int = 0
+    first_train_loss: float | None = None  # mean over the first log window: the "before" of the summary
+    last_train_loss: float | None = None
+
+
+def fresh_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    # Accelerate keeps process-wide singletons; reset them so several trainings can run in one process
+    # (vla-pipeline trains world model then policy; the tests train many tiny models).
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with="tensorboard",
+        project_dir=cfg.output_dir,
+    )
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, max_batches: int | None) -> dict[str, float]:
+    """Mean validation loss and metrics, weighted by batch size and summed over processes."""
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        with accelerator.autocast():
+            out = model(**batch)
+        n = float(len(batch["instruction"]))
+        values = {"loss": out.loss, **(out.metrics or {})}
+        for key, value in values.items():
+            value = torch.as_tensor(value, dtype=torch.float64, device=accelerator.device).detach()
+            sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64, device=accelerator.device)) + value * n
+        sums["_count"] = sums.get("_count", torch.zeros((), dtype=torch.float64, device=accelerator.device)) + n
+    model.train()
+    totals = {k: accelerator.reduce(v, reduction="sum").item() for k, v in sums.items()}
+    count = totals.pop("_count", 0.0)
+    return {k: v / count for k, v in totals.items()} if count else {}
+
+
+def scalar_hparams(cfg: TrainConfig) -> dict[str, Any]:
+    """TensorBoard's hparams take scalars only: flatten model_config and stringify the rest."""
+    flat: dict[str, Any] = {}
+    for key, value in {**dataclasses.asdict(cfg), **{f"model_config.{k}": v for k, v in cfg.model_config.items()}}.items():
+        if key == "model_config":
+            continue
+        flat[key] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dict[str, Any]:
+    """Run (or continue) one training; returns the train_summary.json content."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    started = time.time()
+    output_dir = Path(cfg.output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints and not resume:
+        raise UserError(f"{output_dir} already has checkpoints ({checkpoints[-1].name}); pass --resume to continue or use another --output-dir")
+
+    data = load_training_data(cfg.dataset)
+    accelerator = fresh_accelerator(cfg)
+    set_seed(cfg.seed)
+    model, horizon = build_model(cfg, data, source)
+    total_params, trainable_params = count_parameters(model)
+    if len(data.train) < cfg.batch_size:
+        raise UserError(f"{source}: batch_size={cfg.batch_size} is larger than the {len(data.train)} training windows in {cfg.dataset}")
+
+    train_loader = make_loader(data.train, horizon, cfg, shuffle=True)
+    val_loader = make_loader(data.validation, horizon, cfg, shuffle=False)
+    # Only trainable parameters: with LoRA the frozen backbone needs no optimizer state.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Stepped once per optimizer step by us (not prepared), so warmup/max_steps mean optimizer steps on any number of GPUs.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = TrainerState()
+    if resume and checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        state = TrainerState(**json.loads((checkpoints[-1] / TRAINER_STATE).read_text()))
+        accelerator.print(f"resumed from {checkpoints[-1]} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+    elif resume:
+        accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting from step 0")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*output_dir.glob(".tmp-*"), *(output_dir / "checkpoints").glob(".tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save
+    accelerator.init_trackers("logs", config=scalar_hparams(cfg))
+    accelerator.print(
+        f"training {cfg.model}: {total_params:,} parameters ({trainable_params:,} trainable), "
+        f"{len(data.train):,} train / {len(data.validation):,} validation windows of H={horizon}, tasks {data.tasks}"
+    )
+
+    batch_samples = cfg.batch_size * accelerator.num_processes
+    progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {cfg.model}", disable=not accelerator.is_local_main_process)
+    window_loss, window_metrics, window_batches, window_samples = 0.0, {}, 0, 0
+    window_start = time.time()
+    train_seconds, train_samples = 0.0, 0
+    last_val: dict[str, float] = {}
+    stop = state.step >= cfg.max_steps
+    model.train()
+
+    def run_evaluation() -> None:
+        nonlocal last_val
+        last_val = evaluate(accelerator, model, val_loader, cfg.max_eval_batches)
+        accelerator.log({f"val/{k}": v for k, v in last_val.items()}, step=state.step)
+        if state.best_val_loss is None or last_val["loss"] < state.best_val_loss:
+            state.best_val_loss, state.evals_since_best = last_val["loss"], 0
+            save_model(accelerator, model, output_dir, "best")
+        else:
+            state.evals_since_best += 1
+        progress.set_postfix(val_loss=f"{last_val['loss']:.4g}", best=f"{state.best_val_loss:.4g}")
+
+    while not stop:
+        train_loader.set_epoch(state.epoch)  # accelerate passes it on to EpochShuffleSampler
+        epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+        for batch in epoch_loader:
+            tick = time.time()
+            with accelerator.accumulate(model):
+                out = model(**batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            window_loss += out.loss.detach().float().item()
+            for key, value in (out.metrics or {}).items():
+                window_metrics[key] = window_metrics.get(key, 0.0) + float(value)
+            window_batches += 1
+            window_samples += batch_samples
+            train_samples += batch_samples
+            train_seconds += time.time() - tick
+            if not accelerator.sync_gradients:
+                continue
+
+            state.step += 1
+            scheduler.step()
+            progress.update(1)
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                elapsed = max(time.time() - window_start, 1e-9)
+                logs = {
+                    "train/loss": window_loss / window_batches,
+                    **{f"train/{k}": v / window_batches for k, v in window_metrics.items()},
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/samples_per_s": window_samples / elapsed,
+                }
+                accelerator.log(logs, step=state.step)
+                if state.first_train_loss is None:
+                    state.first_train_loss = logs["train/loss"]
+                state.last_train_loss = logs["train/loss"]
+                progress.set_postfix(loss=f"{logs['train/loss']:.4g}", lr=f"{logs['train/lr']:.2e}")
+                window_loss, window_metrics, window_batches, window_samples = 0.0, {}, 0, 0
+                window_start = time.time()
+            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+                run_evaluation()
+            if state.step % cfg.save_every == 0:
+                save_checkpoint(accelerator, output_dir, dataclasses.asdict(state), cfg.keep_checkpoints)
+            patience_out = cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience
+            if state.step >= cfg.max_steps or patience_out:
+                if patience_out:
+                    accelerator.print(f"early stopping at step {state.step}: no new best in {state.evals_since_best} evaluations")
+                stop = True
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+
+    if not last_val:  # resumed at or past max_steps: still report a validation loss
+        run_evaluation()
+    save_model(accelerator, model, output_dir, "final")
+    unwrapped = accelerator.unwrap_model(model)
+    summary = {
+        "model": cfg.model,
+        "model_class": type(unwrapped).__name__,
+        "steps": state.step,
+        "epochs": state.epoch + state.batches_in_epoch / max(len(train_loader), 1),
+        "first_train_loss": state.first_train_loss,
+        "last_train_loss": state.last_train_loss,
+        "best_val_loss": state.best_val_loss,
+        "final_val": last_val,
+        "train_samples_per_s": train_samples / train_seconds if train_seconds else None,
+        "params_total": total_params,
+        "params_trainable": trainable_params,
+        "wall_time_s": time.time() - started,
+        "horizon": horizon,
+        "tasks": data.tasks,
+        "train_windows": len(data.train),
+        "validation_windows": len(data.validation),
+        "processes": accelerator.num_processes,
+        "config": dataclasses.asdict(cfg),
+    }
+    if accelerator.is_main_process:
+        write_json_atomically(output_dir / "train_summary.json", summary)
+    accelerator.end_training()
+    accelerator.print(f"done: {state.step} steps, best val loss {state.best_val_loss}, models in {output_dir}/best and /final")
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vla-train", description=__doc__.split("\n\n")[0])
+    if model is None:
+        parser.add_argument("--model", choices=MODEL_KINDS, default=None, help="which model to train (default: the config's `model`)")
+    parser.add_argument("--config", required=True, help="YAML file with TrainConfig keys (see configs/)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="override config keys; model_config.<field>=... for the model")
+    parser.add_argument("--dataset", default=None, help="dataset repo folder (overrides the config)")
+    parser.add_argument("--output-dir", default=None, help="output folder (overrides the config)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    args = parser.parse_args(argv)
+    if model is not None:
+        args.model = model
+    return args
+
+
+def main(argv: Sequence[str] | None = None, model: str | None = None) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        args = parse_args(argv, model)
+        cfg = load_config(args.config, args.set, model=args.model, dataset=args.dataset, output_dir=args.output_dir)
+        return train(cfg, resume=args.resume, source=args.config)
+
+    return run_cli(run)
+
+
+def main_world_model(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return main(argv, model="world")
+
+
+def main_policy(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return main(argv, model="policy")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
