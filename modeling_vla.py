@@ -5,19 +5,21 @@ internally with the statistics in their config. `model(**batch)` (batch as in do
 batches") returns a `RobotModelOutput` with `.loss` and `.metrics`.
 
 This file is copied into every saved model folder (trust_remote_code), so it imports only torch,
-transformers, peft, safetensors and `configuration_vla`.
+transformers (and its huggingface_hub), peft, safetensors and `configuration_vla`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -33,6 +35,7 @@ except ImportError:  # inside the project
 
 HEAD_WEIGHTS_FILE = "policy_head.safetensors"
 MIN_STD = 1e-6  # statistics below this are constant dims (e.g. always-padding): divide by 1 instead
+STEP_CHUNK_ROWS = 512
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,7 +60,7 @@ def resolve_pretrained_path(name: str, role: str = "backbone") -> str:
     try:
         AutoConfig.from_pretrained(name)  # reads the HF cache only when HF_HUB_OFFLINE=1
     except (OSError, ValueError) as err:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        if hub_constants.is_offline_mode():
             raise OSError(
                 f"{role} {name!r} is not in the local Hugging Face cache (HF_HUB_OFFLINE=1); download it with "
                 f"`huggingface-cli download {name}` on a machine with network, or pass a local path"
@@ -215,6 +218,28 @@ class EnsembleLinear(nn.Module):
         y = torch.baddbmm(self.bias, x.reshape(members, -1, self.in_features), self.weight)
         return y.reshape(members, *middle, self.out_features)
 
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The same input for every member, [N, in] -> [K, N, out], as one GEMM (no K-fold input copy)."""
+        members = self.weight.shape[0]
+        weight = self.weight.permute(1, 0, 2).reshape(self.in_features, members * self.out_features)
+        y = (x @ weight).view(x.shape[0], members, self.out_features).transpose(0, 1)
+        return y + self.bias
+
+
+class EnsembleTokenMixing(nn.Module):
+    """Per-member MLP across the token axis of x [K, B, T, C] (einsum avoids transposing x)."""
+
+    def __init__(self, members: int, tokens: int, hidden: int) -> None:
+        super().__init__()
+        self.weight1 = nn.Parameter(torch.empty(members, hidden, tokens))
+        self.bias1 = nn.Parameter(torch.empty(members, 1, hidden, 1))
+        self.weight2 = nn.Parameter(torch.empty(members, tokens, hidden))
+        self.bias2 = nn.Parameter(torch.empty(members, 1, tokens, 1))
+
+    def forward(self, x: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
+        y = F.gelu(torch.einsum("kst,kbtc->kbsc", self.weight1, x) + self.bias1)
+        return torch.einsum("kts,kbsc->kbtc", self.weight2, dropout(y)) + self.bias2
+
 
 class EnsembleLayerNorm(nn.Module):
     """LayerNorm over the last dim with per-member affine parameters."""
@@ -230,16 +255,14 @@ class EnsembleLayerNorm(nn.Module):
 
 
 class EnsembleStateTokenizer(nn.Module):
-    """Per-member, per-group projections of the state slices into tokens: [K, B, D] -> [K, B, T, C]."""
+    """Per-member, per-group projections of the state slices into tokens: [K, B, T, width] -> [K, B, T, C]."""
 
     def __init__(self, members: int, groups: Sequence[int], hidden: int) -> None:
         super().__init__()
-        self.groups = list(groups)
-        width = max(self.groups)
-        self.weight = nn.Parameter(torch.empty(members, len(self.groups), width, hidden))
-        self.bias = nn.Parameter(torch.empty(members, len(self.groups), hidden))
+        self.weight = nn.Parameter(torch.empty(members, len(groups), max(groups), hidden))
+        self.bias = nn.Parameter(torch.empty(members, len(groups), hidden))
 
-    def forward(self, slices: torch.Tensor) -> torch.Tensor:  # slices [K, B, T, width], zero beyond each group
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:  # zero beyond each group's width
         return torch.einsum("kbtg,ktgh->kbth", slices, self.weight) + self.bias.unsqueeze(1)
 
 
@@ -249,17 +272,14 @@ class EnsembleMixerBlock(nn.Module):
     def __init__(self, members: int, tokens: int, hidden: int, token_mlp: int, channel_mlp: int, dropout: float):
         super().__init__()
         self.token_norm = EnsembleLayerNorm(members, hidden)
-        self.token_fc1 = EnsembleLinear(members, tokens, token_mlp)
-        self.token_fc2 = EnsembleLinear(members, token_mlp, tokens)
+        self.token_mixing = EnsembleTokenMixing(members, tokens, token_mlp)
         self.channel_norm = EnsembleLayerNorm(members, hidden)
         self.channel_fc1 = EnsembleLinear(members, hidden, channel_mlp)
         self.channel_fc2 = EnsembleLinear(members, channel_mlp, hidden)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [K, B, T, C]
-        y = self.token_norm(x).transpose(-1, -2)
-        y = self.token_fc2(self.dropout(F.gelu(self.token_fc1(y))))
-        x = x + self.dropout(y.transpose(-1, -2))
+        x = x + self.dropout(self.token_mixing(self.token_norm(x), self.dropout))
         y = self.channel_fc2(self.dropout(F.gelu(self.channel_fc1(self.channel_norm(x)))))
         return x + self.dropout(y)
 
@@ -291,12 +311,18 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (EnsembleLinear, EnsembleStateTokenizer)):
-            fan_in = module.weight.shape[-2]
-            init.uniform_(module.weight, -(fan_in**-0.5), fan_in**-0.5)
+        if module is self.head:  # start near "nothing changes": tiny residual, p_success = p_done = 0.5
+            init.uniform_(module.weight, -1e-3, 1e-3)
             init.zeros_(module.bias)
-            if module is self.head:  # start near "nothing changes": small residual, p=0.5
-                init.uniform_(module.weight, -1e-3, 1e-3)
+        elif isinstance(module, (EnsembleLinear, EnsembleStateTokenizer)):
+            bound = module.weight.shape[-2] ** -0.5  # fan-in
+            init.uniform_(module.weight, -bound, bound)
+            init.zeros_(module.bias)
+        elif isinstance(module, EnsembleTokenMixing):
+            for weight, bias in ((module.weight1, module.bias1), (module.weight2, module.bias2)):
+                bound = weight.shape[-1] ** -0.5
+                init.uniform_(weight, -bound, bound)
+                init.zeros_(bias)
         elif isinstance(module, EnsembleLayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -366,8 +392,8 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         tokens = torch.cat(
             [
                 self.state_tokens(slices),
-                self.action_token(action.expand(k, *action.shape)).unsqueeze(2),
-                self.text_token(text_emb.expand(k, *text_emb.shape)).unsqueeze(2),
+                self.action_token.forward_shared(action).unsqueeze(2),
+                self.text_token.forward_shared(text_emb).unsqueeze(2),
             ],
             dim=2,
         )
@@ -395,47 +421,36 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
     ) -> RobotModelOutput:
         cfg = self.config
         batch, horizon = actions.shape[:2]
-        horizon = min(horizon, cfg.multi_step)
+        # Without a multi-step term only the first step is needed; a rollout's step 0 *is* the one-step prediction.
+        horizon = min(horizon, cfg.multi_step) if cfg.loss_multi_step > 0 else 1
         mask = self._mask(state_mask, state)  # [B, D]
         text = self._text(instruction, text_emb, batch)
         valid = valid_steps(step_mask[:, :horizon])  # [B, H]
-        s0 = self.normalize_state(state, mask)
         acts = self.normalize_action(actions[:, :horizon])  # [B, H, A]
         targets = self.normalize_state(next_states[:, :horizon], mask.unsqueeze(1))  # [B, H, D]
-        member_weight = self._member_weights(batch, state.device)  # [K, B]
+        pred, success_logit, done_logit = self._open_loop(self.normalize_state(state, mask), acts, text, mask)
 
-        # Teacher-forced one-step predictions for every step of the window, in one pass.
-        inputs = torch.cat([s0.unsqueeze(1), targets[:, :-1]], dim=1)  # s_t .. s_{t+H-1}
-        flat = lambda x: x.reshape(batch * horizon, *x.shape[2:])  # noqa: E731
-        pred, success_logit, done_logit = self.predict_normalized(
-            flat(inputs), flat(acts), text.repeat_interleave(horizon, dim=0), flat(mask.unsqueeze(1).expand(-1, horizon, -1))
-        )
-        unflat = lambda x: x.reshape(x.shape[0], batch, horizon, *x.shape[2:])  # noqa: E731
-        pred, success_logit, done_logit = unflat(pred), unflat(success_logit), unflat(done_logit)
-        step_weight = member_weight[:, :, None] * valid  # [K, B, H]
+        step_weight = self._member_weights(batch, state.device)[:, :, None] * valid  # [K, B, H]
         dim_weight = step_weight[..., None] * mask[None, :, None, :]  # [K, B, H, D]
-        one_step = masked_mean((pred - targets) ** 2, dim_weight)
+        sq_error = (pred - targets) ** 2
+        one_step = masked_mean(sq_error[:, :, 0], dim_weight[:, :, 0])
         loss = cfg.loss_one_step * one_step
         metrics = {"one_step_mse": one_step.item()}
-
-        if success is not None and cfg.loss_success > 0:
-            success_bce = masked_mean(self._bce(success_logit, success[:, :horizon]), step_weight)
-            loss = loss + cfg.loss_success * success_bce
-            metrics["success_bce"] = success_bce.item()
-        if done is not None and cfg.loss_done > 0:
-            done_bce = masked_mean(self._bce(done_logit, done[:, :horizon]), step_weight)
-            loss = loss + cfg.loss_done * done_bce
-            metrics["done_bce"] = done_bce.item()
-        if horizon > 1 and cfg.loss_multi_step > 0:
-            rollout = self._open_loop(s0, acts, text, mask)  # [K, B, H, D]
-            multi_step = masked_mean((rollout - targets) ** 2, dim_weight)
+        if horizon > 1:
+            multi_step = masked_mean(sq_error[:, :, 1:], dim_weight[:, :, 1:])
             loss = loss + cfg.loss_multi_step * multi_step
             metrics["multi_step_mse"] = multi_step.item()
-            last = valid[:, -1]
-            metrics["final_step_mse"] = masked_mean(
-                (rollout[:, :, -1] - targets[:, -1]) ** 2, (member_weight * last)[..., None] * mask
-            ).item()
-        metrics["ensemble_std"] = pred.detach().std(dim=0).mean().item() if cfg.num_ensemble > 1 else 0.0
+            metrics["final_step_mse"] = masked_mean(sq_error[:, :, -1], dim_weight[:, :, -1]).item()
+        # Success/done heads learn on the model's own rollout states: those are what dreams feed them.
+        for name, logits, target, weight in (
+            ("success", success_logit, success, cfg.loss_success),
+            ("done", done_logit, done, cfg.loss_done),
+        ):
+            if target is not None and weight > 0:
+                bce = masked_mean(self._bce(logits, target[:, :horizon]), step_weight)
+                loss = loss + weight * bce
+                metrics[f"{name}_bce"] = bce.item()
+        metrics["ensemble_std"] = pred[:, :, 0].detach().std(dim=0).mean().item() if cfg.num_ensemble > 1 else 0.0
         metrics["loss"] = loss.item()
         return RobotModelOutput(loss=loss, prediction=pred, metrics=metrics)
 
@@ -446,18 +461,21 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             return torch.ones(k, batch, device=device)
         return (torch.rand(k, batch, device=device) < fraction).to(torch.float32)
 
+    def _open_loop(
+        self, s0: torch.Tensor, acts: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each member rolls its own trajectory with the recorded actions: states [K, B, H, D], logits [K, B, H]."""
+        state, outputs = s0, []
+        for h in range(acts.shape[1]):
+            state, success_logit, done_logit = self.predict_normalized(state, acts[:, h], text, mask)
+            outputs.append((state, success_logit, done_logit))
+        states, success_logits, done_logits = zip(*outputs, strict=True)
+        return torch.stack(states, 2), torch.stack(success_logits, 2), torch.stack(done_logits, 2)
+
     @staticmethod
     def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.to(logits.dtype).unsqueeze(0).expand_as(logits)
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-
-    def _open_loop(self, s0: torch.Tensor, acts: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Each member rolls its own trajectory with the recorded actions: [K, B, H, D]."""
-        state, states = s0, []
-        for h in range(acts.shape[1]):
-            state, _, _ = self.predict_normalized(state, acts[:, h], text, mask)
-            states.append(state)
-        return torch.stack(states, dim=2)
 
     # ---- inference --------------------------------------------------------------------------------
 
@@ -481,6 +499,16 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             raise ValueError(f"action: expected {state.shape[0]} rows like state, got {action.shape[0]}")
         mask = self._mask(state_mask, state)
         text = self._text(instruction, text_emb, state.shape[0])
+        # Row chunks keep the [K, rows, T, C] activations cache-sized; thousands of dreams otherwise go memory-bound.
+        outputs = [
+            self._step_rows(state[rows], action[rows], text[rows], mask[rows])
+            for rows in torch.arange(state.shape[0], device=state.device).split(STEP_CHUNK_ROWS)
+        ]
+        return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+    def _step_rows(
+        self, state: torch.Tensor, action: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         pred, success_logit, done_logit = self.predict_normalized(
             self.normalize_state(state, mask), self.normalize_action(action), text, mask
         )
@@ -570,6 +598,15 @@ def load_backbone(config: VLAConfig) -> PreTrainedModel:
     return backbone
 
 
+def enable_activation_checkpointing(backbone: PreTrainedModel) -> None:
+    """Recompute backbone activations in backward; non-reentrant, so frozen inputs need no requires_grad hack."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5 name
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def default_lora_targets(backbone: nn.Module) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules() if isinstance(module, nn.Linear)}
     for candidates in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["qkv_proj"]):
@@ -611,10 +648,12 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         self.head.float()
         # Initialise our own layers before attaching the backbone, so post_init never touches pretrained weights.
         self.post_init()
-        if config.gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.backbone_gradient_checkpointing:
+            enable_activation_checkpointing(backbone)
         if config.use_lora:
-            backbone = get_peft_model(backbone, self._lora_config(backbone))
+            with warnings.catch_warnings():  # peft still calls the deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                backbone = get_peft_model(backbone, self._lora_config(backbone))
         self.backbone = backbone
         self._tokenizer = None
         self._token_cache: dict[str, list[int]] = {}
@@ -662,7 +701,8 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
             tokens = torch.tensor(self._token_cache[text], dtype=torch.long)
             span = slice(length - len(tokens), length) if left else slice(0, len(tokens))
             ids[row, span], attention[row, span] = tokens, 1
-        index = torch.tensor([unique.index(t) for t in instructions]) if len(unique) > 1 else torch.zeros(len(instructions), dtype=torch.long)
+        row_of = {text: row for row, text in enumerate(unique)}
+        index = torch.tensor([row_of[t] for t in instructions], dtype=torch.long)
         return ids[index].to(device), attention[index].to(device)
 
     # ---- model ------------------------------------------------------------------------------------

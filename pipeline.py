@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,9 +35,10 @@ class Stage:
     command: tuple[str, ...]
     outputs: tuple[Path, ...]  # must all exist after a successful run; shown in the final summary
     resume_dir: Path | None = None  # a training output dir: present but unfinished → rerun with --resume
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables for the command
 
-    def marker(self, workdir: Path) -> Path:
-        return workdir / ".stages" / f"{self.name}.json"
+    def marker(self, workdir: Path, state: str = "done") -> Path:
+        return workdir / ".stages" / f"{self.name}.{state}.json"
 
 
 @dataclass
@@ -48,12 +49,28 @@ class StageReport:
     outputs: tuple[Path, ...]
 
 
-Runner = Callable[[Sequence[str]], int]
+Runner = Callable[[Sequence[str], Mapping[str, str]], int]
 
 
-def run_subprocess(command: Sequence[str]) -> int:
+def run_subprocess(command: Sequence[str], env: Mapping[str, str]) -> int:
     """Run one stage with its output streamed to ours; returns the exit status."""
-    return subprocess.run(list(command), cwd=REPO_ROOT, check=False).returncode
+    return subprocess.run(list(command), cwd=REPO_ROOT, env={**os.environ, **env}, check=False).returncode
+
+
+def recorded_command(stage: Stage, workdir: Path, state: str) -> list[str] | None:
+    marker = stage.marker(workdir, state)
+    return json.loads(marker.read_text())["command"] if marker.is_file() else None
+
+
+def check_same_settings(stage: Stage, workdir: Path) -> None:
+    """Refuse to mix runs: a workdir started with other settings (e.g. --quick, now --full) is not resumed."""
+    for state in ("done", "started"):
+        before = recorded_command(stage, workdir, state)
+        if before is not None and [arg for arg in before if arg != "--resume"] != list(stage.command):
+            raise UserError(
+                f"{workdir}: stage {stage.name!r} was run with other settings ({stage.marker(workdir, state)} has "
+                f"{' '.join(before)}); use another --workdir or delete this one"
+            )
 
 
 def stage_is_done(stage: Stage, workdir: Path) -> bool:
@@ -68,14 +85,14 @@ def stage_command(stage: Stage) -> list[str]:
     return command
 
 
-def write_marker(stage: Stage, workdir: Path, command: Sequence[str], seconds: float) -> None:
-    marker = stage.marker(workdir)
+def write_marker(stage: Stage, workdir: Path, state: str, command: Sequence[str], seconds: float | None = None) -> None:
+    marker = stage.marker(workdir, state)
     marker.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "stage": stage.name,
         "command": list(command),
-        "seconds": round(seconds, 1),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": None if seconds is None else round(seconds, 1),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "outputs": [str(path) for path in stage.outputs],
     }
     tmp = marker.with_suffix(".json.tmp")
@@ -87,6 +104,8 @@ def run_stages(
     stages: Sequence[Stage], workdir: Path, runner: Runner = run_subprocess, echo: Callable[[str], None] = print
 ) -> list[StageReport]:
     """Run the stages in order, skipping finished ones; stops at the first failure (UserError)."""
+    for stage in stages:  # before running anything: never mix two configurations in one workdir
+        check_same_settings(stage, workdir)
     reports: list[StageReport] = []
     for index, stage in enumerate(stages, start=1):
         prefix = f"[{index}/{len(stages)}] {stage.name}"
@@ -96,8 +115,9 @@ def run_stages(
             continue
         command = stage_command(stage)
         echo(f"{prefix}: running {' '.join(command)}")
+        write_marker(stage, workdir, "started", command)
         start = time.monotonic()
-        returncode = runner(command)
+        returncode = runner(command, dict(stage.env))
         seconds = time.monotonic() - start
         missing = [str(path) for path in stage.outputs if not path.exists()]
         if returncode != 0 or missing:
@@ -105,7 +125,7 @@ def run_stages(
             echo(f"{prefix}: FAILED after {seconds:.0f}s ({reason}); fix it and re-run to resume from here")
             reports.append(StageReport(stage.name, "failed", seconds, stage.outputs))
             raise UserError(f"pipeline stage {stage.name!r} failed ({reason}); command: {' '.join(command)}")
-        write_marker(stage, workdir, command, seconds)
+        write_marker(stage, workdir, "done", command, seconds)
         echo(f"{prefix}: done in {seconds:.0f}s")
         reports.append(StageReport(stage.name, "done", seconds, stage.outputs))
     return reports
@@ -120,16 +140,17 @@ class PipelineSize:
     """How big each stage is. `quick` fits 2 CPU cores in 30 minutes; `full` gives the reported results."""
 
     episodes_per_task: int
-    world_steps: int
-    policy_steps: int
-    mlp_steps: int
+    train_steps: dict[str, int]  # optimizer steps per model kind
     eval_episodes: int
+    checkpoint_every: int | None = None  # eval/save interval override for short runs (None: the config's)
     workers: int = 2
 
 
 SIZES = {
-    "quick": PipelineSize(episodes_per_task=10, world_steps=300, policy_steps=150, mlp_steps=300, eval_episodes=2),
-    "full": PipelineSize(episodes_per_task=100, world_steps=20000, policy_steps=5000, mlp_steps=10000, eval_episodes=20),
+    "quick": PipelineSize(episodes_per_task=10, train_steps={"world": 300, "policy": 150, "mlp": 300},
+                          eval_episodes=2, checkpoint_every=100),
+    "full": PipelineSize(episodes_per_task=100, train_steps={"world": 2000, "policy": 2000, "mlp": 3000},
+                         eval_episodes=20),
 }
 
 
@@ -163,75 +184,98 @@ class PipelinePaths:
     def repo_id(self, name: str) -> str:
         return f"{self.org}/dreaming-vla-{name}"
 
+    @property
+    def private_env(self) -> tuple[tuple[str, str], ...]:
+        """A datasets cache of this workdir's own. datasets 5.2 keys the Arrow cache of a local folder by the
+        folder's name and card, not its path or content, so two different `dataset/` folders would share one
+        stale cache entry; inside one workdir there is only ever one dataset."""
+        return (("HF_DATASETS_CACHE", str(self.workdir / ".cache" / "datasets")),)
 
-CONFIGS = {"world": "configs/world_model.yaml", "policy": "configs/vla_policy.yaml", "mlp": "configs/mlp_policy.yaml"}
-STEPS_KEY = "max_steps"  # the trainer's --set key for the number of optimisation steps
+
+CONFIGS = {"world": "configs/world_model.yaml", "policy": "configs/vla_minilm_cpu.yaml", "mlp": "configs/mlp_bc.yaml"}
 EXPORT_NAMES = {"world": "world-model", "policy": "vla-policy", "mlp": "mlp-policy"}
+POLICY_LABELS = {"policy": "vla", "mlp": "mlp"}  # policy names in the evaluation tables
 
 
 def console(script: str, *args: str | Path) -> tuple[str, ...]:
-    """Run a console script of this environment (next to our interpreter), so the venv is always used."""
+    """A console script of this environment (next to our interpreter), so the venv is always the one used."""
     return (str(Path(sys.executable).with_name(script)), *map(str, args))
 
 
-def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int = 0) -> list[Stage]:
-    steps = {"world": size.world_steps, "policy": size.policy_steps, "mlp": size.mlp_steps}
-    stages = [
+def data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
+    report = paths.raw / "generate_report.json"
+    return [
         Stage(
             "generate",
-            console("vla-generate", "--tasks", *tasks, "--episodes", str(size.episodes_per_task), "--out", paths.raw,
-                    "--workers", str(size.workers), "--seed", str(seed)),
-            (paths.raw,),
+            console("vla-generate", "--tasks", *tasks, "--episodes", size.episodes_per_task, "--out", paths.raw,
+                    "--workers", size.workers, "--seed", seed, "--max-attempts", 3 * size.episodes_per_task,
+                    "--report", report),
+            (report, *(paths.raw / task / "low_dim_generated.hdf5" for task in tasks)),
         ),
         Stage(
             "preprocess",
-            console("vla-preprocess", "--inputs", paths.raw, "--out", paths.dataset),
-            (paths.dataset / "normalization.json",),
+            console("vla-preprocess", "--inputs", paths.raw, "--out", paths.dataset, "--seed", seed, "--overwrite"),
+            (paths.dataset / "normalization.json", paths.dataset / "README.md"),
+            env=paths.private_env,
         ),
     ]
-    for model in ("world", "policy", "mlp"):
-        stages.append(
-            Stage(
-                f"train_{model}",
-                console("vla-train", "--model", model, "--config", CONFIGS[model], "--dataset", paths.dataset,
-                        "--output-dir", paths.train_dir(model), "--set", f"{STEPS_KEY}={steps[model]}",
-                        "--set", f"seed={seed}"),
-                (paths.best(model) / "config.json", paths.train_dir(model) / "train_summary.json"),
-                resume_dir=paths.train_dir(model),
-            )
-        )
-    for policy in ("policy", "mlp"):
-        stages.append(
-            Stage(
-                f"evaluate_{policy}",
-                console("vla-rollout", "--policy", paths.best(policy), "--world-model", paths.best("world"),
-                        "--tasks", *tasks, "--episodes", str(size.eval_episodes), "--env", "both",
-                        "--out", paths.eval_dir(policy)),
-                (paths.eval_dir(policy) / "summary.json",),
-            )
-        )
+
+
+def train_stage(model: str, paths: PipelinePaths, size: PipelineSize, seed: int) -> Stage:
+    overrides = [f"max_steps={size.train_steps[model]}", f"seed={seed}"]
+    if size.checkpoint_every is not None:
+        overrides += [f"eval_every={size.checkpoint_every}", f"save_every={size.checkpoint_every}"]
+    return Stage(
+        f"train_{model}",
+        console("vla-train", "--model", model, "--config", REPO_ROOT / CONFIGS[model], "--dataset", paths.dataset,
+                "--output-dir", paths.train_dir(model), "--set", *overrides),
+        (paths.best(model) / "config.json", paths.train_dir(model) / "train_summary.json"),
+        resume_dir=paths.train_dir(model),
+        env=paths.private_env,
+    )
+
+
+def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> Stage:
+    return Stage(
+        f"evaluate_{policy}",
+        console("vla-rollout", "--policy", paths.best(policy), "--world-model", paths.best("world"), "--tasks", *tasks,
+                "--episodes", size.eval_episodes, "--env", "both", "--out", paths.eval_dir(policy), "--seed", 1000 + seed,
+                "--workers", size.workers, "--name", POLICY_LABELS[policy], "--no-progress"),
+        (paths.eval_dir(policy) / "summary.json", paths.eval_dir(policy) / "summary.md"),
+        env=paths.private_env,
+    )
+
+
+def export_stages(paths: PipelinePaths) -> list[Stage]:
+    stages = []
     for model, name in EXPORT_NAMES.items():
         results = [paths.train_dir(model) / "train_summary.json"]
-        if model != "world":
-            results.append(paths.eval_dir(model) / "summary.json")
-        stages.append(
-            Stage(
-                f"export_{model}",
-                console("vla-export", "--model-dir", paths.best(model), "--repo-id", paths.repo_id(name),
-                        "--card-results", *results, "--dataset-repo-id", paths.repo_id("dataset"),
-                        "--out", paths.export_dir(name)),
-                (paths.export_dir(name) / "README.md",),
-            )
-        )
-    stages.append(
-        Stage(
-            "export_dataset",
-            console("vla-export", "--dataset-dir", paths.dataset, "--repo-id", paths.repo_id("dataset"),
-                    "--out", paths.export_dir("dataset")),
-            (paths.export_dir("dataset") / "README.md",),
-        )
-    )
+        # The world model's evaluation is the dream-vs-real agreement measured in both policies' rollouts.
+        results += [paths.eval_dir(policy) / "summary.json" for policy in POLICY_LABELS if model in (policy, "world")]
+        stages.append(Stage(
+            f"export_{model}",
+            console("vla-export", "--model-dir", paths.best(model), "--repo-id", paths.repo_id(name),
+                    "--card-results", *results, "--dataset-repo-id", paths.repo_id("dataset"),
+                    "--out", paths.export_dir(name)),
+            (paths.export_dir(name) / "README.md",),
+        ))
+    stages.append(Stage(
+        "export_dataset",
+        console("vla-export", "--dataset-dir", paths.dataset, "--repo-id", paths.repo_id("dataset"),
+                "--out", paths.export_dir("dataset")),
+        (paths.export_dir("dataset") / "README.md",),
+    ))
     return stages
+
+
+def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int = 0) -> list[Stage]:
+    """generate → preprocess → train world/VLA/MLP → evaluate both policies (dream + real) → export cards/repos."""
+    return [
+        *data_stages(paths, size, tasks, seed),
+        *(train_stage(model, paths, size, seed) for model in ("world", "policy", "mlp")),
+        *(evaluate_stage(policy, paths, size, tasks, seed) for policy in POLICY_LABELS),
+        *export_stages(paths),
+    ]
 
 
 def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_seconds: float) -> None:
@@ -240,8 +284,8 @@ def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_se
         print(f"  {report.name:<16} {report.status:<8} {report.seconds:7.0f}s  {', '.join(map(str, report.outputs))}")
     print(f"  total {total_seconds:.0f}s")
     print("results:")
-    for policy in ("policy", "mlp"):
-        print(f"  {policy:<6} evaluation: {paths.eval_dir(policy) / 'summary.md'}")
+    for policy, label in POLICY_LABELS.items():
+        print(f"  {label:<4} evaluation: {paths.eval_dir(policy) / 'summary.md'} (figures in {paths.eval_dir(policy) / 'figures'})")
     print("model cards / hub repos:")
     for name in (*EXPORT_NAMES.values(), "dataset"):
         print(f"  {paths.repo_id(name):<36} {paths.export_dir(name) / 'README.md'}")

@@ -82,8 +82,20 @@ class TrainConfig:
         if self.model not in MODEL_KINDS:
             raise UserError(f"{source}: model={self.model!r}, expected one of {list(MODEL_KINDS)}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            raise UserError(f"{source}: mixed_precision={self.mixed_precision!r}, expected one of {list(MIXED_PRECISION)}")
-        positive = ("batch_size", "grad_accum_steps", "lr", "max_steps", "eval_every", "save_every", "log_every", "keep_checkpoints", "max_grad_norm")
+            raise UserError(
+                f"{source}: mixed_precision={self.mixed_precision!r}, expected one of {list(MIXED_PRECISION)}"
+            )
+        positive = (
+            "batch_size",
+            "grad_accum_steps",
+            "lr",
+            "max_steps",
+            "eval_every",
+            "save_every",
+            "log_every",
+            "keep_checkpoints",
+            "max_grad_norm",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{source}: {name}={getattr(self, name)!r}, expected a positive number")
@@ -100,10 +112,14 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
+def _allowed_types(name: str) -> tuple[Any, ...]:
+    expected = _field_types()[name]
+    return typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Convert a YAML/CLI value to the type of TrainConfig.<name>; one-line error if it cannot be."""
-    expected = _field_types()[name]
-    allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    allowed = _allowed_types(name)
     if value is None and type(None) in allowed:
         return None
     for kind in allowed:
@@ -120,8 +136,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return str(value)
         if typing.get_origin(kind) is dict and isinstance(value, dict):
             return dict(value)
-    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise UserError(f"{source}: {name}={value!r} is not a valid {names}")
+    names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+    hint = " (quote it: YAML reads no/yes/on/off as booleans)" if isinstance(value, bool) and str in allowed else ""
+    raise UserError(f"{source}: {name}={value!r} is not a valid {names}{hint}")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), **explicit: Any) -> TrainConfig:
@@ -145,7 +162,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), **explic
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise UserError(f"{path}: expected a mapping of TrainConfig keys at the top level, got {type(loaded).__name__}")
+            raise UserError(
+                f"{path}: expected a mapping of TrainConfig keys at the top level, got {type(loaded).__name__}"
+            )
         values = dict(loaded)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in values:
@@ -162,7 +181,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), **explic
         if key.startswith("model_config."):
             values["model_config"][key.removeprefix("model_config.")] = value
         elif key in known:
-            values[key] = _coerce(key, raw if _field_types()[key] is str else value, f"--set {key}")
+            # String fields keep the text as typed (YAML would turn `mixed_precision=no` into False).
+            as_text = str in _allowed_types(key) and value is not None
+            values[key] = _coerce(key, raw if as_text else value, f"--set {key}")
         else:
             raise UserError(f"--set {key}: unknown key (expected one of {sorted(known)} or model_config.<field>)")
     for key, value in explicit.items():
@@ -195,7 +216,18 @@ class EpisodeTable:
 
     @classmethod
     def from_split(cls, split, name: str) -> EpisodeTable:
-        columns = ("episode", "step", "state", "state_mask", "action", "next_state", "success", "done", "instruction", "task")
+        columns = (
+            "episode",
+            "step",
+            "state",
+            "state_mask",
+            "action",
+            "next_state",
+            "success",
+            "done",
+            "instruction",
+            "task",
+        )
         missing = [c for c in columns if c not in split.column_names]
         if missing:
             raise UserError(f"{name}: missing columns {missing} (expected the docs/DESIGN.md dataset layout)")
@@ -211,7 +243,9 @@ class EpisodeTable:
         # Each row's window may not cross into the next episode: it ends where the episode id changes.
         change = np.flatnonzero(np.diff(episode)) + 1
         bounds = np.concatenate([change, [len(episode)]])
-        episode_end = np.repeat(bounds, np.diff(np.concatenate([[0], bounds]))) if len(episode) else np.zeros(0, np.int64)
+        episode_end = (
+            np.repeat(bounds, np.diff(np.concatenate([[0], bounds]))) if len(episode) else np.zeros(0, np.int64)
+        )
         return cls(
             state=take("state", np.float32),
             state_mask=take("state_mask", np.float32),
@@ -299,14 +333,15 @@ def load_training_data(dataset_dir: str | Path) -> TrainingData:
     path = Path(dataset_dir)
     if not path.is_dir():
         raise UserError(f"dataset directory {path} does not exist (expected a vla-preprocess output folder)")
+    # load_vla_dataset reads the shards into memory, bypassing datasets' name-keyed shared cache.
     splits = load_vla_dataset(path)
-    for name in ("train", "validation"):
-        if name not in splits:
-            raise UserError(f"dataset {path} has no {name!r} split (found {sorted(splits)})")
     train = EpisodeTable.from_split(splits["train"], f"{path} train split")
     validation = EpisodeTable.from_split(splits["validation"], f"{path} validation split")
+    del splits
     if len(train) == 0 or len(validation) == 0:
-        raise UserError(f"dataset {path}: train has {len(train)} rows and validation {len(validation)}; both must be non-empty")
+        raise UserError(
+            f"dataset {path}: train has {len(train)} rows and validation {len(validation)}; both must be non-empty"
+        )
     return TrainingData(
         train=train,
         validation=validation,
@@ -339,7 +374,10 @@ def normalization_mapping(norm) -> dict[str, Any]:
     """data_prep.preprocess.Normalization -> the normalization.json shape that config.set_normalization reads."""
     return {
         "state_layout": norm.state_layout,
-        **{part: {"mean": stats.mean.tolist(), "std": stats.std.tolist()} for part, stats in (("state", norm.state), ("action", norm.action))},
+        **{
+            part: {"mean": stats.mean.tolist(), "std": stats.std.tolist()}
+            for part, stats in (("state", norm.state), ("action", norm.action))
+        },
     }
 
 
@@ -359,7 +397,9 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     except (ValueError, TypeError) as err:
         raise UserError(f"{source}: model_config: {err}") from None
     if config.state_dim != data.state_dim:
-        raise UserError(f"dataset {cfg.dataset} has state width {data.state_dim} but model config state_dim={config.state_dim}")
+        raise UserError(
+            f"dataset {cfg.dataset} has state width {data.state_dim} but model config state_dim={config.state_dim}"
+        )
     try:
         config.set_normalization(normalization_mapping(data.normalization), source=f"{cfg.dataset}/normalization.json")
     except ValueError as err:
@@ -408,6 +448,9 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # save_state has no barrier of its own: without this, rank 0 could rename the folder before
+    # the other ranks have written their RNG states into it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         replace_dir(tmp, final)
@@ -454,6 +497,37 @@ class TrainerState:
     last_train_loss: float | None = None
 
 
+@dataclass
+class LogWindow:
+    """Running sums between two log lines: mean training loss/metrics and throughput.
+
+    Time spent evaluating or checkpointing is excluded so samples/s measures training alone.
+    """
+
+    batches: int = 0
+    samples: int = 0
+    loss: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    excluded_s: float = 0.0
+
+    def add(self, loss: float, metrics: dict[str, float] | None, samples: int) -> None:
+        self.batches, self.samples, self.loss = self.batches + 1, self.samples + samples, self.loss + loss
+        for key, value in (metrics or {}).items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
+
+    def seconds(self) -> float:
+        return max(time.time() - self.started - self.excluded_s, 1e-9)
+
+    def logs(self) -> dict[str, float]:
+        n = max(self.batches, 1)
+        return {
+            "train/loss": self.loss / n,
+            **{f"train/{k}": v / n for k, v in self.metrics.items() if k != "loss"},
+            "train/samples_per_s": self.samples / self.seconds(),
+        }
+
+
 def fresh_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -494,10 +568,20 @@ def evaluate(accelerator, model, loader, max_batches: int | None) -> dict[str, f
     return {k: v / count for k, v in totals.items()} if count else {}
 
 
+def norm_value(norm) -> float:
+    """clip_grad_norm_ gives a tensor, a DTensor under FSDP2, or None under DeepSpeed (which clips itself)."""
+    if norm is None:
+        return float("nan")
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def scalar_hparams(cfg: TrainConfig) -> dict[str, Any]:
     """TensorBoard's hparams take scalars only: flatten model_config and stringify the rest."""
     flat: dict[str, Any] = {}
-    for key, value in {**dataclasses.asdict(cfg), **{f"model_config.{k}": v for k, v in cfg.model_config.items()}}.items():
+    for key, value in {
+        **dataclasses.asdict(cfg),
+        **{f"model_config.{k}": v for k, v in cfg.model_config.items()},
+    }.items():
         if key == "model_config":
             continue
         flat[key] = value if isinstance(value, int | float | str | bool) else str(value)
@@ -514,7 +598,9 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
     output_dir = Path(cfg.output_dir)
     checkpoints = list_checkpoints(output_dir)
     if checkpoints and not resume:
-        raise UserError(f"{output_dir} already has checkpoints ({checkpoints[-1].name}); pass --resume to continue or use another --output-dir")
+        raise UserError(
+            f"{output_dir} already has checkpoints ({checkpoints[-1].name}); pass --resume to continue or use another --output-dir"
+        )
 
     data = load_training_data(cfg.dataset)
     accelerator = fresh_accelerator(cfg)
@@ -522,12 +608,16 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
     model, horizon = build_model(cfg, data, source)
     total_params, trainable_params = count_parameters(model)
     if len(data.train) < cfg.batch_size:
-        raise UserError(f"{source}: batch_size={cfg.batch_size} is larger than the {len(data.train)} training windows in {cfg.dataset}")
+        raise UserError(
+            f"{source}: batch_size={cfg.batch_size} is larger than the {len(data.train)} training windows in {cfg.dataset}"
+        )
 
     train_loader = make_loader(data.train, horizon, cfg, shuffle=True)
     val_loader = make_loader(data.validation, horizon, cfg, shuffle=False)
     # Only trainable parameters: with LoRA the frozen backbone needs no optimizer state.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     # Stepped once per optimizer step by us (not prepared), so warmup/max_steps mean optimizer steps on any number of GPUs.
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -537,13 +627,16 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
     if resume and checkpoints:
         accelerator.load_state(str(checkpoints[-1]))
         state = TrainerState(**json.loads((checkpoints[-1] / TRAINER_STATE).read_text()))
-        accelerator.print(f"resumed from {checkpoints[-1]} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+        accelerator.print(
+            f"resumed from {checkpoints[-1]} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})"
+        )
     elif resume:
         accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting from step 0")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*output_dir.glob(".tmp-*"), *(output_dir / "checkpoints").glob(".tmp-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save
+        for folder in (output_dir, output_dir / "checkpoints"):
+            for stale in [*folder.glob(".tmp-*"), *folder.glob(".old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save
     accelerator.init_trackers("logs", config=scalar_hparams(cfg))
     accelerator.print(
         f"training {cfg.model}: {total_params:,} parameters ({trainable_params:,} trainable), "
@@ -551,10 +644,13 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
     )
 
     batch_samples = cfg.batch_size * accelerator.num_processes
-    progress = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {cfg.model}", disable=not accelerator.is_local_main_process)
-    window_loss, window_metrics, window_batches, window_samples = 0.0, {}, 0, 0
-    window_start = time.time()
-    train_seconds, train_samples = 0.0, 0
+    progress = tqdm(
+        total=cfg.max_steps,
+        initial=state.step,
+        desc=f"train {cfg.model}",
+        disable=not accelerator.is_local_main_process,
+    )
+    window, run = LogWindow(), LogWindow()  # since the last log line / since this process started
     last_val: dict[str, float] = {}
     stop = state.step >= cfg.max_steps
     model.train()
@@ -572,9 +668,12 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
 
     while not stop:
         train_loader.set_epoch(state.epoch)  # accelerate passes it on to EpochShuffleSampler
-        epoch_loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+        epoch_loader = (
+            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            if state.batches_in_epoch
+            else train_loader
+        )
         for batch in epoch_loader:
-            tick = time.time()
             with accelerator.accumulate(model):
                 out = model(**batch)
                 accelerator.backward(out.loss)
@@ -583,13 +682,9 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
-            window_loss += out.loss.detach().float().item()
-            for key, value in (out.metrics or {}).items():
-                window_metrics[key] = window_metrics.get(key, 0.0) + float(value)
-            window_batches += 1
-            window_samples += batch_samples
-            train_samples += batch_samples
-            train_seconds += time.time() - tick
+            loss = out.loss.detach().float().item()
+            window.add(loss, out.metrics, batch_samples)
+            run.add(loss, None, batch_samples)
             if not accelerator.sync_gradients:
                 continue
 
@@ -597,29 +692,32 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
             scheduler.step()
             progress.update(1)
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                elapsed = max(time.time() - window_start, 1e-9)
                 logs = {
-                    "train/loss": window_loss / window_batches,
-                    **{f"train/{k}": v / window_batches for k, v in window_metrics.items()},
+                    **window.logs(),
                     "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
-                    "train/samples_per_s": window_samples / elapsed,
+                    "train/grad_norm": norm_value(grad_norm),
                 }
                 accelerator.log(logs, step=state.step)
                 if state.first_train_loss is None:
                     state.first_train_loss = logs["train/loss"]
                 state.last_train_loss = logs["train/loss"]
                 progress.set_postfix(loss=f"{logs['train/loss']:.4g}", lr=f"{logs['train/lr']:.2e}")
-                window_loss, window_metrics, window_batches, window_samples = 0.0, {}, 0, 0
-                window_start = time.time()
+                window = LogWindow()
+            pause = time.time()
             if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
                 run_evaluation()
             if state.step % cfg.save_every == 0:
                 save_checkpoint(accelerator, output_dir, dataclasses.asdict(state), cfg.keep_checkpoints)
-            patience_out = cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience
+            window.excluded_s += time.time() - pause
+            run.excluded_s += time.time() - pause
+            patience_out = (
+                cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience
+            )
             if state.step >= cfg.max_steps or patience_out:
                 if patience_out:
-                    accelerator.print(f"early stopping at step {state.step}: no new best in {state.evals_since_best} evaluations")
+                    accelerator.print(
+                        f"early stopping at step {state.step}: no new best in {state.evals_since_best} evaluations"
+                    )
                 stop = True
                 break
         else:
@@ -640,7 +738,7 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
         "last_train_loss": state.last_train_loss,
         "best_val_loss": state.best_val_loss,
         "final_val": last_val,
-        "train_samples_per_s": train_samples / train_seconds if train_seconds else None,
+        "train_samples_per_s": run.logs()["train/samples_per_s"] if run.batches else None,
         "params_total": total_params,
         "params_trainable": trainable_params,
         "wall_time_s": time.time() - started,
@@ -654,7 +752,9 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
     if accelerator.is_main_process:
         write_json_atomically(output_dir / "train_summary.json", summary)
     accelerator.end_training()
-    accelerator.print(f"done: {state.step} steps, best val loss {state.best_val_loss}, models in {output_dir}/best and /final")
+    accelerator.print(
+        f"done: {state.step} steps, best val loss {state.best_val_loss}, models in {output_dir}/best and /final"
+    )
     return summary
 
 
@@ -664,12 +764,23 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
 def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vla-train", description=__doc__.split("\n\n")[0])
     if model is None:
-        parser.add_argument("--model", choices=MODEL_KINDS, default=None, help="which model to train (default: the config's `model`)")
+        parser.add_argument(
+            "--model", choices=MODEL_KINDS, default=None, help="which model to train (default: the config's `model`)"
+        )
     parser.add_argument("--config", required=True, help="YAML file with TrainConfig keys (see configs/)")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="override config keys; model_config.<field>=... for the model")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys; model_config.<field>=... for the model",
+    )
     parser.add_argument("--dataset", default=None, help="dataset repo folder (overrides the config)")
     parser.add_argument("--output-dir", default=None, help="output folder (overrides the config)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in the output folder"
+    )
     args = parser.parse_args(argv)
     if model is not None:
         args.model = model

@@ -4,8 +4,8 @@
     python benchmarks/gpu_reference.py --tiny               # CPU smoke test of the same code path (seconds)
 
 Measures, with random weights (speed and memory do not depend on the values):
-* VLA policy = Meta-Llama-3-8B-shaped backbone (bf16, built directly on the GPU) + LoRA r=32 on q/v +
-  gradient checkpointing + state tokens + action-chunk head (`modeling_vla.VLAPolicy`):
+* VLA policy = Meta-Llama-3-8B-shaped backbone (bf16, built directly on the GPU) + the LoRA / head settings of
+  configs/vla_llama3_8b_lora.yaml (r=32 on q/k/v/o) + gradient checkpointing (`modeling_vla.VLAPolicy`):
   peak GPU memory, training samples/s and tokens/s at an effective batch of 128 (the largest micro-batch
   that fits, with gradient accumulation up to 128), and predict_actions latency at batch 1;
 * world model (`modeling_vla.WorldModel`, default config): imagined steps/s for 65,536 parallel dreams.
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
@@ -54,6 +55,7 @@ LLAMA3_8B = {
     "hidden_act": "silu",
     "tie_word_embeddings": False,
 }
+REFERENCE_CONFIG = REPO_ROOT / "configs" / "vla_llama3_8b_lora.yaml"
 # Same architecture family, small enough for a CPU test.
 LLAMA_TINY = {**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256}
@@ -62,9 +64,7 @@ LLAMA_TINY = {**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 128, "num_hid
 @dataclass
 class Settings:
     backbone: dict[str, Any] = field(default_factory=lambda: dict(LLAMA3_8B))
-    dtype: str = "bfloat16"
-    lora_r: int = 32
-    lora_alpha: float = 64.0
+    model_config: dict[str, Any] = field(default_factory=dict)  # VLAConfig fields (LoRA, head, dtype)
     batch_size: int = 128  # effective batch of one optimizer step
     train_warmup_steps: int = 2
     train_steps: int = 5  # timed optimizer steps
@@ -138,21 +138,32 @@ def write_backbone_folder(folder: Path, backbone: dict[str, Any]) -> Path:
     return folder
 
 
+def reference_model_config(path: Path) -> dict[str, Any]:
+    """The `model_config` block of a trainer YAML (the reference VLA's LoRA rank, targets, head, dtype)."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (expected a trainer YAML with a model_config block)")
+    model_config = (yaml.safe_load(path.read_text()) or {}).get("model_config")
+    if not isinstance(model_config, dict):
+        raise UserError(f"{path}: expected a `model_config` mapping of VLAConfig fields")
+    return model_config
+
+
 def build_policy(settings: Settings, folder: Path, device: torch.device):
-    """VLAPolicy with random backbone weights created directly on `device` in `settings.dtype`."""
+    """VLAPolicy with random backbone weights created directly on `device` in the config's backbone_dtype."""
     from transformers import AutoConfig
 
     from configuration_vla import VLAConfig
     from modeling_vla import VLAPolicy
 
-    config = VLAConfig(
+    fields = dict(settings.model_config)
+    # Enabled on the built model below, as the trainer's `gradient_checkpointing: true` does.
+    fields.pop("gradient_checkpointing", None)
+    fields.update(
         backbone=str(folder),
         # Setting backbone_config makes load_backbone build random weights (from_config) instead of loading.
         backbone_config=AutoConfig.from_pretrained(folder).to_dict(),
-        backbone_dtype=settings.dtype,
-        lora_r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
     )
+    config = VLAConfig(**fields)
     # Under a device context every parameter is allocated on the GPU at creation: no CPU fp32 copy of 8B weights.
     with torch.device(device):
         policy = VLAPolicy(config)
@@ -195,6 +206,20 @@ def is_out_of_memory(err: BaseException) -> bool:
 # ----------------------------------------------------------------------------- measurements
 
 
+def time_optimizer_steps(policy, optimizer, batches: list[dict[str, Any]], settings: Settings, device: torch.device) -> float:
+    """Seconds for `train_steps` optimizer steps, each accumulating gradients over all of `batches`."""
+
+    def optimizer_step() -> None:
+        for batch in batches:
+            (policy(**batch).loss / len(batches)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(settings.train_warmup_steps):
+        optimizer_step()
+    return timed(lambda: [optimizer_step() for _ in range(settings.train_steps)], device)
+
+
 def measure_training(policy, settings: Settings, device: torch.device) -> dict[str, Any]:
     """Optimizer steps of `batch_size` samples: the largest power-of-two micro-batch that fits, accumulated."""
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
@@ -202,29 +227,20 @@ def measure_training(policy, settings: Settings, device: torch.device) -> dict[s
     chunk = policy.config.chunk_size
     micro = settings.batch_size
     while True:
+        batches = [policy_batch(micro, chunk, device, generator) for _ in range(settings.batch_size // micro)]
+        reset_peak(device)
         try:
-            accumulation = settings.batch_size // micro
-            batches = [policy_batch(micro, chunk, device, generator) for _ in range(accumulation)]
-
-            def optimizer_step() -> None:
-                for batch in batches:
-                    (policy(**batch).loss / accumulation).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            reset_peak(device)
-            for _ in range(settings.train_warmup_steps):
-                optimizer_step()
-            seconds = timed(lambda: [optimizer_step() for _ in range(settings.train_steps)], device)
+            seconds = time_optimizer_steps(policy, optimizer, batches, settings, device)
             break
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not is_out_of_memory(err) or micro == 1:
                 raise
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            micro //= 2
-            print(f"micro-batch {micro * 2} does not fit; trying {micro}", file=sys.stderr)
+        del batches
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        micro //= 2
+        print(f"micro-batch {micro * 2} does not fit; trying {micro}", file=sys.stderr)
     ids, _ = policy._instruction_ids(batches[0]["instruction"], device)
     tokens_per_sample = ids.shape[1] + policy.config.num_state_tokens  # padded instruction + state tokens
     samples_per_s = settings.batch_size * settings.train_steps / seconds
@@ -334,7 +350,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 ROWS = [
     ("VLA parameters (total / trainable)", lambda r: f"{count(r['params_total'])} / {count(r['params_trainable'])}"),
-    ("GPU memory after building the model", lambda r: gib(r["weights_gpu_gib"])),
+    ("peak GPU memory while building the model", lambda r: gib(r["weights_gpu_gib"])),
     ("peak GPU memory, training", lambda r: gib(r["train_peak_gpu_gib"])),
     ("micro-batch x accumulation", lambda r: f"{r['micro_batch']} x {r['grad_accumulation']}"),
     ("training samples/s", lambda r: f"{r['train_samples_per_s']:.1f}"),
@@ -376,6 +392,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda, or cpu with --tiny)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: runs/benchmarks/gpu_reference[_tiny].json)")
+    parser.add_argument("--config", type=Path, default=REFERENCE_CONFIG,
+                        help="trainer YAML whose model_config sets LoRA and head (default: the 8B reference)")
     parser.add_argument("--batch-size", type=int, default=None, help="effective training batch (default 128)")
     parser.add_argument("--dreams", type=int, default=None, help="parallel world-model rollouts (default 65536)")
     return parser.parse_args(argv)
@@ -386,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def run() -> dict[str, Any]:
         settings = Settings.tiny() if args.tiny else Settings()
+        settings.model_config = reference_model_config(args.config)
         if args.batch_size is not None:
             if args.batch_size < 1 or args.batch_size & (args.batch_size - 1):
                 raise UserError(f"--batch-size {args.batch_size}: expected a power of two (micro-batches halve it)")

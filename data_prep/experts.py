@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import robosuite.utils.transform_utils as T
+from scipy.spatial.transform import Rotation
 
 from data_prep.errors import UserError
 
@@ -35,6 +35,7 @@ GRIPPER_DOWN = np.diag([1.0, -1.0, -1.0])
 # Gripper yaws the Panda wrist reaches comfortably (joint 7 starts at 0.785 rad of its +-2.9 rad range).
 WRIST_YAW_RANGE = (-1.6, 2.4)
 FINGER_STILL_SPEED = 0.01  # m/s, rate of change of the finger gap
+SETTLE_MIN_STEPS = 4  # steps the fingers get to start moving
 SETTLE_TIMEOUT = 15  # steps; fingers count as settled after this long anyway
 MAX_YAW_STEP = 0.8  # rad
 PHASE_TIMEOUT = 80  # steps; a phase that takes longer restarts the script
@@ -141,7 +142,7 @@ class ScriptedExpert:
     # ----- internals ----------------------------------------------------------------------------
     def _read_robot(self, obs: Mapping[str, np.ndarray]) -> None:
         self.eef_pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
-        self.eef_rot = T.quat2mat(np.asarray(obs["robot0_eef_quat"], dtype=np.float64))
+        self.eef_rot = Rotation.from_quat(obs["robot0_eef_quat"]).as_matrix()  # robosuite quats are xyzw, as scipy
         self.eef_yaw = yaw_of(self.eef_rot)
         self.finger_gap = float(obs["robot0_gripper_qpos"][0] - obs["robot0_gripper_qpos"][1])
         # The gap's rate of change (not each finger's speed, which also jitters as the hand moves).
@@ -172,7 +173,7 @@ class ScriptedExpert:
         reached = (
             np.linalg.norm(goal.pos - self.eef_pos) < goal.tol
             and abs(wrap_angle(goal.yaw - self.eef_yaw)) < goal.yaw_tol
-            and (self.fingers_still or not goal.settle or self.steps_in_phase >= SETTLE_TIMEOUT)
+            and (not goal.settle or self._fingers_settled())
         )
         self.reached_steps = self.reached_steps + 1 if reached else 0
         last = self.phase_index == len(self.phase_list) - 1
@@ -184,12 +185,18 @@ class ScriptedExpert:
             return self.phase_list[0].goal()
         return goal
 
+    def _fingers_settled(self) -> bool:
+        # The fingers are still for a moment after the command changes, before they start moving.
+        if self.steps_in_phase < SETTLE_MIN_STEPS:
+            return False
+        return self.fingers_still or self.steps_in_phase >= SETTLE_TIMEOUT
+
     def _servo(self, goal: Goal) -> np.ndarray:
         pos = np.clip(POS_GAIN * (goal.pos - self.eef_pos), -goal.speed, goal.speed)
         # Turn at most MAX_YAW_STEP toward the goal yaw so that large turns go the intended way round.
         yaw = self.eef_yaw + np.clip(goal.yaw - self.eef_yaw, -MAX_YAW_STEP, MAX_YAW_STEP)
-        desired = T.rotation_matrix(yaw, [0, 0, 1])[:3, :3] @ GRIPPER_DOWN
-        rot_error = T.quat2axisangle(T.mat2quat(desired @ self.eef_rot.T))
+        desired = Rotation.from_euler("z", yaw).as_matrix() @ GRIPPER_DOWN
+        rot_error = Rotation.from_matrix(desired @ self.eef_rot.T).as_rotvec()  # world-frame axis-angle
         rot = np.clip(ROT_GAIN * rot_error, -1.0, 1.0)
         action = np.concatenate([pos, rot, [goal.gripper]])
         action[:6] += self.noise * self.rng.standard_normal(6)
@@ -229,7 +236,10 @@ class CanExpert(ScriptedExpert):
     """PickPlaceCan: grasp the can from above, carry it over the wall, drop it into its bin quadrant."""
 
     task = "can"
-    carry_z = 1.05  # gripper height while carrying: can bottom clears the 0.9 m bin walls
+    carry_z = 0.99  # gripper height while carrying: the can's bottom clears the 0.9 m bin walls
+    # The target quadrant's centre is beyond the arm's reach at carrying height: aim for its
+    # corner nearest the robot, still ~2 cm inside the walls for the 3.3 cm-radius can.
+    place_offset = np.array([-0.035, -0.055, 0.0])
 
     def can_id(self) -> int:
         return self.env.obj_body_id["Can"]
@@ -238,7 +248,8 @@ class CanExpert(ScriptedExpert):
         return self.body_pos(self.can_id())
 
     def target(self) -> np.ndarray:
-        return np.array(self.env.target_bin_placements[self.env.object_to_id["can"]])
+        """Bin-floor point under the gripper's drop position."""
+        return np.array(self.env.target_bin_placements[self.env.object_to_id["can"]]) + self.place_offset
 
     def phases(self) -> list[Phase]:
         yaw = 0.0  # the can is round; keep the default heading
@@ -261,7 +272,8 @@ class CanExpert(ScriptedExpert):
             return Goal(target, yaw, GRIPPER_CLOSED, tol=0.02, yaw_tol=0.3, carrying=True)
 
         def lower() -> Goal:
-            target = np.array([*self.target()[:2], self.target()[2] + 0.1])
+            # Release once the can is below the wall tops; it drops the last few centimetres.
+            target = np.array([*self.target()[:2], self.target()[2] + 0.13])
             return Goal(target, yaw, GRIPPER_CLOSED, tol=0.015, yaw_tol=0.3, carrying=True)
 
         def release() -> Goal:

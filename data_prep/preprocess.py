@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset as HFDataset
-from datasets import DatasetDict, Features, List, Value, load_dataset
+from datasets import DatasetDict, DatasetInfo, Features, List, Value, load_dataset
 from huggingface_hub import DatasetCard, DatasetCardData
 from tqdm.auto import tqdm
 
@@ -430,9 +430,26 @@ def preprocess(
 
 
 def load_vla_dataset(path: str | os.PathLike, cache_dir: str | None = None) -> DatasetDict:
-    """Load a repo written by `vla-preprocess` (train + validation) after checking its state layout."""
+    """Load a repo written by `vla-preprocess` (train + validation) after checking its state layout.
+
+    The Parquet shards are read straight into memory-backed Arrow tables: `datasets`' shared cache
+    keys folders by name, so two different repos called "ds" (or one rewritten with --overwrite)
+    could otherwise come back as each other. `datasets.load_dataset(path)` remains the public way in.
+    With `cache_dir`, the documented `load_dataset` route is taken instead.
+    """
     load_normalization(path)
-    return load_dataset(str(path), cache_dir=cache_dir)
+    if cache_dir is not None:
+        return load_dataset(str(path), cache_dir=cache_dir)
+    import pyarrow.parquet as pq
+
+    splits = {}
+    for split in SPLITS:
+        files = sorted((Path(path) / "data").glob(f"{split}-*.parquet"))
+        if not files:
+            raise UserError(f"{path}: no data/{split}-*.parquet shards; expected a folder written by vla-preprocess")
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        splits[split] = HFDataset(table.cast(FEATURES.arrow_schema), info=DatasetInfo(features=FEATURES))
+    return DatasetDict(splits)
 
 
 def main(argv: list[str] | None = None) -> None:

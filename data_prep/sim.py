@@ -21,10 +21,20 @@ CONTROL_FREQ = 20
 ROBOMIMIC_ENV_TYPE = 1  # robomimic.envs.env_base.EnvType.ROBOSUITE_TYPE
 
 
+class _OnlyErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def quiet_robosuite() -> None:
-    """robosuite logs a warning per optional dependency at import and INFO per controller load."""
-    for name in ("robosuite", "robosuite_logs"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """Drop robosuite's warnings about optional packages (at import) and INFO lines per controller load.
+
+    A filter on its logger, rather than a level, because robosuite resets the level when imported;
+    call this before the first `import robosuite` to silence the import-time warnings too.
+    """
+    logger = logging.getLogger("robosuite_logs")
+    if not any(isinstance(f, _OnlyErrors) for f in logger.filters):
+        logger.addFilter(_OnlyErrors())
 
 
 def standard_env_kwargs(task: str) -> dict[str, Any]:

@@ -7,6 +7,10 @@ State vector (STATE_DIM = 23), identical for every task so one model serves all 
 Lift's "object" observation is 10-D (cube pos, cube quat, gripper-to-cube pos); Can's and
 Square's are 14-D (pos, quat, object-to-eef pos, object-to-eef quat). Narrower object vectors
 are zero-padded on the right and `state_mask` marks the real entries (1) vs padding (0).
+
+The object block always follows robomimic's order (position first). robosuite 1.5 concatenates
+its "object-state" for Can and Square relative-pose first, so a live observation is rebuilt from
+the named per-object keys (`TaskSpec.object_keys`) rather than copied from "object-state".
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class TaskSpec:
     object_dim: int  # width of the unpadded "object" observation
     horizon: int  # max control steps of one episode (robomimic's eval horizon)
     robomimic_name: str  # folder name in robomimic's published datasets
+    object_keys: tuple[str, ...]  # robosuite observation keys making up robomimic's "object", in order
 
     @property
     def instruction(self) -> str:
@@ -47,9 +52,15 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "lift": TaskSpec("lift", "Lift", 10, 400, "lift"),
-    "can": TaskSpec("can", "PickPlaceCan", 14, 400, "can"),
-    "square": TaskSpec("square", "NutAssemblySquare", 14, 400, "square"),
+    "lift": TaskSpec("lift", "Lift", 10, 400, "lift", ("cube_pos", "cube_quat", "gripper_to_cube_pos")),
+    "can": TaskSpec(
+        "can", "PickPlaceCan", 14, 400, "can",
+        ("Can_pos", "Can_quat", "Can_to_robot0_eef_pos", "Can_to_robot0_eef_quat"),
+    ),
+    "square": TaskSpec(
+        "square", "NutAssemblySquare", 14, 400, "square",
+        ("SquareNut_pos", "SquareNut_quat", "SquareNut_to_robot0_eef_pos", "SquareNut_to_robot0_eef_quat"),
+    ),
 }
 ENV_TO_TASK = {spec.env_name: name for name, spec in TASKS.items()}
 
@@ -72,17 +83,28 @@ def instructions_for(task: str, split: str) -> list[str]:
     return list(load_instructions()[task][split])
 
 
+def object_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs") -> np.ndarray:
+    """robomimic's "object" vector: the stored one if present, else rebuilt from robosuite's named keys."""
+    if OBJECT_KEY in obs:
+        return np.asarray(obs[OBJECT_KEY], dtype=np.float32)
+    spec = get_task(task)
+    missing = [key for key in spec.object_keys if key not in obs]
+    if missing:
+        raise UserError(f"{source}: missing observation key {OBJECT_KEY!r} (or robosuite keys {missing})")
+    return np.concatenate([np.asarray(obs[key], dtype=np.float32) for key in spec.object_keys], axis=-1)
+
+
 def state_from_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs") -> tuple[np.ndarray, np.ndarray]:
     """Build (state, mask) in the shared layout from one observation dict or a batch of them.
 
     Works on single steps ([D]) and whole episodes ([T, D]). `obs` may be a robomimic HDF5 obs
-    group or a robosuite observation dict (whose "object-state" is robomimic's "object").
+    group or a robosuite observation dict (see `object_obs` for the object block).
     `source` names where obs came from, for error messages.
     """
     spec = get_task(task)
     parts = []
     for key, dim in zip(STATE_KEYS, (*ROBOT_DIMS, spec.object_dim), strict=True):
-        value = obs.get(key) if key in obs else (obs.get("object-state") if key == OBJECT_KEY else None)
+        value = object_obs(obs, task, source) if key == OBJECT_KEY else obs.get(key)
         if value is None:
             raise UserError(f"{source}: missing observation key {key!r} (expected keys {list(STATE_KEYS)})")
         value = np.asarray(value, dtype=np.float32)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--done-threshold", type=float, default=0.5, help="dream ends when p_done exceeds it")
     p.add_argument("--video", action="store_true", help="MP4 of real rollouts (offscreen MuJoCo; MUJOCO_GL=egl|osmesa)")
     p.add_argument("--video-episodes", type=int, default=2, help="filmed real episodes per task")
+    p.add_argument("--video-camera", default="agentview", help="robosuite camera (agentview, frontview, birdview...)")
     p.add_argument("--device", default="cpu", help="torch device for the models")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)
@@ -134,12 +136,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise UserError(f"--env {args.env} needs --world-model DIR (a saved WorldModel folder)")
         world_model_dir = args.world_model
         world_config = read_model_config(world_model_dir, "--world-model")
-        check_model_config(world_config, world_model_dir, "--world-model", (WORLD_MODEL_TYPE,), tasks)
         if policy_dir is not None and world_config.get("state_layout") != config.get("state_layout"):
             raise UserError(
-                f"--world-model state_layout {world_config.get('state_layout')!r} differs from "
-                f"--policy state_layout {config.get('state_layout')!r}"
+                f"--world-model {world_model_dir}: state_layout {world_config.get('state_layout')!r} differs from "
+                f"--policy {policy_dir}: state_layout {config.get('state_layout')!r}; both must be trained on one dataset layout"
             )
+        check_model_config(world_config, world_model_dir, "--world-model", (WORLD_MODEL_TYPE,), tasks)
     if args.dataset is not None:
         from data_prep.preprocess import load_normalization
 
@@ -203,50 +205,71 @@ def dream_starts(args: argparse.Namespace, task: str, real: list[EpisodeRecord] 
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate(args: argparse.Namespace) -> Path:
-    """Run every (task, env) of the plan and write the results folder; returns its path."""
+def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[EpisodeRecord], list[str]]:
+    """Run every (task, env) of a checked plan; videos go under `folder`. Returns records and notes."""
     import torch
 
-    from data_prep.preprocess import replace_dir
-    from evaluation.report import write_summary
-
-    plan = make_plan(args)
     torch.manual_seed(args.seed)
     model = load_model(plan.policy_dir, "--policy", args.device) if plan.policy_dir else None
     world_model = load_model(plan.world_model_dir, "--world-model", args.device) if plan.world_model_dir else None
     execution = ChunkExecution(args.chunk_mode, args.execute, args.ensemble_decay)
-    out = Path(args.out)
+    records: list[EpisodeRecord] = []
+    messages: list[str] = []
+    for task in plan.tasks:
+        horizon = args.horizon or get_task(task).horizon
+        instruction = args.instruction or get_task(task).instruction
+        real: list[EpisodeRecord] | None = None
+        for kind in plan.envs:
+            if kind == "real":
+                video = VideoSpec(folder / "videos", args.video_episodes, plan.policy_name, args.video_camera) if args.video else None
+                with RobosuiteEnv(task, workers=args.workers, video=video) as env:
+                    policy: Policy = ExpertPolicy(env) if model is None else ChunkPolicy(model, plan.policy_name, execution)
+                    starts = seeded_starts(args.seed, args.episodes)
+                    real = rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
+                    messages += [f"{plan.policy_name} {task}: {m}" for m in env.finish()]
+                records += real
+            else:
+                starts = dream_starts(args, task, real)
+                if not starts:
+                    messages.append(f"{plan.policy_name} {task}: no dreams (every real episode failed before its first state)")
+                    continue
+                env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold)
+                policy = ChunkPolicy(model, plan.policy_name, execution)
+                records += rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
+    if args.video and "real" not in plan.envs:
+        messages.append("video skipped: videos are filmed from real rollouts (use --env real or both)")
+    return records, messages
+
+
+def write_results(out: Path, produce: Callable[[Path], str]) -> tuple[Path, str]:
+    """Build a results folder in a temp dir with `produce(tmp) -> markdown`, then swap it in atomically."""
+    from data_prep.preprocess import replace_dir
+
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    records: list[EpisodeRecord] = []
-    messages: list[str] = []
     try:
-        for task in plan.tasks:
-            horizon = args.horizon or get_task(task).horizon
-            instruction = args.instruction or get_task(task).instruction
-            real: list[EpisodeRecord] | None = None
-            for kind in plan.envs:
-                if kind == "real":
-                    video = VideoSpec(tmp / "videos", args.video_episodes, plan.policy_name) if args.video else None
-                    with RobosuiteEnv(task, workers=args.workers, video=video) as env:
-                        policy: Policy = ExpertPolicy(env) if model is None else ChunkPolicy(model, plan.policy_name, execution)
-                        starts = seeded_starts(args.seed, args.episodes)
-                        real = rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
-                        messages += [f"{task}: {m}" for m in env.finish()]
-                    records += real
-                else:
-                    starts = dream_starts(args, task, real)
-                    env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold)
-                    policy = ChunkPolicy(model, plan.policy_name, execution)
-                    records += rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
-        if args.video and "real" not in plan.envs:
-            messages.append("video skipped: videos are filmed from real rollouts (use --env real or both)")
-        write_episodes(records, tmp)
-        markdown = write_summary(records, tmp, settings_of(args, plan), messages)
+        markdown = produce(tmp)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out, markdown
+
+
+def evaluate(args: argparse.Namespace) -> Path:
+    """Check everything, run every (task, env) of the plan, write the results folder; returns its path."""
+    from evaluation.report import write_summary
+
+    plan = make_plan(args)
+    messages: list[str] = []
+
+    def produce(tmp: Path) -> str:
+        records, notes = play(args, plan, tmp)
+        messages.extend(notes)
+        write_episodes(records, tmp)
+        return write_summary(records, tmp, settings_of(args, plan), messages)
+
+    out, markdown = write_results(Path(args.out), produce)
     print(markdown)
     for message in messages:
         print(message)

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.tasks import ACTION_DIM, STATE_DIM, get_task, state_from_obs
+from data_prep.tasks import ACTION_DIM, OBJECT_DIM, STATE_DIM, get_task, state_from_obs
 
 WORKER_REPLY_TIMEOUT_S = 600.0  # a worker silent this long is treated as crashed
 
@@ -99,6 +99,7 @@ class DreamEnv:
         self.task = task
         self.success_threshold = success_threshold
         self.done_threshold = done_threshold
+        self.state_mask = task_state_mask(task)
         self.states = np.zeros((0, STATE_DIM), np.float32)
         self.instructions: list[str] = []
 
@@ -129,6 +130,7 @@ class DreamEnv:
                     torch.as_tensor(self.states[rows], device=device),
                     torch.as_tensor(actions[rows], device=device),
                     [self.instructions[i] for i in rows],
+                    state_mask=torch.as_tensor(self.state_mask, device=device).expand(len(rows), -1),
                 )
             result.states[rows] = to_numpy(mean)
             result.std[rows] = to_numpy(std)
@@ -141,6 +143,13 @@ class DreamEnv:
 
     def close(self) -> None:
         pass
+
+
+def task_state_mask(task: str) -> np.ndarray:
+    """1 for the state dims `task` fills, 0 for its object padding (the world model keeps those at 0)."""
+    mask = np.ones(STATE_DIM, np.float32)
+    mask[STATE_DIM - (OBJECT_DIM - get_task(task).object_dim) :] = 0.0
+    return mask
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -59,8 +59,8 @@ def plot_dream_vs_real(dream: EpisodeRecord, real: EpisodeRecord, path: Path) ->
     shaded ±2σ band of the world-model ensemble spread, the real trajectory as a black line.
     Right: both paths in 3-D.
     """
-    fig = plt.figure(figsize=(15, 6))
-    grid = fig.add_gridspec(2, 4)
+    fig = plt.figure(figsize=(16, 6.5))
+    grid = fig.add_gridspec(2, 4, width_ratios=[1, 1, 1, 1.5])
     std = dream.std if dream.std is not None else np.zeros_like(dream.states)
     for row, (part, label) in enumerate(((EEF_POS, "eef"), (OBJECT_POS, "object"))):
         for axis in range(3):
@@ -91,19 +91,20 @@ def plot_success_rates(summaries: Sequence[SuccessSummary], path: Path) -> Path:
     groups = list(dict.fromkeys((s.policy, s.env) for s in summaries))
     width = 0.8 / max(len(groups), 1)
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(tasks) * max(1, len(groups) / 2)), 4))
-    cmap = plt.get_cmap("tab10")
+    colors = {p: plt.get_cmap("tab10")(i) for i, p in enumerate(dict.fromkeys(p for p, _ in groups))}
     for g, (policy, env) in enumerate(groups):
         rows = {s.task: s for s in summaries if (s.policy, s.env) == (policy, env)}
         xs = [i + (g - (len(groups) - 1) / 2) * width for i, t in enumerate(tasks) if t in rows]
         rates = [rows[t].success_rate for t in tasks if t in rows]
         low = [max(0.0, rows[t].success_rate - rows[t].ci_low) for t in tasks if t in rows]
         high = [max(0.0, rows[t].ci_high - rows[t].success_rate) for t in tasks if t in rows]
-        ax.bar(xs, rates, width, yerr=[low, high], capsize=3, color=cmap(g), label=f"{policy} / {env}",
+        ax.bar(xs, rates, width, yerr=[low, high], capsize=3, color=colors[policy], label=f"{policy} / {env}",
                hatch="//" if env == "dream" else None, edgecolor="k", lw=0.5)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (95% Wilson CI)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("success rate per task (hatched = dream, plain = real)", fontsize=10)
     return _save(fig, path)
 
 

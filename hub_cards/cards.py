@@ -198,24 +198,44 @@ def evaluation_table(results: Results) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def eval_results(results: Results, dataset_id: str | None) -> list[EvalResult]:
-    """model-index entries: one success rate per (task, env) that has a number."""
+def agreement_table(results: Results) -> list[list[str]]:
+    return [
+        [format_value(row.get("policy")), str(row["task"]), format_value(row["pairs"]), format_value(row["agreement_rate"]),
+         format_value(row.get("dream_success_rate")), format_value(row.get("real_success_rate"))]
+        for _, summary in results.eval_summaries
+        for row in agreement_rows(summary)
+    ]
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    return float(value) if ok else None
+
+
+def eval_results(results: Results, dataset_id: str | None, world_model: bool) -> list[EvalResult]:
+    """model-index entries for the numbers that exist: a policy's success rate per (task, env); for the
+    world model, how often its dreams agreed with the real outcome per (policy, task)."""
     entries = []
+
+    def entry(task: str, metric_type: str, metric_name: str, value: float) -> EvalResult:
+        return EvalResult(task_type="robotics", task_name=f"robosuite {task}",
+                          dataset_type=dataset_id or "local/dreaming-vla-dataset",
+                          dataset_name=f"dreaming-vla {task} initial states", dataset_config=task,
+                          metric_type=metric_type, metric_name=metric_name, metric_value=value)
+
     for _, summary in results.eval_summaries:
+        if world_model:
+            for row in agreement_rows(summary):
+                if (rate := _number(row["agreement_rate"])) is not None:
+                    entries.append(entry(str(row["task"]), "dream_real_agreement",
+                                         f"dream-vs-real outcome agreement ({row.get('policy')}, {row['pairs']} pairs)", rate))
+            continue
         for row in success_rows(summary):
-            rate = row["success_rate"]
-            if not isinstance(rate, int | float) or isinstance(rate, bool) or math.isnan(rate):
-                continue
-            entries.append(EvalResult(
-                task_type="robotics",
-                task_name=f"{row['task']} ({row['env']})",
-                dataset_type=dataset_id or "local/dreaming-vla-dataset",
-                dataset_name=f"robosuite {row['task']}" + (" (world-model dream)" if row["env"] == "dream" else ""),
-                dataset_config=str(row["task"]),
-                metric_type="success_rate",
-                metric_name=f"success rate ({row['env']}, {format_value(row.get('episodes'))} episodes)",
-                metric_value=float(rate),
-            ))
+            if (rate := _number(row["success_rate"])) is not None:
+                env = str(row["env"])
+                where = "world-model dream" if env == "dream" else "robosuite"
+                entries.append(entry(str(row["task"]), f"{env}_success_rate",
+                                     f"success rate ({where}, {format_value(row.get('episodes'))} episodes)", rate))
     return entries
 
 
@@ -237,7 +257,8 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
     if config.get("model_type") == "vla_policy" and not config.get("use_lora", True):
         tags.remove("lora")
     train = results.train_summary
-    evals = eval_results(results, dataset_id)
+    world_model = config.get("model_type") == "vla_world_model"
+    evals = eval_results(results, dataset_id, world_model)
     header, rows = evaluation_table(results)
     backbone = config.get("backbone") if config.get("model_type") == "vla_policy" else None
     card_data = ModelCardData(
@@ -248,7 +269,7 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
         tags=tags,
         datasets=[dataset_id] if dataset_id else None,
         base_model=backbone if backbone and not Path(backbone).is_absolute() else None,
-        metrics=["success_rate"] if evals else None,
+        metrics=sorted({e.metric_type for e in evals}) or None,
         model_name=repo_id.split("/")[-1] if evals else None,
         eval_results=evals or None,
     )
@@ -270,12 +291,14 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
         train_config=flatten(train.get("config", {}), TRAIN_CONFIG_KEYS) if train else [],
         train_config_source=f"`{results.train_source.name}`" if results.train_source else "",
         eval_rows=rows,
+        agreement_rows=agreement_table(results),
         eval_header=header,
         eval_align=" | ".join(["---"] * 3 + ["---:"] * (len(header) - 3)),
         eval_source=", ".join(str(path.name) for path, _ in results.eval_summaries),
-        eval_note="the world model is evaluated through the policies' dream rollouts; see their cards"
-        if config["model_type"] == "vla_world_model" else "",
-        robosuite_note="1.5.2 from the same initial states",
+        eval_intro="The world model is evaluated through the policies that dream in it: the same starts played in "
+        "its dreams and in robosuite." if world_model else "",
+        eval_note="the world model is evaluated through the policies' dream rollouts: pass their summary.json files"
+        if world_model else "",
         usage=kind.usage,
         intended_use=kind.intended_use,
         limitations=kind.limitations,

@@ -108,15 +108,22 @@ def default_results(model_dir: Path) -> list[Path]:
     return [summary] if summary.is_file() else []
 
 
-def push(folder: Path, repo_id: str, repo_type: str) -> str:
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+def push_token() -> str:
+    """The token --push will use; checked before anything is written so a push that cannot work fails first."""
+    from huggingface_hub import get_token
 
     if constants.HF_HUB_OFFLINE:
         raise UserError("--push needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push")
     token = get_token()
     if not token:
         raise UserError("--push needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def push(folder: Path, repo_id: str, repo_type: str, token: str) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
@@ -127,26 +134,27 @@ def push(folder: Path, repo_id: str, repo_type: str) -> str:
     return str(commit.commit_url)
 
 
-def publish(staging: Path, out: Path, repo_id: str, repo_type: str, do_push: bool, cache_dir: Path | None) -> ExportResult:
-    """Rename the finished folder into place, then cache it (and push it when asked)."""
+def publish(staging: Path, out: Path, repo_id: str, repo_type: str, token: str | None, cache_dir: Path | None) -> ExportResult:
+    """Rename the finished folder into place, then cache it (and push it when given a token)."""
     from data_prep.preprocess import replace_dir
 
     replace_dir(staging, out)
     snapshot = place_in_hub_cache(out, repo_id, repo_type=repo_type, cache_dir=cache_dir)
-    url = push(out, repo_id, repo_type) if do_push else None
+    url = push(out, repo_id, repo_type, token) if token else None
     return ExportResult(out, repo_id, repo_type, snapshot, url)
 
 
 def export_model(model_dir: Path, repo_id: str, out: Path, results_files: Sequence[Path] | None = None,
                  dataset_repo_id: str | None = None, do_push: bool = False, cache_dir: Path | None = None) -> ExportResult:
     check_repo_id(repo_id)
+    token = push_token() if do_push else None
     results = Results.from_files(default_results(model_dir) if results_files is None else results_files)
     staging = staging_dir(out)
     try:
         config = copy_model_files(model_dir, staging)
         card = model_card(config, repo_id, results, dataset_repo_id, source=model_dir / "config.json")
         card.save(staging / "README.md")
-        return publish(staging, out, repo_id, "model", do_push, cache_dir)
+        return publish(staging, out, repo_id, "model", token, cache_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -184,6 +192,7 @@ def prepare_datasets_cache(snapshot: Path, repo_id: str, cache_root: Path | None
 def export_dataset(dataset_dir: Path, repo_id: str, out: Path, do_push: bool = False,
                    cache_dir: Path | None = None, datasets_cache_dir: Path | None = None) -> ExportResult:
     check_repo_id(repo_id)
+    token = push_token() if do_push else None
     if not (dataset_dir / "normalization.json").is_file():
         raise UserError(f"{dataset_dir}: no normalization.json; --dataset-dir must be a vla-preprocess output folder")
     card = dataset_card(dataset_dir, repo_id)
@@ -191,7 +200,7 @@ def export_dataset(dataset_dir: Path, repo_id: str, out: Path, do_push: bool = F
     try:
         shutil.copytree(dataset_dir, staging, ignore=shutil.ignore_patterns(".*"))
         card.save(staging / "README.md")
-        result = publish(staging, out, repo_id, "dataset", do_push, cache_dir)
+        result = publish(staging, out, repo_id, "dataset", token, cache_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     assert result.snapshot is not None

@@ -18,7 +18,7 @@ export HF_HOME=${HF_HOME:-$HOME/.cache/huggingface}
 export HF_HUB_CACHE=${HF_HUB_CACHE:-$HF_HOME/hub}
 export HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-$HF_HOME/datasets}
 export TORCH_HOME=${TORCH_HOME:-$HOME/.cache/torch}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-$USER}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-$(id -u)}
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 # Data-loader and robosuite workers share the node's cores with the GPU processes.
@@ -26,7 +26,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 # Sets MASTER_ADDR / MASTER_PORT (first node of the job), GPUS_PER_NODE and NUM_PROCESSES (all GPUs of the job).
 setup_rendezvous() {
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+    # First host of the job. `sed -n 1p` rather than `head -n1`: head exits after one line, and under pipefail
+    # the SIGPIPE this can give scontrol on a long host list would abort the job.
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+    if [ -z "$MASTER_ADDR" ]; then
+        echo "error: scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host" >&2
+        return 1
+    fi
     # A port derived from the job id: two jobs sharing a head node don't collide, a requeued job reuses it.
     MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
     GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
@@ -45,15 +51,17 @@ requeue_before_timeout() {
 
 # Runs "$@" in the background so the USR1 trap fires while it runs (bash defers traps during a foreground child).
 run_requeueable() {
-    trap requeue_before_timeout USR1
+    trap 'REQUEUE_SIGNALLED=1; requeue_before_timeout' USR1
     "$@" &
     local pid=$!
-    local status=0
-    wait "$pid" || status=$?
-    if [ "$status" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then
-        # wait was interrupted by the signal; the job step is still running until scontrol requeue stops it.
+    local status
+    while :; do
+        REQUEUE_SIGNALLED=0
+        status=0
         wait "$pid" || status=$?
-    fi
+        # A wait cut short by USR1 returns early; wait again for the step (scontrol requeue ends it).
+        [ "$REQUEUE_SIGNALLED" = 1 ] || break
+    done
     trap - USR1
     return "$status"
 }

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from data_prep.errors import UserError
+from evaluation.metrics import SuccessSummary
 from hub_cards.cards import Results, format_value, model_card
 from hub_cards.export import export_dataset, export_model
 from hub_cards.hub_cache import place_in_hub_cache
@@ -61,15 +62,17 @@ TRAIN_SUMMARY = {
     "validation_windows": 80, "processes": 1,
     "config": {"lr": 0.000321, "batch_size": 48, "max_steps": 137, "seed": 7, "model_config": {"lora_r": 2}},
 }
+# Shaped like vla-rollout's summary.json (evaluation/report.py): rows are SuccessSummary dicts.
 EVAL_SUMMARY = {
-    "policy": "vla",
-    "success": [
-        {"policy": "vla", "task": "lift", "env": "dream", "episodes": 9, "successes": 4, "errors": 0,
-         "success_rate": 4 / 9, "ci_low": 0.1887, "ci_high": 0.7333, "mean_return": 3.1, "mean_length": 88.0},
-        {"policy": "vla", "task": "lift", "env": "real", "episodes": 8, "successes": 3, "errors": 1,
-         "success_rate": 0.375, "ci_low": 0.1368, "ci_high": 0.6943, "mean_return": 3.0, "mean_length": 91.0},
+    "settings": {"env": "both", "episodes": 9, "tasks": ["lift"]},
+    "results": [
+        SuccessSummary("vla", "lift", "dream", episodes=9, successes=4, errors=0, success_rate=4 / 9, ci_low=0.1887,
+                       ci_high=0.7333, mean_return=3.1, mean_length=88.0).as_dict(),
+        SuccessSummary("vla", "lift", "real", episodes=8, successes=3, errors=1, success_rate=0.375, ci_low=0.1368,
+                       ci_high=0.6943, mean_return=3.0, mean_length=91.0).as_dict(),
     ],
-    "agreement": [{"task": "lift", "pairs": 8, "agreement_rate": 0.625}],
+    "agreement": [{"policy": "vla", "task": "lift", "pairs": 8, "agreement_rate": 0.625, "dream_success_rate": 0.5,
+                   "real_success_rate": 0.375}],
 }
 
 
@@ -88,8 +91,20 @@ def test_policy_card_shows_the_numbers_of_its_results_files(tmp_path: Path) -> N
     assert meta["library_name"] == "transformers"
     assert {"robotics", "vla", "robosuite"} <= set(meta["tags"])
     assert meta["datasets"] == ["org/data"]
-    metrics = {(r["task"]["name"], m["value"]) for r in meta["model-index"][0]["results"] for m in r["metrics"]}
-    assert metrics == {("lift (dream)", pytest.approx(4 / 9)), ("lift (real)", 0.375)}
+    metrics = {(r["dataset"]["config"], m["type"]): m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    assert metrics == {("lift", "dream_success_rate"): pytest.approx(4 / 9), ("lift", "real_success_rate"): 0.375}
+    assert "| vla | lift | 8 | 0.625 |" in text  # dream-vs-real agreement
+
+
+def test_world_model_card_reports_dream_real_agreement(tmp_path: Path) -> None:
+    config = json.loads((save_tiny_model("world", tmp_path / "world") / "config.json").read_text())
+    results = Results.from_files([write_json(tmp_path / "summary.json", EVAL_SUMMARY)])
+    text = model_card(config, "org/world", results, dataset_id="org/data").content
+    meta = yaml.safe_load(text.split("---")[1])
+    metrics = [m for r in meta["model-index"][0]["results"] for m in r["metrics"]]
+    assert [(m["type"], m["value"]) for m in metrics] == [("dream_real_agreement", 0.625)]
+    assert "| vla | lift | 8 | 0.625 | 0.5 | 0.375 |" in text
+    assert "Training results: not evaluated yet" in text
 
 
 def test_card_without_results_says_not_evaluated_and_invents_nothing(tmp_path: Path) -> None:
@@ -99,7 +114,7 @@ def test_card_without_results_says_not_evaluated_and_invents_nothing(tmp_path: P
     meta = yaml.safe_load(text.split("---")[1])
     assert "model-index" not in meta and "metrics" not in meta
     assert "world-model" in meta["tags"]
-    assert "success rate" not in text
+    assert "| success rate |" not in text and "agreement" not in text
 
 
 def test_vla_card_is_tagged_lora_with_its_backbone(tmp_path: Path) -> None:
@@ -226,6 +241,14 @@ print("ROWS", ds["train"].num_rows, ds["validation"].num_rows, ds["train"].featu
 """
 
 
+@pytest.fixture(autouse=True)
+def private_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """datasets keys a local folder's Arrow cache by folder name, not path: keep ours out of the shared cache."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+
+
 def test_exported_dataset_loads_by_repo_id_offline(tmp_path: Path, make_robomimic_file: Callable[..., Path]) -> None:
     from data_prep.preprocess import preprocess
 
@@ -237,3 +260,13 @@ def test_exported_dataset_loads_by_repo_id_offline(tmp_path: Path, make_robomimi
     assert 'load_dataset("org/tiny-data")' in card and "configs:" in card
     stdout = run_fresh_python(LOAD_DATASET, "org/tiny-data", env=offline_env(tmp_path), cwd=tmp_path)
     assert f"ROWS {prep.rows['train']} {prep.rows['validation']} 23" in stdout
+
+
+def test_push_without_network_fails_before_writing_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    best = save_tiny_model("mlp", tmp_path / "best")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        export_model(best, "org/x", tmp_path / "export", results_files=[], do_push=True, cache_dir=tmp_path / "hub")
+    assert not (tmp_path / "export").exists() and not (tmp_path / "hub").exists()

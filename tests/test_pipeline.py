@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ class FakeRunner:
         self.half_finish = half_finish or set()
         self.calls: list[list[str]] = []
 
-    def __call__(self, command: Sequence[str]) -> int:
+    def __call__(self, command: Sequence[str], env: Mapping[str, str]) -> int:
         self.calls.append(list(command))
         base = tuple(arg for arg in command if arg != "--resume")
         stage = self.by_command[base]
@@ -87,7 +87,7 @@ def test_interrupted_training_is_resumed_with_flag(tmp_path: Path) -> None:
 def test_zero_exit_without_outputs_is_a_failure(tmp_path: Path) -> None:
     stages = [Stage("silent", ("noop",), (tmp_path / "never.json",))]
     with pytest.raises(UserError, match="missing outputs"):
-        run_stages(stages, tmp_path, runner=lambda command: 0, echo=lambda _: None)
+        run_stages(stages, tmp_path, runner=lambda command, env: 0, echo=lambda _: None)
     assert not stages[0].marker(tmp_path).exists()
 
 
@@ -98,6 +98,32 @@ def test_deleted_output_makes_a_done_stage_run_again(tmp_path: Path) -> None:
     rerun = FakeRunner(stages)
     run_stages(stages, tmp_path, runner=rerun, echo=lambda _: None)
     assert names(rerun) == ["eval"]
+
+
+def test_workdir_of_other_settings_is_refused_before_running_anything(tmp_path: Path) -> None:
+    stages = fake_stages(tmp_path)
+    run_stages(stages, tmp_path, runner=FakeRunner(stages), echo=lambda _: None)
+    changed = [stages[0], Stage("train", ("train", "--steps", "9000"), stages[1].outputs, stages[1].resume_dir), stages[2]]
+    runner = FakeRunner(changed)
+    with pytest.raises(UserError, match="other settings"):
+        run_stages(changed, tmp_path, runner=runner, echo=lambda _: None)
+    assert runner.calls == []
+
+
+def test_interrupted_stage_of_other_settings_is_not_resumed(tmp_path: Path) -> None:
+    stages = fake_stages(tmp_path)
+    with pytest.raises(UserError):
+        run_stages(stages, tmp_path, runner=FakeRunner(stages, half_finish={"train"}), echo=lambda _: None)
+    changed = [stages[0], Stage("train", ("train", "--full"), stages[1].outputs, stages[1].resume_dir), stages[2]]
+    with pytest.raises(UserError, match="other settings"):
+        run_stages(changed, tmp_path, runner=FakeRunner(changed), echo=lambda _: None)
+
+
+def test_stage_environment_reaches_the_runner(tmp_path: Path) -> None:
+    seen: list[Mapping[str, str]] = []
+    stage = Stage("one", ("cmd",), (), env=(("HF_DATASETS_CACHE", "/x"),))
+    run_stages([stage], tmp_path, runner=lambda command, env: seen.append(env) or 0, echo=lambda _: None)
+    assert seen == [{"HF_DATASETS_CACHE": "/x"}]
 
 
 def test_real_stage_list_is_ordered_and_exports_every_model(tmp_path: Path) -> None:

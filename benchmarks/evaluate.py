@@ -1,0 +1,143 @@
+"""The whole evaluation in one command: the scripted expert in real robosuite (sanity upper bound),
+then the VLA and the MLP baseline both in dreams and in reality from the same initial states.
+
+    .venv/bin/python benchmarks/evaluate.py --vla runs/vla --mlp runs/mlp --world-model runs/world \
+        --tasks lift can square --episodes 50 --workers 2 --out results/benchmark --results-md docs/RESULTS.md
+
+Writes one results folder (episodes.jsonl, summary.json/md, figures/, videos/ with --video) and
+replaces the "## Evaluation" section of --results-md (other sections are kept).
+Every policy and world-model folder is checked before the first rollout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from data_prep.errors import UserError, run_cli
+from data_prep.tasks import TASKS
+from evaluation.cli import make_plan, parse_args, play, settings_of, write_results
+from evaluation.records import write_episodes
+from evaluation.report import write_summary
+
+SECTION = "## Evaluation"
+
+
+def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vla", type=Path, help="saved VLAPolicy folder")
+    p.add_argument("--mlp", type=Path, help="saved MLPPolicy folder")
+    p.add_argument("--world-model", type=Path, help="saved WorldModel folder (needed with --vla/--mlp)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--horizon", type=int, help="max steps per episode (default: each task's horizon)")
+    p.add_argument("--no-expert", action="store_true", help="skip the scripted-expert upper bound")
+    p.add_argument("--video", action="store_true", help="film 2 real episodes per task and policy")
+    p.add_argument("--out", type=Path, default=Path("results/benchmark"))
+    p.add_argument("--results-md", type=Path, help="markdown file whose '## Evaluation' section is replaced")
+    return p.parse_args(argv)
+
+
+def rollout_argv(args: argparse.Namespace, policy: str, name: str, env: str) -> list[str]:
+    """The vla-rollout command line of one policy (so the benchmark and the CLI share every default)."""
+    argv = ["--policy", policy, "--name", name, "--env", env, "--tasks", *args.tasks, "--episodes", str(args.episodes),
+            "--workers", str(args.workers), "--seed", str(args.seed), "--out", str(args.out), "--no-progress"]
+    if env != "real":
+        argv += ["--world-model", str(args.world_model)]
+    if args.horizon:
+        argv += ["--horizon", str(args.horizon)]
+    if args.video:
+        argv += ["--video"]
+    return argv
+
+
+def replace_section(markdown_file: Path, section: str) -> None:
+    """Put `section` (starting with SECTION) in place of the old one, or append it; atomic write."""
+    text = markdown_file.read_text() if markdown_file.exists() else "# Results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    tmp = markdown_file.with_name(f".{markdown_file.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, markdown_file)
+
+
+def machine() -> str:
+    import robosuite
+    import torch
+
+    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {platform.system()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, robosuite {robosuite.__version__}")
+
+
+def section_text(command: str, markdown: str, timings: dict[str, float], messages: list[str], out: Path) -> str:
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {date.today().isoformat()}  ",
+        f"Machine: {machine()}  ",
+        "Wall time: " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items()),
+        "",
+        "Real episode i starts from the simulator reset with seed `seed + i`; each dream starts from its real",
+        "twin's initial state. Success = the env's `_check_success()` (real) or the world model's success head",
+        "above 0.5 (dream). Errors (crashed simulators) are excluded from rates and counted separately.",
+        "",
+        markdown.rstrip("\n"),
+        "",
+        f"Figures in `{out}/figures/`: " + ", ".join(f"`{f}`" for f in figures),
+    ]
+    lines += ["", *[f"* {m}" for m in messages]] if messages else []
+    return "\n".join(lines) + "\n\n"
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    runs = [] if args.no_expert else [("expert", "expert", "real")]
+    runs += [(str(folder), name, "both") for name, folder in (("vla", args.vla), ("mlp", args.mlp)) if folder]
+    if not runs:
+        raise UserError("nothing to evaluate: pass --vla and/or --mlp (or drop --no-expert)")
+    plans = []
+    for policy, name, env in runs:  # every check before the first rollout
+        rollout_args = parse_args(rollout_argv(args, policy, name, env))
+        plans.append((rollout_args, make_plan(rollout_args)))
+    timings: dict[str, float] = {}
+    messages: list[str] = []
+
+    def produce(tmp: Path) -> str:
+        records = []
+        for rollout_args, plan in plans:
+            start = time.perf_counter()
+            played, notes = play(rollout_args, plan, tmp)
+            timings[plan.policy_name] = time.perf_counter() - start
+            records += played
+            messages.extend(notes)
+        write_episodes(records, tmp)
+        settings = {plan.policy_name: settings_of(a, plan) for a, plan in plans}
+        return write_summary(records, tmp, settings, messages)
+
+    out, markdown = write_results(args.out, produce)
+    print(markdown)
+    print("\n".join(messages))
+    if args.results_md:
+        command = "python benchmarks/evaluate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        replace_section(args.results_md, section_text(command, markdown, timings, messages, out))
+        print(f"updated {args.results_md} ({SECTION})")
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = benchmark_args(argv)
+    run_cli(lambda: benchmark(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""`vla-generate`: scripted-expert demonstrations in robosuite, written as robomimic HDF5.
+
+    vla-generate --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
+
+For each task, attempt i runs the expert from the initial state of seed `--seed + i` (the
+expert's action noise uses the same seed), so a demo depends only on its seed, never on the
+number of workers. Attempts run in seed order over a process pool (one simulator per worker);
+failed attempts are dropped and more seeds are tried, up to `--max-attempts`, until
+`--episodes` successful demos exist. The kept demos are the first successes in seed order.
+
+An episode ends `--steps-after-success` steps after the first success (so the data shows what
+success looks like) or at the task horizon; it is kept if the task is solved at its last step.
+Output, one file per task, mirroring robomimic's `<task>/ph/low_dim_v15.hdf5` naming:
+
+    <out>/<task>/low_dim_generated.hdf5
+
+`--report results.json` records attempts, successes, success rate, episode lengths and timing
+per task (the numbers in docs/RESULTS.md come from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.errors import UserError, run_cli
+from data_prep.robomimic_io import Episode, write_robomimic_hdf5
+from data_prep.tasks import TASKS, get_task
+
+OUTPUT_NAME = "low_dim_generated.hdf5"
+# robomimic's low-dim observation keys, and the robosuite observation each one is read from.
+OBS_KEYS: dict[str, str] = {
+    "robot0_eef_pos": "robot0_eef_pos",
+    "robot0_eef_quat": "robot0_eef_quat",
+    "robot0_gripper_qpos": "robot0_gripper_qpos",
+    "robot0_joint_pos": "robot0_joint_pos",
+    "robot0_joint_pos_cos": "robot0_joint_pos_cos",
+    "robot0_joint_pos_sin": "robot0_joint_pos_sin",
+    "robot0_joint_vel": "robot0_joint_vel",
+    "robot0_gripper_qvel": "robot0_gripper_qvel",
+    "object": "object-state",
+}
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How one attempt is run (identical in every worker)."""
+
+    task: str
+    horizon: int
+    steps_after_success: int = 10
+    noise: float = 0.05
+
+
+@dataclass
+class Attempt:
+    seed: int
+    success: bool
+    length: int  # control steps run
+    restarts: int  # times the expert started over (dropped object, stalled phase)
+    episode: Episode | None  # only for kept (successful) attempts
+
+
+@dataclass
+class TaskReport:
+    task: str
+    requested: int
+    attempts: int
+    successes: int
+    success_rate: float
+    mean_length: float  # over kept demos
+    min_length: int
+    max_length: int
+    wall_seconds: float
+    demos_per_minute: float
+    kept_seeds: list[int] = field(default_factory=list)
+    failed_seeds: list[int] = field(default_factory=list)
+    path: str = ""
+
+
+def observation_arrays(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: np.array(obs[source], dtype=np.float64) for key, source in OBS_KEYS.items()}
+
+
+def run_attempt(sim, expert, seed: int, settings: RolloutSettings) -> Attempt:
+    """Run the expert from the initial state of `seed`; record the robomimic arrays of every step."""
+    obs = sim.reset(seed)
+    expert.reset(sim.env, seed=seed)
+    record: dict[str, list] = {"obs": [], "next_obs": [], "actions": [], "rewards": [], "states": []}
+    first_success = None
+    success = False
+    for step in range(settings.horizon):
+        record["states"].append(np.array(sim.env.sim.get_state().flatten()))
+        record["obs"].append(observation_arrays(obs))
+        action = expert.act(obs)
+        obs, _, _, _ = sim.env.step(action)
+        success = sim.success()
+        record["actions"].append(np.asarray(action, dtype=np.float64))
+        record["rewards"].append(float(success))
+        record["next_obs"].append(observation_arrays(obs))
+        if success and first_success is None:
+            first_success = step
+        if first_success is not None and step >= first_success + settings.steps_after_success:
+            break
+    length = len(record["actions"])
+    episode = None
+    if success:
+        dones = np.zeros(length, dtype=np.int64)
+        dones[-1] = 1
+        episode = Episode(
+            obs={key: np.stack([o[key] for o in record["obs"]]) for key in OBS_KEYS},
+            next_obs={key: np.stack([o[key] for o in record["next_obs"]]) for key in OBS_KEYS},
+            actions=np.stack(record["actions"]),
+            rewards=np.asarray(record["rewards"], dtype=np.float64),
+            dones=dones,
+            states=np.stack(record["states"]),
+            model_file=sim.env.sim.model.get_xml(),
+        )
+    return Attempt(seed=seed, success=success, length=length, restarts=expert.restarts, episode=episode)
+
+
+# ----- worker processes: one simulator and one expert each ------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(settings: RolloutSettings) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from data_prep.experts import make_expert
+    from data_prep.sim import make_env
+
+    _WORKER["settings"] = settings
+    _WORKER["sim"] = make_env(settings.task)
+    _WORKER["expert"] = make_expert(settings.task, noise=settings.noise)
+
+
+def _attempt_in_worker(seed: int) -> Attempt:
+    return run_attempt(_WORKER["sim"], _WORKER["expert"], seed, _WORKER["settings"])
+
+
+def attempts(settings: RolloutSettings, seeds: Iterator[int], workers: int) -> Iterator[Attempt]:
+    """Attempts for `seeds`, yielded in seed order (workers > 1: a spawned process pool)."""
+    if workers <= 1:
+        _init_worker(settings)
+        try:
+            for seed in seeds:
+                yield _attempt_in_worker(seed)
+        finally:
+            _WORKER["sim"].env.close()
+            _WORKER.clear()
+        return
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+        yield from pool.imap(_attempt_in_worker, seeds)
+
+
+def generate_task(
+    settings: RolloutSettings,
+    episodes: int,
+    seed: int = 0,
+    max_attempts: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[list[Episode], TaskReport]:
+    """The first `episodes` successful demos of seeds seed, seed+1, ... (at most `max_attempts` tried)."""
+    max_attempts = max_attempts or 2 * episodes
+    kept: list[Episode] = []
+    kept_seeds: list[int] = []
+    failed: list[int] = []
+    start = time.perf_counter()
+    bar = tqdm(total=episodes, desc=f"{settings.task}", unit="demo", disable=not progress, dynamic_ncols=True)
+    # closing(): stopping early must shut the pool down now, not whenever the generator is collected.
+    with bar, closing(attempts(settings, iter(range(seed, seed + max_attempts)), workers)) as stream:
+        for attempt in stream:
+            if attempt.success:
+                kept.append(attempt.episode)
+                kept_seeds.append(attempt.seed)
+            else:
+                failed.append(attempt.seed)
+            bar.set_postfix(attempts=len(kept) + len(failed), failed=len(failed), refresh=False)
+            bar.update(int(attempt.success))
+            if len(kept) == episodes:
+                break
+    wall = time.perf_counter() - start
+    lengths = [len(e) for e in kept]
+    tried = len(kept) + len(failed)
+    report = TaskReport(
+        task=settings.task,
+        requested=episodes,
+        attempts=tried,
+        successes=len(kept),
+        success_rate=len(kept) / tried if tried else 0.0,
+        mean_length=float(np.mean(lengths)) if lengths else 0.0,
+        min_length=min(lengths, default=0),
+        max_length=max(lengths, default=0),
+        wall_seconds=wall,
+        demos_per_minute=60.0 * len(kept) / wall if wall > 0 else 0.0,
+        kept_seeds=kept_seeds,
+        failed_seeds=failed,
+    )
+    return kept, report
+
+
+def write_task_file(path: Path, episodes: list[Episode], settings: RolloutSettings, report: TaskReport, seed: int) -> None:
+    from data_prep.sim import env_args_for, standard_env_kwargs
+
+    env_args = env_args_for(settings.task, standard_env_kwargs(settings.task))
+    attrs = {
+        "generator": "vla-generate (data_prep.experts scripted expert)",
+        "expert_noise": settings.noise,
+        "steps_after_success": settings.steps_after_success,
+        "horizon": settings.horizon,
+        "demo_seeds": report.kept_seeds,
+    }
+    write_robomimic_hdf5(path, episodes, env_args, valid_fraction=0.1, seed=seed, attrs=attrs)
+
+
+def write_report(path: Path, reports: list[TaskReport], args: argparse.Namespace) -> None:
+    payload = {
+        "command": "vla-generate " + " ".join(sys.argv[1:]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tasks": {r.task: asdict(r) for r in reports},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def summary_line(r: TaskReport) -> str:
+    return (
+        f"{r.task:7s} attempts {r.attempts:4d}  successes {r.successes:4d}  success rate {100 * r.success_rate:5.1f}%  "
+        f"mean length {r.mean_length:6.1f} (min {r.min_length}, max {r.max_length})  "
+        f"{r.demos_per_minute:6.1f} demos/min  ({r.wall_seconds:.0f} s)"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vla-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to generate ({', '.join(TASKS)})")
+    p.add_argument("--episodes", type=int, default=50, help="successful demos per task")
+    p.add_argument("--out", type=Path, default=Path("data/raw"), help=f"output root: <out>/<task>/{OUTPUT_NAME}")
+    p.add_argument("--workers", type=int, default=2, help="simulator processes (1 = in this process)")
+    p.add_argument("--seed", type=int, default=0, help="attempt i uses seed + i")
+    p.add_argument("--max-attempts", type=int, default=None, help="attempts per task before giving up (default 2x episodes)")
+    p.add_argument("--horizon", type=int, default=None, help="max steps per episode (default: the task's horizon)")
+    p.add_argument("--steps-after-success", type=int, default=10, help="steps recorded after the first success")
+    p.add_argument("--noise", type=float, default=0.05, help="std of Gaussian noise on the expert's arm actions")
+    p.add_argument("--report", type=Path, default=None, help="write per-task statistics to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def validate(args: argparse.Namespace) -> None:
+    for task in args.tasks:
+        get_task(task)
+    if args.episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.max_attempts is not None and args.max_attempts < args.episodes:
+        raise UserError(f"--max-attempts ({args.max_attempts}) must be >= --episodes ({args.episodes})")
+    if args.horizon is not None and args.horizon < 1:
+        raise UserError(f"--horizon must be >= 1, got {args.horizon}")
+    if args.noise < 0:
+        raise UserError(f"--noise must be >= 0, got {args.noise}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
+
+
+def generate(argv: list[str] | None = None) -> list[TaskReport]:
+    args = parse_args(argv)
+    validate(args)
+    from data_prep.sim import quiet_robosuite
+
+    quiet_robosuite()
+    reports = []
+    for task in dict.fromkeys(args.tasks):  # keep order, drop repeats
+        settings = RolloutSettings(
+            task=task,
+            horizon=args.horizon or get_task(task).horizon,
+            steps_after_success=args.steps_after_success,
+            noise=args.noise,
+        )
+        episodes, report = generate_task(
+            settings, args.episodes, args.seed, args.max_attempts, args.workers, progress=not args.no_progress
+        )
+        if episodes:
+            path = args.out / task / OUTPUT_NAME
+            write_task_file(path, episodes, settings, report, args.seed)
+            report.path = str(path)
+        reports.append(report)
+        print(summary_line(report) + (f"  -> {report.path}" if report.path else "  (nothing written)"))
+    if args.report:
+        write_report(args.report, reports, args)
+        print(f"report: {args.report}")
+    short = [r for r in reports if r.successes < r.requested]
+    if short:
+        names = ", ".join(f"{r.task} ({r.successes}/{r.requested})" for r in short)
+        raise UserError(f"too few successful demos within --max-attempts for: {names}; raise --max-attempts")
+    return reports
+
+
+def main() -> None:
+    run_cli(generate)
+
+
+if __name__ == "__main__":
+    main()

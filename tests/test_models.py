@@ -1,0 +1,327 @@
+"""World model, VLA policy and MLP baseline: learning, invariants, saving/loading, errors.
+
+Tiny configs and synthetic batches; the VLA uses a random 2-layer Llama (plus one MiniLM smoke test).
+Round trips load the saved folder in a fresh process through `AutoModel.from_pretrained(trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+from configuration_vla import MINILM_NAME, MLPPolicyConfig, VLAConfig, WorldModelConfig
+from modeling_vla import MLPPolicy, VLAPolicy, WorldModel, resolve_pretrained_path
+
+torch.set_num_threads(1)  # bit-identical comparisons with the fresh process need the same kernel split
+
+STATE_DIM, ACTION_DIM = 23, 7
+INSTRUCTIONS = ["Lift the red cube", "Pick up the coke can"]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_batch(batch: int = 16, horizon: int = 4, seed: int = 0) -> dict:
+    """Linear dynamics s' = s + 0.1 * a @ M, success when eef x > 0; second half has 4 padding dims."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(ACTION_DIM, STATE_DIM, generator=gen)
+    state_mask = torch.ones(batch, STATE_DIM)
+    state_mask[batch // 2 :, -4:] = 0.0
+    state = torch.randn(batch, STATE_DIM, generator=gen) * state_mask
+    actions = torch.rand(batch, horizon, ACTION_DIM, generator=gen) * 2 - 1
+    states, current = [], state
+    for h in range(horizon):
+        current = (current + 0.1 * actions[:, h] @ mix) * state_mask
+        states.append(current)
+    next_states = torch.stack(states, 1)
+    step_mask = torch.ones(batch, horizon)
+    step_mask[0, -1] = 0.0  # one episode ends inside the window
+    return {
+        "instruction": [INSTRUCTIONS[i % 2] for i in range(batch)],
+        "task": [("lift", "can")[i % 2] for i in range(batch)],
+        "state": state,
+        "state_mask": state_mask,
+        "actions": actions,
+        "next_states": next_states,
+        "step_mask": step_mask,
+        "success": (next_states[..., 0] > 0).float(),
+        "done": torch.zeros(batch, horizon),
+    }
+
+
+def train_losses(model: torch.nn.Module, batch: dict, steps: int = 30, lr: float = 3e-3) -> list[float]:
+    torch.manual_seed(0)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = model(**batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    model.eval()
+    return losses
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+    torch.set_num_threads(1)
+    folder, inputs_path, outputs_path = sys.argv[1:]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    inputs = load_file(inputs_path)
+    instruction = open(inputs_path + ".txt").read().split("\\n")
+    if "action" in inputs:
+        outputs = dict(zip(("mean", "std", "p_success", "p_done"), model.step(inputs["state"], inputs["action"], instruction), strict=True))
+    else:
+        outputs = {"actions": model.predict_actions(inputs["state"], instruction)}
+    save_file({k: v.contiguous() for k, v in outputs.items()}, outputs_path)
+    """
+)
+
+
+def outputs_in_fresh_process(folder: Path, inputs: dict, instruction: list[str], tmp_path: Path) -> dict:
+    """Load `folder` with AutoModel(trust_remote_code) in a new interpreter and run it on `inputs`."""
+    inputs_path, outputs_path = tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"
+    save_file(inputs, inputs_path)
+    Path(f"{inputs_path}.txt").write_text("\n".join(instruction))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), str(inputs_path), str(outputs_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(outputs_path)
+
+
+def tiny_world_config(**overrides) -> WorldModelConfig:
+    fields = dict(hidden_dim=32, token_mlp_dim=8, channel_mlp_dim=64, num_layers=2, num_ensemble=3, multi_step=4)
+    return WorldModelConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random 2-layer Llama saved like a Hub checkpoint, with the MiniLM (WordPiece) tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_path(MINILM_NAME))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
+    fields = dict(
+        backbone=str(backbone), lora_r=4, lora_alpha=8.0, lora_dropout=0.0, backbone_gradient_checkpointing=True,
+        chunk_size=4, state_hidden_dim=32, head_hidden_dim=32, tasks=["lift", "can"],
+    )
+    return VLAConfig(**{**fields, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config_class", "overrides", "field"),
+    [
+        (WorldModelConfig, {"hidden_dim": 0}, "hidden_dim"),
+        (WorldModelConfig, {"num_ensemble": 0}, "num_ensemble"),
+        (WorldModelConfig, {"state_dim": -3}, "state_dim"),
+        (WorldModelConfig, {"state_mean": [0.0] * 5}, "state_mean"),
+        (WorldModelConfig, {"state_std": [1.0] * 22}, "state_std"),
+        (WorldModelConfig, {"state_token_groups": [3, 4]}, "state_token_groups"),
+        (WorldModelConfig, {"dropout": 1.5}, "dropout"),
+        (VLAConfig, {"loss": "huber"}, "loss"),
+        (VLAConfig, {"chunk_size": 0}, "chunk_size"),
+        (MLPPolicyConfig, {"action_mean": [0.0] * 6}, "action_mean"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(config_class, overrides, field):
+    with pytest.raises(ValueError, match=rf"{config_class.__name__}\.{field}: expected"):
+        config_class(**overrides)
+
+
+def test_set_normalization_checks_layout():
+    config = MLPPolicyConfig()
+    stats = {
+        "state_layout": config.state_layout,
+        "state": {"mean": [1.0] * STATE_DIM, "std": [2.0] * STATE_DIM},
+        "action": {"mean": [0.0] * ACTION_DIM, "std": [0.5] * ACTION_DIM},
+    }
+    config.set_normalization(stats)
+    assert config.state_std == [2.0] * STATE_DIM and config.action_std == [0.5] * ACTION_DIM
+    with pytest.raises(ValueError, match="state_layout"):
+        config.set_normalization({**stats, "state_layout": "something-else"})
+
+
+# ---------------------------------------------------------------------------------------------
+# world model
+# ---------------------------------------------------------------------------------------------
+
+
+def test_world_model_loss_drops_on_synthetic_dynamics():
+    torch.manual_seed(0)
+    model = WorldModel(tiny_world_config())
+    losses = train_losses(model, synthetic_batch())
+    assert losses[-1] < 0.5 * losses[0], losses
+    out = model(**synthetic_batch())
+    assert {"one_step_mse", "multi_step_mse", "success_bce", "done_bce", "ensemble_std"} <= set(out.metrics)
+
+
+def test_world_model_step_batches_std_and_padding():
+    torch.manual_seed(0)
+    model = WorldModel(tiny_world_config()).eval()
+    batch = 1500  # more rows than one internal chunk
+    state, action = torch.randn(batch, STATE_DIM), torch.rand(batch, ACTION_DIM) * 2 - 1
+    mask = torch.ones(batch, STATE_DIM)
+    mask[::2, -4:] = 0.0
+    state = state * mask
+    text = model.embed_instructions(INSTRUCTIONS[:1])
+    mean, std, p_success, p_done = model.step(state, action, text_emb=text[0], state_mask=mask)
+    assert mean.shape == std.shape == (batch, STATE_DIM) and p_success.shape == p_done.shape == (batch,)
+    assert torch.all(mean[mask == 0] == 0) and torch.all(std[mask == 0] == 0)
+    assert std[mask == 1].mean() > 0  # members disagree
+    assert torch.all((p_success >= 0) & (p_success <= 1)) and torch.all((p_done >= 0) & (p_done <= 1))
+    by_string = model.step(state, action, INSTRUCTIONS[0], state_mask=mask)
+    assert torch.allclose(by_string[0], mean)
+    # the config mask zeroes a dim for every row
+    masked = WorldModel(tiny_world_config(state_mask=[1.0] * 20 + [0.0] * 3)).eval()
+    assert torch.all(masked.step(state, action, INSTRUCTIONS[0])[0][:, -3:] == 0)
+
+
+def test_world_model_round_trip_in_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_world_config(state_mean=[0.1] * STATE_DIM, state_std=[2.0] * STATE_DIM, action_std=[0.5] * ACTION_DIM)
+    model = WorldModel(config)
+    train_losses(model, synthetic_batch(), steps=3)
+    model.save_pretrained(tmp_path / "wm")
+    assert {"config.json", "model.safetensors", "modeling_vla.py", "configuration_vla.py"} <= {
+        p.name for p in (tmp_path / "wm").iterdir()
+    }
+    inputs = {"state": torch.randn(5, STATE_DIM), "action": torch.rand(5, ACTION_DIM)}
+    instruction = [INSTRUCTIONS[i % 2] for i in range(5)]
+    outputs = model.step(inputs["state"], inputs["action"], instruction)
+    expected = dict(zip(("mean", "std", "p_success", "p_done"), outputs, strict=True))
+    loaded = outputs_in_fresh_process(tmp_path / "wm", inputs, instruction, tmp_path)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# VLA policy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_vla_llama_lora_trains_only_adapters_and_head(tiny_llama):
+    torch.manual_seed(0)
+    model = VLAPolicy(tiny_vla_config(tiny_llama))
+    assert model.pooling == "last" and any(getattr(m, "gradient_checkpointing", False) for m in model.base_backbone.modules())
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("q_proj.lora_A" in n for n in trainable) and any("v_proj.lora_B" in n for n in trainable)
+    assert all("lora_" in n or n.startswith(("state_encoder.", "head.")) for n in trainable), trainable
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    calls = []
+    hook = model.base_backbone.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    losses = train_losses(model, synthetic_batch(batch=8, horizon=4), steps=30)
+    hook.remove()
+    assert len(calls) == 2 * 30  # checkpointing recomputes the layer in backward (hooks outside forward fire once)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_vla_llama_round_trip_merged_export_and_adapter(tiny_llama, tmp_path):
+    torch.manual_seed(0)
+    model = VLAPolicy(tiny_vla_config(tiny_llama))
+    train_losses(model, synthetic_batch(batch=8, horizon=4), steps=5, lr=1e-2)  # non-zero LoRA B
+    state = torch.randn(3, STATE_DIM)
+    instruction = ["Lift the red cube", "Pick up the coke can", "lift it"]  # different token lengths
+    expected = model.predict_actions(state, instruction)
+    assert expected.shape == (3, 4, ACTION_DIM) and expected.abs().max() <= 1.0
+
+    model.save_pretrained(tmp_path / "full")
+    loaded = outputs_in_fresh_process(tmp_path / "full", {"state": state}, instruction, tmp_path)
+    assert torch.equal(loaded["actions"], expected)
+
+    model.merge_and_export(tmp_path / "merged")
+    assert VLAConfig.from_pretrained(tmp_path / "merged").use_lora is False
+    merged = outputs_in_fresh_process(tmp_path / "merged", {"state": state}, instruction, tmp_path)
+    assert torch.allclose(merged["actions"], expected, atol=1e-5)
+
+    model.save_adapter(tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert torch.equal(VLAPolicy.from_adapter(tmp_path / "adapter").eval().predict_actions(state, instruction), expected)
+
+
+def test_vla_minilm_default_forward_backward():
+    torch.manual_seed(0)
+    model = VLAPolicy(VLAConfig())
+    assert model.pooling == "mean"
+    batch = synthetic_batch(batch=2, horizon=8)
+    out = model(**batch)
+    out.loss.backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    assert model.head[-1].weight.grad.abs().sum() > 0
+    actions = model.eval().predict_actions(batch["state"], batch["instruction"])
+    assert actions.shape == (2, 8, ACTION_DIM) and actions.abs().max() <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP policy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mlp_policy_learns_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = MLPPolicy(MLPPolicyConfig(hidden_dim=64, num_layers=2, dropout=0.0, chunk_size=4, action_std=[0.5] * 7))
+    batch = synthetic_batch(batch=16, horizon=4)
+    losses = train_losses(model, batch)
+    assert losses[-1] < 0.5 * losses[0], losses
+    expected = model.predict_actions(batch["state"], batch["instruction"])
+    model.save_pretrained(tmp_path / "mlp")
+    loaded = outputs_in_fresh_process(tmp_path / "mlp", {"state": batch["state"]}, batch["instruction"], tmp_path)
+    assert torch.equal(loaded["actions"], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_empty_instruction_is_rejected(tiny_llama):
+    state = torch.zeros(2, STATE_DIM)
+    policies = [MLPPolicy(MLPPolicyConfig(hidden_dim=16, num_layers=1)), VLAPolicy(tiny_vla_config(tiny_llama))]
+    for policy in policies:
+        with pytest.raises(ValueError, match=r"instruction\[1\].*non-empty"):
+            policy.predict_actions(state, ["Lift the red cube", "  "])
+    with pytest.raises(ValueError, match=r"instruction\[0\].*non-empty"):
+        WorldModel(tiny_world_config()).step(state, torch.zeros(2, ACTION_DIM), "")
+
+
+def test_unknown_backbone_offline_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    name = "no-such-org/no-such-model-7b"
+    with pytest.raises(OSError, match=r"not in the local Hugging Face cache \(HF_HUB_OFFLINE=1\).*huggingface-cli download"):
+        VLAPolicy(VLAConfig(backbone=name))
