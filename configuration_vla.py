@@ -193,8 +193,7 @@ class VLAConfig(RobotModelConfig):
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = None  # None -> per architecture (BERT: query,value; Llama: q_proj,v_proj)
-    # Named so as not to trigger transformers' legacy `config.gradient_checkpointing` handling in post_init.
-    backbone_gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward (non-reentrant)
     chunk_size: int = 8  # H: actions predicted per call
     num_state_tokens: int = 2
     state_hidden_dim: int = 256  # hidden width of the state -> tokens MLP

@@ -569,7 +569,10 @@ class ChunkPolicyMixin(NormalizedModelMixin):
     def predict_actions(
         self, state: torch.Tensor, instruction: str | Sequence[str], state_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Raw action chunk [B, H, A], clamped to the controller's [-1, 1] range."""
+        """Raw action chunk [B, H, A], clamped to the controller's [-1, 1] range.
+
+        Uses the current train/eval mode: call .eval() first (from_pretrained already does) so dropout is off.
+        """
         state = self._as_tensor(state, self.config.state_dim, "state")
         instruction = check_instructions(instruction, state.shape[0])
         pred = self.predict_normalized(self._state_input(state, state_mask), instruction)
@@ -624,7 +627,9 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
     config_class = VLAConfig
     config: VLAConfig
     main_input_name = "state"
-    supports_gradient_checkpointing = True
+    # False on purpose: with True, post_init would consume config.gradient_checkpointing (transformers' legacy
+    # path deletes the field from the config); __init__ applies it to the backbone itself instead.
+    supports_gradient_checkpointing = False
 
     def __init__(self, config: VLAConfig, backbone: PreTrainedModel | None = None) -> None:
         super().__init__(config)
@@ -648,7 +653,7 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         self.head.float()
         # Initialise our own layers before attaching the backbone, so post_init never touches pretrained weights.
         self.post_init()
-        if config.backbone_gradient_checkpointing:
+        if config.gradient_checkpointing:
             enable_activation_checkpointing(backbone)
         if config.use_lora:
             with warnings.catch_warnings():  # peft still calls the deprecated is_gradient_checkpointing

@@ -227,8 +227,10 @@ def train_stage(model: str, paths: PipelinePaths, size: PipelineSize, seed: int)
         overrides += [f"eval_every={size.checkpoint_every}", f"save_every={size.checkpoint_every}"]
     return Stage(
         f"train_{model}",
-        console("vla-train", "--model", model, "--config", REPO_ROOT / CONFIGS[model], "--dataset", paths.dataset,
-                "--output-dir", paths.train_dir(model), "--set", *overrides),
+        # `python -m` rather than the vla-train script, whose exit status would be main()'s return value (a dict).
+        (sys.executable, "-m", "train_accelerate",
+         *console("vla-train", "--model", model, "--config", REPO_ROOT / CONFIGS[model], "--dataset", paths.dataset,
+                  "--output-dir", paths.train_dir(model), "--set", *overrides)[1:]),
         (paths.best(model) / "config.json", paths.train_dir(model) / "train_summary.json"),
         resume_dir=paths.train_dir(model),
         env=paths.private_env,

@@ -39,21 +39,22 @@ from tqdm import tqdm
 
 from data_prep.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, write_robomimic_hdf5
-from data_prep.tasks import TASKS, get_task
+from data_prep.tasks import OBJECT_KEY, TASKS, get_task, object_obs
 
 OUTPUT_NAME = "low_dim_generated.hdf5"
-# robomimic's low-dim observation keys, and the robosuite observation each one is read from.
-OBS_KEYS: dict[str, str] = {
-    "robot0_eef_pos": "robot0_eef_pos",
-    "robot0_eef_quat": "robot0_eef_quat",
-    "robot0_gripper_qpos": "robot0_gripper_qpos",
-    "robot0_joint_pos": "robot0_joint_pos",
-    "robot0_joint_pos_cos": "robot0_joint_pos_cos",
-    "robot0_joint_pos_sin": "robot0_joint_pos_sin",
-    "robot0_joint_vel": "robot0_joint_vel",
-    "robot0_gripper_qvel": "robot0_gripper_qvel",
-    "object": "object-state",
-}
+# robomimic's low-dim observation keys: the robot ones are copied from robosuite's observation as they are;
+# "object" is rebuilt in robomimic's order (robosuite's own "object-state" is ordered differently for Can/Square).
+ROBOT_OBS_KEYS: tuple[str, ...] = (
+    "robot0_eef_pos",
+    "robot0_eef_quat",
+    "robot0_gripper_qpos",
+    "robot0_joint_pos",
+    "robot0_joint_pos_cos",
+    "robot0_joint_pos_sin",
+    "robot0_joint_vel",
+    "robot0_gripper_qvel",
+)
+OBS_KEYS: tuple[str, ...] = (*ROBOT_OBS_KEYS, OBJECT_KEY)
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,10 @@ class TaskReport:
     path: str = ""
 
 
-def observation_arrays(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {key: np.array(obs[source], dtype=np.float64) for key, source in OBS_KEYS.items()}
+def observation_arrays(obs: dict[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
+    arrays = {key: np.array(obs[key], dtype=np.float64) for key in ROBOT_OBS_KEYS}
+    arrays[OBJECT_KEY] = object_obs(obs, task).astype(np.float64)
+    return arrays
 
 
 def run_attempt(sim, expert, seed: int, settings: RolloutSettings) -> Attempt:
@@ -105,13 +108,13 @@ def run_attempt(sim, expert, seed: int, settings: RolloutSettings) -> Attempt:
     success = False
     for step in range(settings.horizon):
         record["states"].append(np.array(sim.env.sim.get_state().flatten()))
-        record["obs"].append(observation_arrays(obs))
+        record["obs"].append(observation_arrays(obs, settings.task))
         action = expert.act(obs)
         obs, _, _, _ = sim.env.step(action)
         success = sim.success()
         record["actions"].append(np.asarray(action, dtype=np.float64))
         record["rewards"].append(float(success))
-        record["next_obs"].append(observation_arrays(obs))
+        record["next_obs"].append(observation_arrays(obs, settings.task))
         if success and first_success is None:
             first_success = step
         if first_success is not None and step >= first_success + settings.steps_after_success:
@@ -138,7 +141,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(settings: RolloutSettings) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from data_prep.experts import make_expert
     from data_prep.sim import make_env
 
@@ -239,6 +241,7 @@ def write_report(path: Path, reports: list[TaskReport], args: argparse.Namespace
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
+    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report is meant to be read
     os.replace(tmp, path)
 
 

@@ -107,6 +107,7 @@ def write_robomimic_hdf5(
             mask = f.create_group("mask")
             mask.create_dataset("train", data=np.array(train, dtype="S"))
             mask.create_dataset("valid", data=np.array(valid, dtype="S"))
+        os.chmod(tmp_name, 0o644)  # mkstemp makes owner-only files; a dataset is meant to be shared
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

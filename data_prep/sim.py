@@ -80,7 +80,10 @@ class SimEnv:
     def reset(self, seed: int) -> dict[str, np.ndarray]:
         """Reset to the initial state determined by `seed` alone (independent of earlier episodes)."""
         reseed(self.env, seed)
-        return self.env.reset()
+        self.env.reset()
+        # The observation reset() returns was computed before the objects settled into their sampled
+        # poses: Can/Square's object-to-eef entries are all zero in it. Observe again.
+        return self.env._get_observations(force_update=True)
 
     def success(self) -> bool:
         return bool(self.env._check_success())

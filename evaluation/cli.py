@@ -189,6 +189,8 @@ def dataset_starts(dataset: Path, task: str, episodes: int) -> list[Start]:
     rows = np.flatnonzero((table["task"] == task) & (table["step"] == 0))[:episodes]
     if len(rows) == 0:
         raise UserError(f"--dataset {dataset}: no validation episodes of task {task!r}")
+    if len(rows) < episodes:
+        print(f"note: --dataset {dataset} holds {len(rows)} held-out {task} episodes; dreaming {len(rows)}, not {episodes}")
     return [Start(seed=int(table["episode"][i]), state=np.asarray(table["state"][i], np.float32)) for i in rows]
 
 

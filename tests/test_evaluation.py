@@ -331,7 +331,7 @@ def test_cli_dreams_from_held_out_dataset_episodes(tiny_models: dict[str, Path],
     from data_prep.preprocess import load_vla_dataset, preprocess
 
     dataset = tmp_path / "dataset"
-    preprocess([make_robomimic_file("lift", episodes=6)], dataset, valid_fraction=0.5)
+    preprocess([make_robomimic_file("lift", episodes=6, valid_fraction=0.5)], dataset)
     validation = load_vla_dataset(dataset)["validation"]
     firsts = {row["episode"]: row["state"] for row in validation if row["step"] == 0}
     out = tmp_path / "results"

@@ -131,7 +131,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
     fields = dict(
-        backbone=str(backbone), lora_r=4, lora_alpha=8.0, lora_dropout=0.0, backbone_gradient_checkpointing=True,
+        backbone=str(backbone), lora_r=4, lora_alpha=8.0, lora_dropout=0.0, gradient_checkpointing=True,
         chunk_size=4, state_hidden_dim=32, head_hidden_dim=32, tasks=["lift", "can"],
     )
     return VLAConfig(**{**fields, **overrides})
@@ -236,6 +236,7 @@ def test_world_model_round_trip_in_fresh_process(tmp_path):
 def test_vla_llama_lora_trains_only_adapters_and_head(tiny_llama):
     torch.manual_seed(0)
     model = VLAPolicy(tiny_vla_config(tiny_llama))
+    assert model.config.gradient_checkpointing  # still in the config, so it is saved
     assert model.pooling == "last" and any(getattr(m, "gradient_checkpointing", False) for m in model.base_backbone.modules())
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any("q_proj.lora_A" in n for n in trainable) and any("v_proj.lora_B" in n for n in trainable)
