@@ -25,6 +25,7 @@ MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_STATE_TOKEN_GROUPS = [3, 4, 2, 7, 7]
 LOSSES = ("l1", "mse")
 POOLINGS = ("auto", "mean", "last")
+WORLD_MODEL_ARCHITECTURES = ("mixer", "mlp")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -127,10 +128,15 @@ class WorldModelConfig(RobotModelConfig):
     eef_pos 3 | eef_quat 4 | gripper 2 | object pos+quat 7 | object relative pos+quat 7), one action token and one
     text token (the MiniLM sentence embedding) -> 7 tokens of width `hidden_dim`. Defaults: ~0.5M parameters
     for the 5-member ensemble, ~5 MFLOP per ensemble step.
+
+    `architecture="mlp"` is the plain-MLP ablation: [state, action, text embedding] concatenated -> `num_layers`
+    x (Linear to `hidden_dim`, LayerNorm, GELU) -> the same heads, ensemble and losses (`state_token_groups`,
+    `token_mlp_dim` and `channel_mlp_dim` are then unused).
     """
 
     model_type = "vla_world_model"
 
+    architecture: str = "mixer"  # "mixer" | "mlp"
     text_encoder: str = MINILM_NAME
     text_embed_dim: int = 384
     state_token_groups: list[int] | None = None  # None -> DEFAULT_STATE_TOKEN_GROUPS (must sum to state_dim)
@@ -151,6 +157,7 @@ class WorldModelConfig(RobotModelConfig):
     state_mask: list[float] | None = None  # dims this model ever predicts (None -> all); ANDed with batch masks
 
     def validate_fields(self) -> None:
+        _check_choice(self, "architecture", WORLD_MODEL_ARCHITECTURES)
         _check_positive_int(
             self, "text_embed_dim", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers", "num_ensemble",
             "multi_step",

@@ -284,8 +284,36 @@ class EnsembleMixerBlock(nn.Module):
         return x + self.dropout(y)
 
 
+class EnsembleMLPTrunk(nn.Module):
+    """The plain-MLP ablation of the mixer: [state, action, text] -> num_layers x (Linear, LayerNorm, GELU) -> [K, B, C].
+
+    The first Linear on the concatenation is computed as the sum of three projections, so the action and
+    text parts (the same for every member) run as one shared GEMM each, like the mixer's action/text tokens.
+    """
+
+    def __init__(self, members: int, state_dim: int, action_dim: int, text_dim: int, hidden: int, layers: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.state_in = EnsembleLinear(members, state_dim, hidden)
+        self.action_in = EnsembleLinear(members, action_dim, hidden)
+        self.text_in = EnsembleLinear(members, text_dim, hidden)
+        self.hidden = nn.ModuleList(EnsembleLinear(members, hidden, hidden) for _ in range(layers - 1))
+        self.norms = nn.ModuleList(EnsembleLayerNorm(members, hidden) for _ in range(layers))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, state: torch.Tensor, action: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        x = self.state_in(state) + self.action_in.forward_shared(action) + self.text_in.forward_shared(text_emb)
+        for i, norm in enumerate(self.norms):
+            x = self.dropout(F.gelu(norm(x)))
+            if i < len(self.hidden):
+                x = self.hidden[i](x)
+        return x
+
+
 class WorldModel(NormalizedModelMixin, PreTrainedModel):
     """Ensemble of K MLP-Mixers: (s_t, a_t, instruction) -> s_{t+1} (residual, normalised), success, done.
+
+    config.architecture="mlp" swaps the mixer trunk for a plain MLP (the ablation); heads, losses and API are shared.
 
     The K members run as one batched computation (weights stacked on a leading member dim).
     """
@@ -297,15 +325,19 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
     def __init__(self, config: WorldModelConfig) -> None:
         super().__init__(config)
         k, c = config.num_ensemble, config.hidden_dim
-        tokens = len(config.state_token_groups) + 2  # + action token + text token
-        self.state_tokens = EnsembleStateTokenizer(k, config.state_token_groups, c)
-        self.action_token = EnsembleLinear(k, config.action_dim, c)
-        self.text_token = EnsembleLinear(k, config.text_embed_dim, c)
-        self.blocks = nn.ModuleList(
-            EnsembleMixerBlock(k, tokens, c, config.token_mlp_dim, config.channel_mlp_dim, config.dropout)
-            for _ in range(config.num_layers)
-        )
-        self.final_norm = EnsembleLayerNorm(k, c)
+        if config.architecture == "mlp":
+            self.trunk = EnsembleMLPTrunk(k, config.state_dim, config.action_dim, config.text_embed_dim, c,
+                                          config.num_layers, config.dropout)
+        else:  # the mixer's modules stay direct attributes: saved checkpoints name them so
+            tokens = len(config.state_token_groups) + 2  # + action token + text token
+            self.state_tokens = EnsembleStateTokenizer(k, config.state_token_groups, c)
+            self.action_token = EnsembleLinear(k, config.action_dim, c)
+            self.text_token = EnsembleLinear(k, config.text_embed_dim, c)
+            self.blocks = nn.ModuleList(
+                EnsembleMixerBlock(k, tokens, c, config.token_mlp_dim, config.channel_mlp_dim, config.dropout)
+                for _ in range(config.num_layers)
+            )
+            self.final_norm = EnsembleLayerNorm(k, c)
         self.head = EnsembleLinear(k, c, config.state_dim + 2)  # delta state | success logit | done logit
         self.post_init()
 
@@ -387,6 +419,17 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         k = self.config.num_ensemble
         if state.dim() == 2:
             state = state.expand(k, *state.shape)
+        if self.config.architecture == "mlp":
+            features = self.trunk(state, action, text_emb)
+        else:
+            features = self._mixer_features(state, action, text_emb)
+        out = self.head(features)  # [K, B, D + 2]
+        d = self.config.state_dim
+        next_state = (state + out[..., :d]) * mask
+        return next_state, out[..., d], out[..., d + 1]
+
+    def _mixer_features(self, state: torch.Tensor, action: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """[K, B, D] states -> tokens [K, B, T, C] -> mixer blocks -> mean over tokens [K, B, C]."""
         c = self._constants(state.device)
         slices = state[..., c["group_index"]] * c["group_valid"]  # [K, B, T, width]
         tokens = torch.cat(
@@ -399,10 +442,7 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         )
         for block in self.blocks:
             tokens = block(tokens)
-        out = self.head(self.final_norm(tokens).mean(dim=2))  # [K, B, D + 2]
-        d = self.config.state_dim
-        next_state = (state + out[..., :d]) * mask
-        return next_state, out[..., d], out[..., d + 1]
+        return self.final_norm(tokens).mean(dim=2)
 
     # ---- training ---------------------------------------------------------------------------------
 

@@ -353,7 +353,15 @@ def load_training_data(dataset_dir: str | Path) -> TrainingData:
 
 def make_loader(table: EpisodeTable, horizon: int, cfg: TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
     dataset = WindowDataset(table, horizon)
-    sampler = EpochShuffleSampler(len(dataset), cfg.seed) if shuffle else None
+    if shuffle:
+        sampler = EpochShuffleSampler(len(dataset), cfg.seed)
+    elif cfg.max_eval_batches is not None:
+        # Rows are sorted by episode (so by task): the first N batches would score one task only.
+        # An evenly strided subset covers every task and episode, and is the same at every evaluation.
+        count = min(len(dataset), cfg.max_eval_batches * cfg.batch_size)
+        sampler = np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
+    else:
+        sampler = None
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
