@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -25,7 +24,7 @@ from data_prep.errors import UserError, run_cli
 from data_prep.tasks import TASKS
 from evaluation.cli import make_plan, parse_args, play, settings_of, write_results
 from evaluation.records import write_episodes
-from evaluation.report import write_summary
+from evaluation.report import replace_markdown_section, write_summary
 
 SECTION = "## Evaluation"
 
@@ -58,16 +57,6 @@ def rollout_argv(args: argparse.Namespace, policy: str, name: str, env: str) -> 
     if args.video:
         argv += ["--video"]
     return argv
-
-
-def replace_section(markdown_file: Path, section: str) -> None:
-    """Put `section` (starting with SECTION) in place of the old one, or append it; atomic write."""
-    text = markdown_file.read_text() if markdown_file.exists() else "# Results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    tmp = markdown_file.with_name(f".{markdown_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, markdown_file)
 
 
 def machine() -> str:
@@ -129,7 +118,7 @@ def benchmark(args: argparse.Namespace) -> None:
     print("\n".join(messages))
     if args.results_md:
         command = "python benchmarks/evaluate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        replace_section(args.results_md, section_text(command, markdown, timings, messages, out))
+        replace_markdown_section(args.results_md, SECTION, section_text(command, markdown, timings, messages, out))
         print(f"updated {args.results_md} ({SECTION})")
     print(f"wrote {out}")
 

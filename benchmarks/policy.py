@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -42,6 +41,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
 import train_accelerate as ta  # noqa: E402
 from data_prep.errors import UserError, run_cli  # noqa: E402
 from data_prep.tasks import load_instructions  # noqa: E402
+from evaluation.report import replace_markdown_section  # noqa: E402
 
 SECTION = "## Policies"
 MIN_STD = 1e-6  # as modeling_vla: constant action dims are divided by 1
@@ -453,16 +453,6 @@ def markdown_section(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def replace_section(markdown_file: Path, section: str, heading: str = SECTION) -> None:
-    """Put `section` (starting with `heading`) in place of the old one, or append it; other sections stay; atomic."""
-    text = markdown_file.read_text() if markdown_file.exists() else "# Results\n"
-    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    tmp = markdown_file.with_name(f".{markdown_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, markdown_file)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -543,7 +533,7 @@ def benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     write_results(args.out, produce)
     print(section)
     if args.results_md:
-        replace_section(args.results_md, section)
+        replace_markdown_section(args.results_md, SECTION, section)
         print(f"updated {args.results_md} ({SECTION})")
     print(f"wrote {args.out}")
     return results

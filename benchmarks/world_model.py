@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError, run_cli
+from evaluation.report import replace_markdown_section
 
 SECTION = "## World model"
 REPORT_HORIZONS = (1, 5, 10, 25)
@@ -412,16 +412,6 @@ def markdown_section(results: dict[str, Any]) -> str:
                     f"(MLP / mixer = {g['open_loop_25_ratio_mlp_over_mixer']:.2f})"))
     lines += ["", f"Files: `{results['out']}/results.json`, `{results['out']}/open_loop_error.png`."]
     return "\n".join(lines) + "\n\n"
-
-
-def replace_markdown_section(markdown_file: Path, heading: str, section: str) -> None:
-    """Put `section` (starting with `heading`) in place of the old one, or append it; atomic write."""
-    text = markdown_file.read_text() if markdown_file.exists() else "# Results\n"
-    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    tmp = markdown_file.with_name(f".{markdown_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, markdown_file)
 
 
 def machine() -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,3 +125,19 @@ def write_summary(records: Sequence[EpisodeRecord], folder: Path, settings: dict
     notes = "".join(f"* {m}\n" for m in messages)
     (folder / "summary.md").write_text(f"# Rollout results\n\n{markdown}\n{notes}")
     return markdown
+
+
+def replace_markdown_section(markdown_file: Path, heading: str, section: str) -> None:
+    """Put `section` (starting with `heading`, e.g. "## Evaluation") in place of the old one, or append it.
+
+    The benchmarks each own one section of docs/RESULTS.md; the others stay as they are. Atomic write.
+    """
+    text = markdown_file.read_text() if markdown_file.exists() else "# Results\n"
+    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = markdown_file.with_name(f".{markdown_file.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, markdown_file)

@@ -142,8 +142,8 @@ def test_benchmark_end_to_end(dataset: Path, policies: dict[str, Path], tmp_path
 def test_section_is_appended_when_missing(tmp_path: Path) -> None:
     path = tmp_path / "RESULTS.md"
     path.write_text("# Results\n\n## Evaluation\n\nother\n")
-    bp.replace_section(path, "## Policies\n\nnew\n\n")
-    bp.replace_section(path, "## Policies\n\nnewer\n\n")
+    bp.replace_markdown_section(path, "## Policies", "## Policies\n\nnew\n\n")
+    bp.replace_markdown_section(path, "## Policies", "## Policies\n\nnewer\n\n")
     assert path.read_text() == "# Results\n\n## Evaluation\n\nother\n\n## Policies\n\nnewer\n\n"
 
 
