@@ -724,9 +724,14 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
     def tokenizer(self):
         """From the saved model folder when it has one, else from the backbone."""
         if self._tokenizer is None:
-            folder = self.config.name_or_path
-            has_own = bool(folder) and (Path(folder) / "tokenizer_config.json").is_file()
-            self._tokenizer = AutoTokenizer.from_pretrained(folder if has_own else resolve_pretrained_path(self.config.backbone))
+            saved_at = self.config.name_or_path  # a local folder or a hub id (resolved through the cache)
+            if saved_at:
+                try:
+                    self._tokenizer = AutoTokenizer.from_pretrained(saved_at)
+                except (OSError, ValueError):  # a folder/repo without tokenizer files
+                    self._tokenizer = None
+            if self._tokenizer is None:
+                self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained_path(self.config.backbone))
         return self._tokenizer
 
     def _instruction_ids(self, instructions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -795,21 +795,23 @@ def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namesp
     return args
 
 
-def main(argv: Sequence[str] | None = None, model: str | None = None) -> dict[str, Any]:
-    def run() -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None, model: str | None = None) -> None:
+    """Console entry point. Returns None: a console script's return value becomes the exit status."""
+
+    def run() -> None:
         args = parse_args(argv, model)
         cfg = load_config(args.config, args.set, model=args.model, dataset=args.dataset, output_dir=args.output_dir)
-        return train(cfg, resume=args.resume, source=args.config)
+        train(cfg, resume=args.resume, source=args.config)
 
-    return run_cli(run)
-
-
-def main_world_model(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return main(argv, model="world")
+    run_cli(run)
 
 
-def main_policy(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return main(argv, model="policy")
+def main_world_model(argv: Sequence[str] | None = None) -> None:
+    main(argv, model="world")
+
+
+def main_policy(argv: Sequence[str] | None = None) -> None:
+    main(argv, model="policy")
 
 
 if __name__ == "__main__":

@@ -88,11 +88,19 @@ def run_in_browser(url: str, args: argparse.Namespace) -> dict[str, float]:
             box = browser.find_element(By.CSS_SELECTOR, "textarea, input[type='text']")
             box.clear()
             box.send_keys(args.instruction)
+            if args.seed is not None:  # a simulator-seed start: the Space also plays it in robosuite
+                browser.find_element(By.XPATH, "//label[contains(., 'simulator seed')]").click()
+                number = browser.find_element(
+                    By.XPATH, "//*[contains(text(), 'held-out episode index')]/ancestor::*[.//input[@type='number']][1]"
+                              "//input[@type='number']")
+                number.clear()
+                number.send_keys(str(args.seed))
             clicked = time.monotonic()
             button.click()
-            # Both dream images (3-D trajectory, uncertainty) are <img> elements once the answer arrives.
+            # The dream images (3-D trajectory, uncertainty; + dream vs real) are <img> elements once the answer arrives.
+            expected = 3 if args.seed is not None else 2
             WebDriverWait(browser, args.timeout).until(
-                lambda b: len([i for i in b.find_elements(By.TAG_NAME, "img") if "dream_" in (i.get_attribute("src") or "")]) >= 2)
+                lambda b: len([i for i in b.find_elements(By.TAG_NAME, "img") if "dream_" in (i.get_attribute("src") or "")]) >= expected)
             plotted = time.monotonic() - clicked
             time.sleep(1.0)  # let the images finish painting before the screenshot
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policy", help="folder or repo id (default: the Space's default)")
     parser.add_argument("--dataset", help="vla-preprocess folder for held-out starts")
     parser.add_argument("--instruction", default="please pick up the red cube and lift it")
+    parser.add_argument("--seed", type=int, help="start from this simulator seed (and show the real rollout); "
+                                                  "default: held-out episode 0 of the dataset")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "space_e2e.png")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the plots after the click")
     return parser.parse_args(argv)
