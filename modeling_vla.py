@@ -703,6 +703,13 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         self._tokenizer = None
         self._token_cache: dict[str, list[int]] = {}
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute the backbone's layers in backward (the state encoder and head are too small to matter)."""
+        enable_activation_checkpointing(self.base_backbone)
+        self.config.gradient_checkpointing = True
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
+
     def _lora_config(self, backbone: nn.Module) -> LoraConfig:
         cfg = self.config
         targets = list(cfg.lora_target_modules) if cfg.lora_target_modules else default_lora_targets(backbone)

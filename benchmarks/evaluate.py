@@ -37,7 +37,7 @@ def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=100_000, help="first simulator seed; disjoint from vla-generate's")
     p.add_argument("--horizon", type=int, help="max steps per episode (default: each task's horizon)")
     p.add_argument("--no-expert", action="store_true", help="skip the scripted-expert upper bound")
     p.add_argument("--video", action="store_true", help="film 2 real episodes per task and policy")

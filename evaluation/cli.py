@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=50, help="episodes per task and env")
     p.add_argument("--env", choices=("dream", "real", "both"), default="both")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder (replaced atomically)")
-    p.add_argument("--seed", type=int, default=0, help="episode i starts from simulator seed seed+i")
+    # Far from vla-generate's seeds (attempt i uses seed i), so evaluation never replays a training start.
+    p.add_argument("--seed", type=int, default=100_000, help="episode i starts from simulator seed seed+i")
     p.add_argument("--workers", type=int, default=2, help="simulator processes for real rollouts (1 = in-process)")
     p.add_argument("--instruction", help="custom instruction for every episode (default: the task's canonical one)")
     p.add_argument("--dataset", type=Path, help="vla-preprocess folder: --env dream starts from held-out episodes")

@@ -280,16 +280,16 @@ def test_cli_writes_results_folder(tiny_models: dict[str, Path], tmp_path: Path,
          "--success-threshold", "1.0", "--done-threshold", "1.0", "--no-progress"], capsys)
     assert code == 0, err
     lines = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
-    assert sorted((e["env"], e["seed"]) for e in lines) == [("dream", 0), ("dream", 1), ("real", 0), ("real", 1)]
+    assert sorted((e["env"], e["seed"]) for e in lines) == [("dream", 100_000), ("dream", 100_001), ("real", 100_000), ("real", 100_001)]
     by_key = {(e["env"], e["seed"]): e for e in lines}
-    assert by_key[("dream", 0)]["initial_state"] == by_key[("real", 0)]["initial_state"]  # same start
+    assert by_key[("dream", 100_000)]["initial_state"] == by_key[("real", 100_000)]["initial_state"]  # same start
     summary = json.loads((out / "summary.json").read_text())
     assert {(r["env"], r["episodes"]) for r in summary["results"]} == {("real", 2), ("dream", 2)}
     assert summary["agreement"][0]["pairs"] == 2 and len(summary["agreement"][0]["eef_error"]) == 5
     assert "| mlp | lift | real | 2 |" in (out / "summary.md").read_text()
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"success_rates.png", "trajectory_error.png", "trajectories_mlp_lift_real.png",
-            "dream_vs_real_mlp_lift_seed0.png"} <= figures
+            "dream_vs_real_mlp_lift_seed100000.png"} <= figures
     assert np.load(out / "trajectories.npz")["mlp__lift__dream__0__std"].shape == (5, STATE_DIM)
     assert not list(tmp_path.glob("results.tmp-*"))
 
