@@ -24,7 +24,7 @@ MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # per-step cost low: dreams evaluate the whole ensemble thousands of times per rollout on CPU.
 DEFAULT_STATE_TOKEN_GROUPS = [3, 4, 2, 7, 7]
 LOSSES = ("l1", "mse")
-POOLINGS = ("auto", "mean", "last")
+POOLINGS = ("auto", "state", "mean", "last")
 WORLD_MODEL_ARCHITECTURES = ("mixer", "mlp")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -206,7 +206,14 @@ class VLAConfig(RobotModelConfig):
     state_hidden_dim: int = 256  # hidden width of the state -> tokens MLP
     head_hidden_dim: int = 256
     head_dropout: float = 0.0
-    pooling: str = "auto"  # auto: mean for masked-LM encoders, last token otherwise
+    # Readout of the backbone: "state" = mean of the state tokens' final hidden states (they attend to the
+    # instruction; a mean over every token would drown the state in ~15 text tokens), "last" = last token
+    # (decoders: the last state token, which sees everything causally), "mean" = all tokens.
+    # auto: "state" for masked-LM encoders, "last" otherwise.
+    pooling: str = "auto"
+    # Also feed the normalised state straight to the head (a proprio skip), so precise positions need not
+    # survive the trip through a frozen language model; the backbone supplies the instruction's meaning.
+    state_skip: bool = True
     max_instruction_tokens: int = 32
     loss: str = "l1"
 

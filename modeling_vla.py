@@ -670,6 +670,7 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
     # False on purpose: with True, post_init would consume config.gradient_checkpointing (transformers' legacy
     # path deletes the field from the config); __init__ applies it to the backbone itself instead.
     supports_gradient_checkpointing = False
+    OWN_MODULES = ("state_encoder", "readout_norm", "head")  # trained in full (not LoRA): saved with the adapter
 
     def __init__(self, config: VLAConfig, backbone: PreTrainedModel | None = None) -> None:
         super().__init__(config)
@@ -682,14 +683,15 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
             nn.GELU(),
             nn.Linear(config.state_hidden_dim, config.num_state_tokens * hidden),
         )
+        self.readout_norm = nn.LayerNorm(hidden)
         self.head = nn.Sequential(
-            nn.LayerNorm(hidden),
-            nn.Linear(hidden, config.head_hidden_dim),
+            nn.Linear(hidden + (config.state_dim if config.state_skip else 0), config.head_hidden_dim),
             nn.GELU(),
             nn.Dropout(config.head_dropout),
             nn.Linear(config.head_hidden_dim, config.chunk_size * config.action_dim),
         )
         self.state_encoder.float()
+        self.readout_norm.float()
         self.head.float()
         # Initialise our own layers before attaching the backbone, so post_init never touches pretrained weights.
         self.post_init()
@@ -719,7 +721,7 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
     def pooling(self) -> str:
         if self.config.pooling != "auto":
             return self.config.pooling
-        return "mean" if self.config.backbone_config["model_type"] in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
+        return "state" if self.config.backbone_config["model_type"] in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
 
     @property
     def base_backbone(self) -> PreTrainedModel:
@@ -780,10 +782,15 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         hidden_states = self.backbone(inputs_embeds=embeds, attention_mask=attention, **extra).last_hidden_state
         if self.pooling == "last":
             pooled = hidden_states[:, -1]
+        elif self.pooling == "state":  # encoder layout: the state tokens come first
+            pooled = hidden_states[:, : self.config.num_state_tokens].mean(1)
         else:
             weights = attention.unsqueeze(-1).to(hidden_states.dtype)
             pooled = (hidden_states * weights).sum(1) / weights.sum(1)
-        out = self.head(pooled.float())
+        features = self.readout_norm(pooled.float())
+        if self.config.state_skip:
+            features = torch.cat([features, state.float()], -1)
+        out = self.head(features)
         return out.view(batch, self.config.chunk_size, self.config.action_dim)
 
     # ---- saving -----------------------------------------------------------------------------------
@@ -802,8 +809,8 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         merged_config.use_lora = False
         merged_backbone = copy.deepcopy(self.backbone).merge_and_unload()
         merged = type(self)(merged_config, backbone=merged_backbone)
-        merged.state_encoder.load_state_dict(self.state_encoder.state_dict())
-        merged.head.load_state_dict(self.head.state_dict())
+        for name in self.OWN_MODULES:
+            getattr(merged, name).load_state_dict(getattr(self, name).state_dict())
         merged._tokenizer = self.tokenizer
         merged.save_pretrained(save_directory)
 
@@ -816,8 +823,7 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
             raise ValueError("save_adapter: this policy has no LoRA adapter (config.use_lora is False)")
         save_directory = Path(save_directory)
         self.backbone.save_pretrained(save_directory)
-        head = {f"state_encoder.{k}": v for k, v in self.state_encoder.state_dict().items()}
-        head.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        head = {f"{name}.{k}": v for name in self.OWN_MODULES for k, v in getattr(self, name).state_dict().items()}
         save_file({k: v.contiguous() for k, v in head.items()}, save_directory / HEAD_WEIGHTS_FILE)
         self.config.save_pretrained(save_directory)
         self.tokenizer.save_pretrained(save_directory)
@@ -834,8 +840,10 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{adapter_directory}: adapter weights do not fit the backbone: {result.unexpected_keys[:3]}")
         head = load_file(adapter_directory / HEAD_WEIGHTS_FILE)
-        model.state_encoder.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items() if k.startswith("state_encoder.")})
-        model.head.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items() if k.startswith("head.")})
+        for name in cls.OWN_MODULES:
+            getattr(model, name).load_state_dict(
+                {k.split(".", 1)[1]: v for k, v in head.items() if k.startswith(f"{name}.")}
+            )
         return model
 
 

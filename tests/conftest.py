@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+# Before anything imports `datasets`: its cache keys local folders by name, so tmp folders called
+# "dataset" from an earlier run could be served instead of this run's. A cache of the session's own
+# (inherited by subprocesses) keeps every run independent of what the machine has seen before.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="vla-tests-datasets-cache-")
 
 import h5py
 import numpy as np
@@ -14,7 +20,7 @@ import pytest
 from data_prep.robomimic_io import Episode, write_robomimic_hdf5
 from data_prep.tasks import get_task
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # several helpers share 2 cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread each beats two fighting over 2 cores
 
 ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 

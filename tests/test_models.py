@@ -240,7 +240,7 @@ def test_vla_llama_lora_trains_only_adapters_and_head(tiny_llama):
     assert model.pooling == "last" and any(getattr(m, "gradient_checkpointing", False) for m in model.base_backbone.modules())
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any("q_proj.lora_A" in n for n in trainable) and any("v_proj.lora_B" in n for n in trainable)
-    assert all("lora_" in n or n.startswith(("state_encoder.", "head.")) for n in trainable), trainable
+    assert all("lora_" in n or n.startswith(("state_encoder.", "readout_norm.", "head.")) for n in trainable), trainable
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     calls = []
     hook = model.base_backbone.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
@@ -277,7 +277,7 @@ def test_vla_llama_round_trip_merged_export_and_adapter(tiny_llama, tmp_path):
 def test_vla_minilm_default_forward_backward():
     torch.manual_seed(0)
     model = VLAPolicy(VLAConfig())
-    assert model.pooling == "mean"
+    assert model.pooling == "state"
     batch = synthetic_batch(batch=2, horizon=8)
     out = model(**batch)
     out.loss.backward()
