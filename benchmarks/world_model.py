@@ -105,6 +105,29 @@ def squared_error(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, scale:
     return SquaredError(total=(diff.astype(np.float64) ** 2).sum(-1), count=mask.sum(-1).astype(np.float64))
 
 
+# Named blocks of the 23-D state (data_prep.tasks layout), for the per-block error breakdown.
+STATE_GROUPS: dict[str, slice] = {
+    "eef pos": slice(0, 3), "eef quat": slice(3, 7), "gripper": slice(7, 9), "object pos": slice(9, 12),
+    "object quat": slice(12, 16), "object-eef pos": slice(16, 19), "object-eef quat": slice(19, 23),
+}
+
+
+def error_by_group(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, scale: np.ndarray) -> dict[str, Any]:
+    """Mean squared normalised error per state block, and each block's share of the total squared error.
+
+    Shows where a one-step error comes from (e.g. quaternion sign flips) instead of one averaged number.
+    """
+    squared = ((pred - target) / scale * mask).astype(np.float64) ** 2
+    total = squared.sum()
+    groups = {}
+    for name, cols in STATE_GROUPS.items():
+        real = mask[:, cols].sum()
+        if real > 0:
+            groups[name] = {"mse": float(squared[:, cols].sum() / real),
+                            "share": float(squared[:, cols].sum() / total) if total > 0 else 0.0}
+    return groups
+
+
 def by_task(table: Any, rows: np.ndarray, value: Callable[[np.ndarray], float]) -> dict[str, float]:
     """value(positions) per task, where positions index `rows`."""
     tasks = table.task[rows]
@@ -195,11 +218,13 @@ def one_step_metrics(dynamics: Dynamics, data: Validation, chunk: int = 8192) ->
         pred, p_success = dynamics(t.state[rows], t.action[rows], rows)
         preds.append(pred)
         probs.append(p_success)
-    error = squared_error(np.concatenate(preds), t.next_state, t.state_mask, data.scale)
+    predicted = np.concatenate(preds)
+    error = squared_error(predicted, t.next_state, t.state_mask, data.scale)
     all_rows = np.arange(len(t))
     result: dict[str, Any] = {
         "one_step_mse": error.mean(),
         "one_step_mse_per_task": by_task(t, all_rows, error.mean),
+        "one_step_by_state_group": error_by_group(predicted, t.next_state, t.state_mask, data.scale),
         "success": None,
     }
     if probs[0] is not None:
@@ -396,6 +421,13 @@ def markdown_section(results: dict[str, Any]) -> str:
               "| model | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
     for name, m in models.items():
         lines.append(f"| {name} | " + " | ".join(fmt(m["one_step_mse_per_task"].get(t)) for t in tasks) + " |")
+    groups = list(STATE_GROUPS)
+    lines += ["", "One-step MSE per state block (share of the model's total squared error):", "",
+              "| model | " + " | ".join(groups) + " |", "| --- | " + " | ".join("---:" for _ in groups) + " |"]
+    for name, m in models.items():
+        cells = [m["one_step_by_state_group"].get(g) for g in groups]
+        lines.append(f"| {name} | " + " | ".join(
+            "n/a" if c is None else f"{fmt(c['mse'])} ({c['share']:.0%})" for c in cells) + " |")
     lines += ["", f"Robosuite ({speed['task']}, {speed['action']} actions, one process, {speed['steps']} steps): "
               f"{speed['steps_per_s']:,.0f} steps/s."]
     for name, m in models.items():
