@@ -41,7 +41,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
 import train_accelerate as ta  # noqa: E402
 from data_prep.errors import UserError, run_cli  # noqa: E402
 from data_prep.tasks import load_instructions  # noqa: E402
-from evaluation.report import replace_markdown_section  # noqa: E402
+from evaluation.report import publish_benchmark  # noqa: E402
 
 SECTION = "## Policies"
 MIN_STD = 1e-6  # as modeling_vla: constant action dims are divided by 1
@@ -484,7 +484,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    from evaluation.cli import write_results
 
     host = machine()  # the load average before our own work
     data = ta.load_training_data(args.dataset)
@@ -524,18 +523,8 @@ def benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
                                        for m in policies["vla"]["latency"]}
     section = markdown_section(results)
 
-    def produce(tmp: Path) -> str:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        plot_losses(results, tmp / "val_loss.png")
-        (tmp / "policy.md").write_text(section)
-        return section
-
-    write_results(args.out, produce)
-    print(section)
-    if args.results_md:
-        replace_markdown_section(args.results_md, SECTION, section)
-        print(f"updated {args.results_md} ({SECTION})")
-    print(f"wrote {args.out}")
+    publish_benchmark(args.out, results, section, {"val_loss.png": lambda path: plot_losses(results, path)},
+                      "policy.md", args.results_md, SECTION)
     return results
 
 

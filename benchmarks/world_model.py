@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError, run_cli
-from evaluation.report import replace_markdown_section
+from evaluation.report import publish_benchmark
 
 SECTION = "## World model"
 REPORT_HORIZONS = (1, 5, 10, 25)
@@ -497,7 +497,6 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     import torch
 
     from data_prep.tasks import STATE_LAYOUT, get_task
-    from evaluation.cli import write_results
 
     check_args(args)
     get_task(args.sim_task)
@@ -544,18 +543,8 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     }
     section = markdown_section(results)
 
-    def produce(tmp: Path) -> str:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        plot_open_loop(models, tmp / "open_loop_error.png")
-        (tmp / "world_model.md").write_text(section)
-        return section
-
-    write_results(args.out, produce)
-    print(section)
-    if args.results_md:
-        replace_markdown_section(args.results_md, SECTION, section)
-        print(f"updated {args.results_md} ({SECTION})")
-    print(f"wrote {args.out}")
+    publish_benchmark(args.out, results, section, {"open_loop_error.png": lambda path: plot_open_loop(models, path)},
+                      "world_model.md", args.results_md, SECTION)
     return results
 
 

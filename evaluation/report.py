@@ -141,3 +141,24 @@ def replace_markdown_section(markdown_file: Path, heading: str, section: str) ->
     tmp = markdown_file.with_name(f".{markdown_file.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, markdown_file)
+
+
+def publish_benchmark(out: Path, results: dict[str, Any], section: str, figures: dict[str, Any],
+                      markdown_name: str, results_md: Path | None, heading: str) -> None:
+    """A benchmark's outputs: results.json, its figures (name -> plot(path)) and markdown, swapped in atomically
+    as one folder; then, with `results_md`, its section of docs/RESULTS.md replaced."""
+    from evaluation.cli import write_results  # cli imports this module
+
+    def produce(tmp: Path) -> str:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        for name, plot in figures.items():
+            plot(tmp / name)
+        (tmp / markdown_name).write_text(section)
+        return section
+
+    write_results(out, produce)
+    print(section)
+    if results_md:
+        replace_markdown_section(results_md, heading, section)
+        print(f"updated {results_md} ({heading})")
+    print(f"wrote {out}")

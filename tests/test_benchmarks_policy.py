@@ -18,6 +18,7 @@ from test_train import TASKS, tiny_config, tiny_llama, write_dataset  # noqa: F4
 
 import train_accelerate as ta
 from data_prep.tasks import INSTRUCTIONS_FILE, instructions_for
+from evaluation.report import replace_markdown_section
 from modeling_vla import MLPPolicy
 
 torch.set_num_threads(1)  # the machine's 2 cores are shared
@@ -142,8 +143,8 @@ def test_benchmark_end_to_end(dataset: Path, policies: dict[str, Path], tmp_path
 def test_section_is_appended_when_missing(tmp_path: Path) -> None:
     path = tmp_path / "RESULTS.md"
     path.write_text("# Results\n\n## Evaluation\n\nother\n")
-    bp.replace_markdown_section(path, "## Policies", "## Policies\n\nnew\n\n")
-    bp.replace_markdown_section(path, "## Policies", "## Policies\n\nnewer\n\n")
+    replace_markdown_section(path, "## Policies", "## Policies\n\nnew\n\n")
+    replace_markdown_section(path, "## Policies", "## Policies\n\nnewer\n\n")
     assert path.read_text() == "# Results\n\n## Evaluation\n\nother\n\n## Policies\n\nnewer\n\n"
 
 
