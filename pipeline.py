@@ -149,8 +149,8 @@ class PipelineSize:
 SIZES = {
     "quick": PipelineSize(episodes_per_task=10, train_steps={"world": 300, "policy": 150, "mlp": 300},
                           eval_episodes=2, checkpoint_every=100),
-    "full": PipelineSize(episodes_per_task=100, train_steps={"world": 2000, "policy": 2000, "mlp": 3000},
-                         eval_episodes=20),
+    "full": PipelineSize(episodes_per_task=200, train_steps={"world": 2000, "policy": 3000, "mlp": 3000},
+                         eval_episodes=50),
 }
 
 
