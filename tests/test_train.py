@@ -11,6 +11,7 @@ import torch
 
 import train_accelerate as ta
 from data_prep.errors import UserError
+from data_prep.preprocess import FEATURES
 from data_prep.tasks import ACTION_DIM, STATE_DIM, STATE_LAYOUT
 
 torch.set_num_threads(1)  # the machine's 2 cores are shared: 2 threads per process thrash (5-10x slower)
@@ -23,23 +24,7 @@ def synthetic_rows(episodes: int, steps: int, seed: int, first_episode: int, sta
     rng = np.random.default_rng(seed)
     mixing = np.random.default_rng(123).normal(0, 1, (state_dim, ACTION_DIM)).astype(np.float32)
     gain = np.random.default_rng(321).normal(0, 0.5, (ACTION_DIM, state_dim)).astype(np.float32)
-    rows: dict[str, list] = {
-        k: []
-        for k in (
-            "task",
-            "instruction",
-            "episode",
-            "step",
-            "state",
-            "state_mask",
-            "action",
-            "next_state",
-            "reward",
-            "done",
-            "success",
-            "source",
-        )
-    }
+    rows: dict[str, list] = {k: [] for k in FEATURES}  # the vla-preprocess schema, column for column
     for e in range(episodes):
         task = list(TASKS)[e % len(TASKS)]
         state = rng.normal(0, 1, state_dim).astype(np.float32)
