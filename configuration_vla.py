@@ -17,12 +17,12 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-DEFAULT_STATE_LAYOUT = "eef_pos3+eef_quat4+gripper_qpos2+object14pad"
+DEFAULT_STATE_LAYOUT = "eef_pos3+eef_rot6+gripper_qpos2+object18pad.rot6"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-# One mixer token per semantic slice of the 23-D state: eef_pos, eef_quat, gripper_qpos, then the object
-# block as (pos, quat) and (relative pos, relative quat) (Lift's last 4 are padding). Few tokens keep the
+# One mixer token per semantic slice of the 29-D state: eef_pos, eef_rot6, gripper_qpos, then the object
+# block as (pos, rot6) and (relative pos, relative rot6) (Lift's last 6 are padding). Few tokens keep the
 # per-step cost low: dreams evaluate the whole ensemble thousands of times per rollout on CPU.
-DEFAULT_STATE_TOKEN_GROUPS = [3, 4, 2, 7, 7]
+DEFAULT_STATE_TOKEN_GROUPS = [3, 6, 2, 9, 9]
 LOSSES = ("l1", "mse")
 POOLINGS = ("auto", "state", "mean", "last")
 WORLD_MODEL_ARCHITECTURES = ("mixer", "mlp")
@@ -79,7 +79,7 @@ def _vector(config: object, field: str, dim_field: str, default: float, positive
 class RobotModelConfig(PretrainedConfig):
     """Fields shared by the three models: dims, layout, normalisation statistics, tasks trained on."""
 
-    state_dim: int = 23
+    state_dim: int = 29
     action_dim: int = 7
     state_layout: str = DEFAULT_STATE_LAYOUT
     state_mean: list[float] | None = None  # None -> zeros
@@ -125,7 +125,7 @@ class WorldModelConfig(RobotModelConfig):
     """MLP-Mixer ensemble predicting s_{t+1} - s_t (normalised), success and done from (s_t, a_t, instruction).
 
     Token layout: one token per entry of `state_token_groups` (consecutive slices of the state, default
-    eef_pos 3 | eef_quat 4 | gripper 2 | object pos+quat 7 | object relative pos+quat 7), one action token and one
+    eef_pos 3 | eef_rot6 6 | gripper 2 | object pos+rot6 9 | object relative pos+rot6 9), one action token and one
     text token (the MiniLM sentence embedding) -> 7 tokens of width `hidden_dim`. Defaults: ~0.5M parameters
     for the 5-member ensemble, ~5 MFLOP per ensemble step.
 

@@ -1,6 +1,6 @@
 """The three models: an MLP-Mixer world-model ensemble, a LoRA VLA policy and an MLP behaviour-cloning baseline.
 
-All of them take and return raw units (state [B, 23], action [B, 7] / chunks [B, H, 7]) and normalise
+All of them take and return raw units (state [B, 29], action [B, 7] / chunks [B, H, 7]) and normalise
 internally with the statistics in their config. `model(**batch)` (batch as in docs/DESIGN.md, "Training
 batches") returns a `RobotModelOutput` with `.loss` and `.metrics`.
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError, run_cli
+from data_prep.tasks import STATE_SLICES
 from evaluation.report import publish_benchmark
 
 SECTION = "## World model"
@@ -105,22 +106,17 @@ def squared_error(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, scale:
     return SquaredError(total=(diff.astype(np.float64) ** 2).sum(-1), count=mask.sum(-1).astype(np.float64))
 
 
-# Named blocks of the 23-D state (data_prep.tasks layout), for the per-block error breakdown.
-STATE_GROUPS: dict[str, slice] = {
-    "eef pos": slice(0, 3), "eef quat": slice(3, 7), "gripper": slice(7, 9), "object pos": slice(9, 12),
-    "object quat": slice(12, 16), "object-eef pos": slice(16, 19), "object-eef quat": slice(19, 23),
-}
 
 
 def error_by_group(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, scale: np.ndarray) -> dict[str, Any]:
     """Mean squared normalised error per state block, and each block's share of the total squared error.
 
-    Shows where a one-step error comes from (e.g. quaternion sign flips) instead of one averaged number.
+    Shows where a one-step error comes from (e.g. one badly predicted rotation block) instead of one averaged number.
     """
     squared = ((pred - target) / scale * mask).astype(np.float64) ** 2
     total = squared.sum()
     groups = {}
-    for name, cols in STATE_GROUPS.items():
+    for name, cols in STATE_SLICES.items():
         real = mask[:, cols].sum()
         if real > 0:
             groups[name] = {"mse": float(squared[:, cols].sum() / real),
@@ -421,7 +417,7 @@ def markdown_section(results: dict[str, Any]) -> str:
               "| model | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
     for name, m in models.items():
         lines.append(f"| {name} | " + " | ".join(fmt(m["one_step_mse_per_task"].get(t)) for t in tasks) + " |")
-    groups = list(STATE_GROUPS)
+    groups = list(STATE_SLICES)
     lines += ["", "One-step MSE per state block (share of the model's total squared error):", "",
               "| model | " + " | ".join(groups) + " |", "| --- | " + " | ".join("---:" for _ in groups) + " |"]
     for name, m in models.items():

@@ -38,6 +38,7 @@ from data_prep.tasks import (
     OBJECT_DIM,
     STATE_DIM,
     STATE_LAYOUT,
+    STATE_SLICES,
     get_task,
     instructions_for,
 )
@@ -345,14 +346,14 @@ def card_body(collected: Collected, counts: dict, seed: int) -> str:
         "",
         "| index | content |",
         "| --- | --- |",
-        "| 0-2 | `robot0_eef_pos` (end-effector position) |",
-        "| 3-6 | `robot0_eef_quat` (end-effector orientation, xyzw) |",
-        "| 7-8 | `robot0_gripper_qpos` (finger joint positions) |",
-        f"| 9-{STATE_DIM - 1} | robomimic `object` observation, zero-padded to {OBJECT_DIM} |",
+        *(f"| {block.start}-{block.stop - 1} | {name} |" for name, block in STATE_SLICES.items()),
         "",
-        "Lift's `object` observation has 10 dimensions (cube position, quaternion, gripper-to-cube vector); Can's and "
-        "Square's have 14. Narrower ones are padded with zeros on the right, and `state_mask` marks real entries with 1 "
-        "and padding with 0, so models can ignore the padding (e.g. zero it after normalisation).",
+        "Orientations are the first two columns of the rotation matrix (6 numbers; robosuite's xyzw quaternions "
+        "converted), which, unlike quaternions, never jump between equivalent values from one step to the next. "
+        "The object block is robomimic's `object` observation with its quaternions converted that way. Lift's is 12 "
+        f"wide (cube position, rotation, gripper-to-cube vector), Can's and Square's {OBJECT_DIM} (object position and "
+        "rotation, then its pose relative to the end effector). Lift's block is padded with zeros on the right, and "
+        "`state_mask` marks real entries with 1 and padding with 0, so models can ignore the padding.",
         "",
         "`normalization.json` holds mean/std/min/max per state and action dimension over the **train** split only; "
         "state statistics count only unpadded entries, a dimension that is padding on every train row gets mean 0 and "

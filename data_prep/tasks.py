@@ -1,16 +1,23 @@
 """The task registry and the one state layout shared by data, models and environments.
 
-State vector (STATE_DIM = 23), identical for every task so one model serves all three:
+State vector (STATE_DIM = 29), identical for every task so one model serves all three:
 
-    [ robot0_eef_pos (3) | robot0_eef_quat (4) | robot0_gripper_qpos (2) | object (14, zero-padded) ]
+    [ eef_pos (3) | eef_rot6 (6) | gripper_qpos (2) | object (18, zero-padded) ]
 
-Lift's "object" observation is 10-D (cube pos, cube quat, gripper-to-cube pos); Can's and
-Square's are 14-D (pos, quat, object-to-eef pos, object-to-eef quat). Narrower object vectors
-are zero-padded on the right and `state_mask` marks the real entries (1) vs padding (0).
+Every orientation is stored as the first two columns of its rotation matrix (the continuous 6-D
+representation of Zhou et al., CVPR 2019) instead of robosuite's quaternion: a quaternion and its
+negation are the same rotation, and robosuite's matrix-to-quaternion conversion jumps between the two
+from one step to the next (83 % of the first world model's one-step error was such jumps in the
+object-to-eef quaternion). Rotation-matrix columns have no such branch, so equal poses give equal states.
 
-The object block always follows robomimic's order (position first). robosuite 1.5 concatenates
-its "object-state" for Can and Square relative-pose first, so a live observation is rebuilt from
-the named per-object keys (`TaskSpec.object_keys`) rather than copied from "object-state".
+The object block follows robomimic's "object" observation with each quaternion replaced by its 6-D
+form: Lift's cube -> pos 3 | rot6 6 | gripper-to-cube pos 3 (12, then 6 zeros of padding); Can's and
+Square's -> pos 3 | rot6 6 | object-to-eef pos 3 | object-to-eef rot6 6 (18). `state_mask` marks the
+real entries (1) vs padding (0).
+
+robosuite 1.5 concatenates its "object-state" for Can and Square relative-pose first, so a live
+observation is rebuilt in robomimic's order from the named per-object keys (`TaskSpec.object_keys`)
+rather than copied from "object-state".
 """
 
 from __future__ import annotations
@@ -26,14 +33,25 @@ import numpy as np
 from data_prep.errors import UserError
 
 ROBOT_KEYS: tuple[str, ...] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
-ROBOT_DIMS: tuple[int, ...] = (3, 4, 2)
+ROBOT_DIMS: tuple[int, ...] = (3, 4, 2)  # widths of the raw observations (quaternion: x y z w)
 OBJECT_KEY = "object"
-OBJECT_DIM = 14
 STATE_KEYS: tuple[str, ...] = (*ROBOT_KEYS, OBJECT_KEY)
-STATE_DIM = sum(ROBOT_DIMS) + OBJECT_DIM  # 23
+QUAT_DIM, ROT6_DIM = 4, 6
+OBJECT_DIM = 18  # the widest object block in the state (Can, Square), after quaternion -> rot6
+STATE_DIM = 3 + ROT6_DIM + 2 + OBJECT_DIM  # 29
 ACTION_DIM = 7  # OSC_POSE delta: dx dy dz dax day daz gripper
 # A string stamped into datasets and model configs; two artefacts are compatible iff it matches.
-STATE_LAYOUT = "eef_pos3+eef_quat4+gripper_qpos2+object14pad"
+STATE_LAYOUT = "eef_pos3+eef_rot6+gripper_qpos2+object18pad.rot6"
+# Named blocks of the state, for plots, metrics and per-block error breakdowns.
+STATE_SLICES: dict[str, slice] = {
+    "eef pos": slice(0, 3),
+    "eef rot": slice(3, 9),
+    "gripper": slice(9, 11),
+    "object pos": slice(11, 14),
+    "object rot": slice(14, 20),
+    "object-eef pos": slice(20, 23),
+    "object-eef rot": slice(23, 29),  # Lift: padding
+}
 INSTRUCTIONS_FILE = Path(__file__).with_name("instructions.json")
 
 
@@ -45,21 +63,27 @@ class TaskSpec:
     horizon: int  # max control steps of one episode (robomimic's eval horizon)
     robomimic_name: str  # folder name in robomimic's published datasets
     object_keys: tuple[str, ...]  # robosuite observation keys making up robomimic's "object", in order
+    object_quats: tuple[int, ...]  # offsets of the quaternions inside robomimic's "object" vector
 
     @property
     def instruction(self) -> str:
         return load_instructions()[self.name]["canonical"]
 
+    @property
+    def state_object_dim(self) -> int:
+        """Width of this task's object block in the state (each quaternion becomes 6 numbers)."""
+        return self.object_dim + (ROT6_DIM - QUAT_DIM) * len(self.object_quats)
+
 
 TASKS: dict[str, TaskSpec] = {
-    "lift": TaskSpec("lift", "Lift", 10, 400, "lift", ("cube_pos", "cube_quat", "gripper_to_cube_pos")),
+    "lift": TaskSpec("lift", "Lift", 10, 400, "lift", ("cube_pos", "cube_quat", "gripper_to_cube_pos"), (3,)),
     "can": TaskSpec(
         "can", "PickPlaceCan", 14, 400, "can",
-        ("Can_pos", "Can_quat", "Can_to_robot0_eef_pos", "Can_to_robot0_eef_quat"),
+        ("Can_pos", "Can_quat", "Can_to_robot0_eef_pos", "Can_to_robot0_eef_quat"), (3, 10),
     ),
     "square": TaskSpec(
         "square", "NutAssemblySquare", 14, 400, "square",
-        ("SquareNut_pos", "SquareNut_quat", "SquareNut_to_robot0_eef_pos", "SquareNut_to_robot0_eef_quat"),
+        ("SquareNut_pos", "SquareNut_quat", "SquareNut_to_robot0_eef_pos", "SquareNut_to_robot0_eef_quat"), (3, 10),
     ),
 }
 ENV_TO_TASK = {spec.env_name: name for name, spec in TASKS.items()}
@@ -94,6 +118,39 @@ def object_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs") ->
     return np.concatenate([np.asarray(obs[key], dtype=np.float32) for key in spec.object_keys], axis=-1)
 
 
+def quat_to_rot6(quat: np.ndarray) -> np.ndarray:
+    """x y z w quaternions [..., 4] -> the first two rotation-matrix columns [..., 6] (col 0, then col 1).
+
+    q and -q give the same output. A zero quaternion (robosuite reports one for a relative pose it has
+    not computed yet) maps to the identity rather than NaN.
+    """
+    quat = np.asarray(quat, dtype=np.float64)
+    norm = np.linalg.norm(quat, axis=-1, keepdims=True)
+    x, y, z, w = np.moveaxis(quat / np.maximum(norm, 1e-12), -1, 0)
+    columns = (
+        1 - 2 * (y * y + z * z), 2 * (x * y + w * z), 2 * (x * z - w * y),
+        2 * (x * y - w * z), 1 - 2 * (x * x + z * z), 2 * (y * z + w * x),
+    )
+    return np.stack(columns, axis=-1).astype(np.float32)
+
+
+def quats_to_rot6(vector: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray:
+    """Replace the quaternions starting at `offsets` of the last axis by their 6-D form."""
+    parts, start = [], 0
+    for offset in offsets:
+        parts += [vector[..., start:offset], quat_to_rot6(vector[..., offset : offset + QUAT_DIM])]
+        start = offset + QUAT_DIM
+    parts.append(vector[..., start:])
+    return np.concatenate(parts, axis=-1)
+
+
+def state_mask(task: str) -> np.ndarray:
+    """1 for the state dims `task` fills, 0 for its object padding (models keep those at 0)."""
+    mask = np.ones(STATE_DIM, dtype=np.float32)
+    mask[STATE_DIM - (OBJECT_DIM - get_task(task).state_object_dim) :] = 0.0
+    return mask
+
+
 def state_from_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs") -> tuple[np.ndarray, np.ndarray]:
     """Build (state, mask) in the shared layout from one observation dict or a batch of them.
 
@@ -102,7 +159,7 @@ def state_from_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs"
     `source` names where obs came from, for error messages.
     """
     spec = get_task(task)
-    parts = []
+    raw = {}
     for key, dim in zip(STATE_KEYS, (*ROBOT_DIMS, spec.object_dim), strict=True):
         value = object_obs(obs, task, source) if key == OBJECT_KEY else obs.get(key)
         if value is None:
@@ -110,11 +167,11 @@ def state_from_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs"
         value = np.asarray(value, dtype=np.float32)
         if value.shape[-1] != dim:
             raise UserError(f"{source}: observation {key!r} has width {value.shape[-1]}, expected {dim} for task {task!r}")
-        parts.append(value)
-    pad = OBJECT_DIM - spec.object_dim
+        raw[key] = value
+    eef_pos, eef_quat, gripper, objects = (raw[key] for key in STATE_KEYS)
+    parts = [eef_pos, quat_to_rot6(eef_quat), gripper, quats_to_rot6(objects, spec.object_quats)]
+    pad = OBJECT_DIM - spec.state_object_dim
     if pad:
-        parts.append(np.zeros((*parts[0].shape[:-1], pad), dtype=np.float32))
+        parts.append(np.zeros((*eef_pos.shape[:-1], pad), dtype=np.float32))
     state = np.concatenate(parts, axis=-1)
-    mask = np.ones(STATE_DIM, dtype=np.float32)
-    mask[STATE_DIM - pad :] = 0.0
-    return state, np.broadcast_to(mask, state.shape).copy()
+    return state, np.broadcast_to(state_mask(task), state.shape).copy()

@@ -2,7 +2,7 @@
 
 Both speak the same `Env` protocol over N episodes at once:
 
-    result = env.reset(starts, instructions)        # result.states [N, 23]
+    result = env.reset(starts, instructions)        # result.states [N, 29]
     result = env.step(actions [N, 7], active [N])   # states, success, done, reward, std, errors
 
 Episodes outside `active` are not advanced (their state is carried over); the rollout loop decides
@@ -29,14 +29,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.tasks import ACTION_DIM, OBJECT_DIM, STATE_DIM, get_task, state_from_obs
+from data_prep.tasks import ACTION_DIM, STATE_DIM, get_task, state_from_obs, state_mask
 
 WORKER_REPLY_TIMEOUT_S = 600.0  # a worker silent this long is treated as crashed
 
 
 @dataclass
 class Start:
-    """Where one episode begins: a simulator seed, and/or a 23-d state to dream from."""
+    """Where one episode begins: a simulator seed, and/or a 29-d state to dream from."""
 
     seed: int
     state: np.ndarray | None = None  # required by DreamEnv
@@ -47,12 +47,12 @@ class Start:
 class StepResult:
     """What an env reports for all N episodes after a reset or a step."""
 
-    states: np.ndarray  # [N, 23] float32
+    states: np.ndarray  # [N, 29] float32
     success: np.ndarray  # [N] bool
     done: np.ndarray  # [N] bool
     reward: np.ndarray  # [N] float32
     errors: list[str | None]  # per episode; a non-None error ends that episode
-    std: np.ndarray | None = None  # [N, 23] world-model ensemble spread (dreams only)
+    std: np.ndarray | None = None  # [N, 29] world-model ensemble spread (dreams only)
 
     @classmethod
     def empty(cls, n: int) -> StepResult:
@@ -99,7 +99,7 @@ class DreamEnv:
         self.task = task
         self.success_threshold = success_threshold
         self.done_threshold = done_threshold
-        self.state_mask = task_state_mask(task)
+        self.state_mask = state_mask(task)
         self.states = np.zeros((0, STATE_DIM), np.float32)
         self.instructions: list[str] = []
 
@@ -143,13 +143,6 @@ class DreamEnv:
 
     def close(self) -> None:
         pass
-
-
-def task_state_mask(task: str) -> np.ndarray:
-    """1 for the state dims `task` fills, 0 for its object padding (the world model keeps those at 0)."""
-    mask = np.ones(STATE_DIM, np.float32)
-    mask[STATE_DIM - (OBJECT_DIM - get_task(task).object_dim) :] = 0.0
-    return mask
 
 
 def to_numpy(x: Any) -> np.ndarray:

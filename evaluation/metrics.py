@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from data_prep.tasks import STATE_SLICES
 from evaluation.records import EpisodeRecord
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-EEF_POS = slice(0, 3)  # state layout: eef_pos first
-OBJECT_POS = slice(9, 12)  # object block starts at 9 with the object's position for every task
+EEF_POS = STATE_SLICES["eef pos"]
+OBJECT_POS = STATE_SLICES["object pos"]  # the object block starts with the object's position for every task
 
 
 def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:

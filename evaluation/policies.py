@@ -1,6 +1,6 @@
 """Policies the rollout loop can drive: trained models (action chunks) and the scripted expert.
 
-Every policy answers `act(states [N, 23], instructions, active [N]) -> actions [N, 7]` once per
+Every policy answers `act(states [N, 29], instructions, active [N]) -> actions [N, 7]` once per
 control step, after `reset(n)` at the start of a batch of episodes.
 
 `ChunkPolicy` wraps anything with `predict_actions(state, instruction) -> [B, H, 7]` (`VLAPolicy`,

@@ -26,9 +26,9 @@ class EpisodeRecord:
     episode_return: float  # real: sparse reward sum; dream: sum of p_success
     length: int  # executed steps
     error: str | None  # simulator / worker failure that ended the episode
-    states: np.ndarray  # [length + 1, 23]: initial state, then the state after every step
+    states: np.ndarray  # [length + 1, 29]: initial state, then the state after every step
     actions: np.ndarray  # [length, 7]
-    std: np.ndarray | None = None  # [length + 1, 23] world-model ensemble spread (dreams)
+    std: np.ndarray | None = None  # [length + 1, 29] world-model ensemble spread (dreams)
     success_step: int | None = None  # step (1-based) at which success was first reported
 
     @property

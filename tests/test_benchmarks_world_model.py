@@ -189,7 +189,7 @@ def test_one_step_error_counts_only_real_dims(dataset):
     groups = result["one_step_by_state_group"]
     assert groups["eef pos"]["share"] == pytest.approx(1.0)  # dim 0 is the end effector's x
     assert groups["eef pos"]["mse"] == pytest.approx(0.01 / 3, rel=1e-4)
-    assert groups["object-eef quat"]["mse"] == 0.0  # padding garbage is not counted anywhere
+    assert groups["object-eef rot"]["mse"] == 0.0  # padding garbage is not counted anywhere
 
 
 def test_classification_metrics_on_a_known_confusion_matrix():

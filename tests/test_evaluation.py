@@ -13,7 +13,7 @@ import torch
 from data_prep.errors import UserError
 from data_prep.tasks import STATE_DIM
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start, StepResult
-from evaluation.metrics import agreement, summarize, wilson_interval
+from evaluation.metrics import OBJECT_POS, agreement, summarize, wilson_interval
 from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
 from evaluation.records import EpisodeRecord
 from evaluation.rollout import rollout
@@ -186,7 +186,7 @@ def test_dream_env_shapes_and_termination_thresholds(tiny_models: dict[str, Path
     assert r.states.shape == (5, STATE_DIM) and r.std.shape == (5, STATE_DIM) and r.actions.shape == (4, 7)
     np.testing.assert_allclose(r.states[0], starts[0].state)
     assert np.all(r.std[1:] >= 0) and np.any(r.std[1:] > 0)  # ensemble members disagree at random init
-    assert np.all(r.states[1:, 19:] == 0)  # lift's padded object dims stay exactly zero
+    assert np.all(r.states[1:, STATE_DIM - 6 :] == 0)  # lift's padded object dims stay exactly zero
     always = DreamEnv(world, "lift", success_threshold=0.0)
     records = rollout(always, policy, starts, [INSTRUCTION] * 3, horizon=4, progress=False)
     assert [(r.length, r.success, r.success_step) for r in records] == [(1, True, 1)] * 3
@@ -223,7 +223,7 @@ def test_robosuite_env_in_process_and_in_two_workers_agree() -> None:
         assert one.error is None and two.error is None and one.length == 3
         np.testing.assert_allclose(one.states, two.states, atol=1e-6)  # same seed, same physics
     assert not np.allclose(results[0][0].states[0], results[0][1].states[0])  # seeds differ -> states differ
-    assert np.all(results[0][0].states[0, 19:] == 0) and np.any(results[0][0].states[0, 9:12] != 0)
+    assert np.all(results[0][0].states[0, STATE_DIM - 6 :] == 0) and np.any(results[0][0].states[0, OBJECT_POS] != 0)
 
 
 def crash_on_seed(bad_seed: int, how: str):

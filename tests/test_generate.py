@@ -21,7 +21,7 @@ from data_prep.experts import make_expert
 from data_prep.generate import OBS_KEYS, OUTPUT_NAME, RolloutSettings, generate, generate_task
 from data_prep.robomimic_io import read_robomimic_hdf5
 from data_prep.sim import make_env
-from data_prep.tasks import TASKS, get_task, state_from_obs
+from data_prep.tasks import STATE_DIM, TASKS, get_task, state_from_obs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TASK_NAMES = sorted(TASKS)
@@ -115,7 +115,7 @@ def test_generated_file_reads_back_into_the_shared_state(generated: dict[str, Pa
     assert file.task == task and len(file) == 1
     episode = next(iter(file))
     state, mask = state_from_obs(episode.obs, task)
-    assert state.shape == (len(episode), 23) and np.isfinite(state).all()
+    assert state.shape == (len(episode), STATE_DIM) and np.isfinite(state).all()
 
 
 def test_report_records_the_measurement(generated: dict[str, Path]) -> None:

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from data_prep.errors import UserError
+from data_prep.tasks import STATE_DIM
 from evaluation.metrics import SuccessSummary
 from hub_cards.cards import Results, format_value, model_card
 from hub_cards.export import export_dataset, export_model
@@ -147,7 +148,7 @@ saved = load_file(original + "/model.safetensors")
 state = model.state_dict()
 assert all(torch.equal(state[k], v) for k, v in saved.items()), "weights differ"
 with torch.no_grad():
-    x = torch.zeros(2, 23)
+    x = torch.zeros(2, 29)
     if hasattr(model, "predict_actions"):
         out = model.predict_actions(x, ["Lift the red cube"] * 2)
     else:
@@ -171,7 +172,7 @@ def run_fresh_python(code: str, *args: str, env: dict[str, str], cwd: Path) -> s
 
 
 @pytest.mark.parametrize(("kind", "class_name", "shape"),
-                         [("world", "WorldModel", (2, 23)), ("policy", "VLAPolicy", (2, 2, 7)), ("mlp", "MLPPolicy", (2, 2, 7))])
+                         [("world", "WorldModel", (2, 29)), ("policy", "VLAPolicy", (2, 2, 7)), ("mlp", "MLPPolicy", (2, 2, 7))])
 def test_exported_model_loads_by_repo_id_offline_in_a_fresh_process(
     tmp_path: Path, kind: str, class_name: str, shape: tuple[int, ...]
 ) -> None:
@@ -259,7 +260,7 @@ def test_exported_dataset_loads_by_repo_id_offline(tmp_path: Path, make_robomimi
     card = (result.folder / "README.md").read_text()
     assert 'load_dataset("org/tiny-data")' in card and "configs:" in card
     stdout = run_fresh_python(LOAD_DATASET, "org/tiny-data", env=offline_env(tmp_path), cwd=tmp_path)
-    assert f"ROWS {prep.rows['train']} {prep.rows['validation']} 23" in stdout
+    assert f"ROWS {prep.rows['train']} {prep.rows['validation']} {STATE_DIM}" in stdout
 
 
 def test_push_without_network_fails_before_writing_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,7 @@ from modeling_vla import MLPPolicy, VLAPolicy, WorldModel, resolve_pretrained_pa
 
 torch.set_num_threads(1)  # bit-identical comparisons with the fresh process need the same kernel split
 
-STATE_DIM, ACTION_DIM = 23, 7
+STATE_DIM, ACTION_DIM = 29, 7  # the project's state layout (data_prep.tasks), without importing it
 INSTRUCTIONS = ["Lift the red cube", "Pick up the coke can"]
 
 
@@ -206,7 +206,7 @@ def test_world_model_step_batches_std_and_padding():
     by_string = model.step(state, action, INSTRUCTIONS[0], state_mask=mask)
     assert torch.allclose(by_string[0], mean)
     # the config mask zeroes a dim for every row
-    masked = WorldModel(tiny_world_config(state_mask=[1.0] * 20 + [0.0] * 3)).eval()
+    masked = WorldModel(tiny_world_config(state_mask=[1.0] * (STATE_DIM - 3) + [0.0] * 3)).eval()
     assert torch.all(masked.step(state, action, INSTRUCTIONS[0])[0][:, -3:] == 0)
 
 
@@ -326,3 +326,14 @@ def test_unknown_backbone_offline_error(monkeypatch):
     name = "no-such-org/no-such-model-7b"
     with pytest.raises(OSError, match=r"not in the local Hugging Face cache \(HF_HUB_OFFLINE=1\).*huggingface-cli download"):
         VLAPolicy(VLAConfig(backbone=name))
+
+
+def test_config_default_layout_mirrors_the_data_layout() -> None:
+    """configuration_vla.py cannot import data_prep (it ships inside model folders), so it copies the layout."""
+    from configuration_vla import DEFAULT_STATE_LAYOUT, DEFAULT_STATE_TOKEN_GROUPS
+    from data_prep.tasks import STATE_LAYOUT, STATE_SLICES
+
+    assert DEFAULT_STATE_LAYOUT == STATE_LAYOUT and WorldModelConfig().state_dim == STATE_DIM
+    blocks = list(STATE_SLICES.values())
+    token_edges = [sum(DEFAULT_STATE_TOKEN_GROUPS[: i + 1]) for i in range(len(DEFAULT_STATE_TOKEN_GROUPS))]
+    assert token_edges == [blocks[0].stop, blocks[1].stop, blocks[2].stop, blocks[4].stop, blocks[6].stop]

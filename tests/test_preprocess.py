@@ -16,7 +16,7 @@ from datasets import load_dataset
 
 from data_prep import preprocess as pp
 from data_prep.errors import UserError
-from data_prep.tasks import STATE_LAYOUT, instructions_for
+from data_prep.tasks import STATE_DIM, STATE_LAYOUT, STATE_SLICES, instructions_for, state_from_obs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).with_name("fixtures")
@@ -53,12 +53,12 @@ def test_repo_layout(converted):
 def test_rows_match_the_source_files(converted, inputs):
     _, rows = converted
     every = {k: np.concatenate([rows[s][k] for s in pp.SPLITS]) for k in ("task", "state", "state_mask", "action", "source")}
-    assert every["state"].shape[1:] == (23,) and every["action"].shape[1:] == (7,)
+    assert every["state"].shape[1:] == (STATE_DIM,) and every["action"].shape[1:] == (7,)
     lift, can = every["task"] == "lift", every["task"] == "can"
     assert lift.sum() == sum(8 + i % 3 for i in range(10)) and can.sum() == sum(9 + i % 3 for i in range(6))
-    expected_mask = np.r_[np.ones(19), np.zeros(4)]
+    expected_mask = np.r_[np.ones(STATE_DIM - 6), np.zeros(6)]  # lift has no object-to-eef rotation
     assert (every["state_mask"][lift] == expected_mask).all() and (every["state_mask"][can] == 1).all()
-    assert (every["state"][lift][:, 19:] == 0).all()
+    assert (every["state"][lift][:, STATE_SLICES["object-eef rot"]] == 0).all()
     assert set(every["source"][can]) == {"low_dim_v15.hdf5"}
     # one episode, value by value, against the raw HDF5 arrays
     train = rows["train"]
@@ -67,8 +67,10 @@ def test_rows_match_the_source_files(converted, inputs):
     with h5py.File(inputs["can"], "r") as f:
         demo = f["data/demo_1"]  # demo_0 is the file's validation demo
         keys = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
-        np.testing.assert_allclose(train["state"][rows_of], np.concatenate([demo[f"obs/{k}"][()] for k in keys], 1), rtol=1e-6)
-        np.testing.assert_allclose(train["next_state"][rows_of], np.concatenate([demo[f"next_obs/{k}"][()] for k in keys], 1), rtol=1e-6)
+        for column, group in (("state", "obs"), ("next_state", "next_obs")):
+            expected, _ = state_from_obs({k: demo[f"{group}/{k}"][()] for k in keys}, "can")
+            np.testing.assert_allclose(train[column][rows_of], expected, rtol=1e-6)
+        np.testing.assert_allclose(train["state"][rows_of][:, :3], demo["obs/robot0_eef_pos"][()], rtol=1e-6)
         np.testing.assert_allclose(train["action"][rows_of], demo["actions"][()], rtol=1e-6)
         np.testing.assert_array_equal(train["done"][rows_of], demo["dones"][()].astype(bool))
     np.testing.assert_array_equal(train["step"][rows_of], np.arange(rows_of.sum()))
@@ -116,11 +118,12 @@ def test_normalization_matches_numpy_on_train_rows(converted):
     assert stats["state_layout"] == norm.state_layout == STATE_LAYOUT
     train = rows["train"]
     state, action, can = train["state"].astype(np.float64), train["action"].astype(np.float64), train["task"] == "can"
-    np.testing.assert_allclose(norm.state.mean[:19], state[:, :19].mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(norm.state.std[:19], state[:, :19].std(0), rtol=1e-4)
-    # dims 19-22 are padding on lift rows: statistics come from can rows only
-    np.testing.assert_allclose(norm.state.mean[19:], state[can][:, 19:].mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(norm.state.min[19:], state[can][:, 19:].min(0), rtol=1e-6)
+    real = STATE_SLICES["object-eef rot"].start  # the dims every task fills
+    np.testing.assert_allclose(norm.state.mean[:real], state[:, :real].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.state.std[:real], state[:, :real].std(0), rtol=1e-4)
+    # the object-to-eef rotation is padding on lift rows: its statistics come from can rows only
+    np.testing.assert_allclose(norm.state.mean[real:], state[can][:, real:].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.state.min[real:], state[can][:, real:].min(0), rtol=1e-6)
     np.testing.assert_allclose(norm.action.mean, action.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(norm.action.std, action.std(0), rtol=1e-4)
     np.testing.assert_allclose(norm.action.max, action.max(0), rtol=1e-6)
@@ -142,7 +145,7 @@ def test_card_header_and_body(converted):
     for needle in ("license: mit", "- robotics", "configs:", "path: data/train-*", "path: data/validation-*"):
         assert needle in header
     for needle in ("| lift | train |", "| can | validation | 1 |", "Hoist the red block into the air",
-                   "| `low_dim_v15.hdf5` | can | robomimic |", "| `lift_demo.hdf5` | lift | generated |", "`float32[23]`"):
+                   "| `low_dim_v15.hdf5` | can | robomimic |", "| `lift_demo.hdf5` | lift | generated |", f"`float32[{STATE_DIM}]`"):
         assert needle in text
 
 
@@ -158,7 +161,7 @@ def test_cli_output_loads_offline_in_a_fresh_process(inputs, tmp_path):
              "print(sorted(d), len(d['train'][0]['state']), d['validation'].num_rows)")
     loaded = subprocess.run([sys.executable, "-c", check, str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.split()[:3] == ["['train',", "'validation']", "23"]
+    assert loaded.stdout.split()[:3] == ["['train',", "'validation']", str(STATE_DIM)]
 
 
 def test_refuses_existing_output_unless_overwrite(inputs, tmp_path, capsys):
@@ -249,7 +252,7 @@ def test_load_vla_dataset(converted, tmp_path):
     out, rows = converted
     dataset = pp.load_vla_dataset(out, cache_dir=str(tmp_path / "cache"))
     assert dataset["train"].num_rows == len(rows["train"]["episode"])
-    assert dataset["validation"].features["state"].length == 23
+    assert dataset["validation"].features["state"].length == STATE_DIM
 
 
 @pytest.mark.skipif(not list(FIXTURES.rglob("*.hdf5")), reason="no vla-generate fixtures shipped in tests/fixtures")

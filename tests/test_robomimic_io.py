@@ -12,7 +12,7 @@ import pytest
 
 from data_prep.errors import UserError
 from data_prep.robomimic_io import Episode, read_robomimic_hdf5, write_robomimic_hdf5
-from data_prep.tasks import STATE_DIM
+from data_prep.tasks import STATE_DIM, STATE_SLICES, state_from_obs
 
 STATE_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
 
@@ -44,7 +44,8 @@ def test_round_trip_and_numeric_demo_order(make_robomimic_file):
     np.testing.assert_array_equal(again.actions, episodes[10].actions)
     state, mask = source.state(again)
     assert state.shape == (len(again), STATE_DIM) and mask.min() == 1.0  # can's object is 14-d: no padding
-    np.testing.assert_allclose(state[:, 9:], again.obs["object"], rtol=1e-6)
+    np.testing.assert_allclose(state, state_from_obs(again.obs, "can")[0], rtol=1e-6)
+    np.testing.assert_allclose(state[:, STATE_SLICES["object pos"]], again.obs["object"][:, :3], rtol=1e-6)
     np.testing.assert_allclose(source.state(again, "next_obs")[0][:-1], state[1:], rtol=1e-6)
 
 
@@ -58,9 +59,10 @@ def test_downloaded_style_file_is_read_by_the_same_code(make_downloaded_style_fi
     assert episode.model_file == "<mujoco model='base'/>" and episode.dones.dtype == bool
     state, mask = source.state(episode)
     with h5py.File(path, "r") as f:
-        expected = np.concatenate([f[f"data/demo_2/obs/{k}"][()] for k in STATE_KEYS], axis=1)
-    np.testing.assert_allclose(state[:, :19], expected, rtol=1e-6)
-    assert (state[:, 19:] == 0).all() and (mask[:, 19:] == 0).all() and (mask[:, :19] == 1).all()
+        expected, _ = state_from_obs({k: f[f"data/demo_2/obs/{k}"][()] for k in STATE_KEYS}, "lift")
+    np.testing.assert_allclose(state, expected, rtol=1e-6)
+    padding = STATE_SLICES["object-eef rot"]  # lift has no object-to-eef rotation
+    assert (state[:, padding] == 0).all() and (mask[:, padding] == 0).all() and (mask[:, : padding.start] == 1).all()
 
 
 def test_failed_write_leaves_nothing(tmp_path, make_robomimic_file):

@@ -1,12 +1,13 @@
-"""The shared state layout: robomimic's object order, padding, and clear errors."""
+"""The shared state layout: robomimic's object order, 6-D rotations, padding, and clear errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from data_prep.errors import UserError
-from data_prep.tasks import OBJECT_DIM, STATE_DIM, TASKS, state_from_obs
+from data_prep.tasks import STATE_DIM, STATE_SLICES, TASKS, quat_to_rot6, state_from_obs, state_mask
 
 
 @pytest.mark.parametrize("task", ["lift", "can", "square"])
@@ -17,20 +18,56 @@ def test_live_robosuite_observation_follows_robomimic_object_order(task: str) ->
     sim = make_env(task, seed=0)
     obs = sim.reset(7)
     state, mask = state_from_obs(obs, task)
-    position_key = TASKS[task].object_keys[0]
-    np.testing.assert_allclose(state[9:12], obs[position_key], rtol=0, atol=1e-6)
-    relative = TASKS[task].object_keys[2]
-    np.testing.assert_allclose(state[16:19], obs[relative], rtol=0, atol=1e-6)
+    position_key, quat_key, relative = TASKS[task].object_keys[:3]
+    np.testing.assert_allclose(state[STATE_SLICES["object pos"]], obs[position_key], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(state[STATE_SLICES["object rot"]], quat_to_rot6(obs[quat_key]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(state[STATE_SLICES["object-eef pos"]], obs[relative], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(state[STATE_SLICES["eef rot"]], quat_to_rot6(obs["robot0_eef_quat"]), rtol=0, atol=1e-6)
     assert np.abs(obs[relative]).sum() > 0, "object-to-eef entries must be observed after reset, not zeros"
     assert state.shape == mask.shape == (STATE_DIM,)
-    assert mask.sum() == STATE_DIM - (OBJECT_DIM - TASKS[task].object_dim)
+    assert mask.sum() == (STATE_DIM - 6 if task == "lift" else STATE_DIM)
+
+
+def test_rot6_is_the_first_two_rotation_matrix_columns_and_ignores_the_quaternion_sign() -> None:
+    quats = Rotation.random(50, random_state=0).as_quat()  # x y z w, as robosuite
+    matrices = Rotation.from_quat(quats).as_matrix()
+    expected = np.concatenate([matrices[:, :, 0], matrices[:, :, 1]], axis=-1)
+    np.testing.assert_allclose(quat_to_rot6(quats), expected, atol=1e-6)
+    np.testing.assert_allclose(quat_to_rot6(-quats), expected, atol=1e-6)
+    np.testing.assert_array_equal(quat_to_rot6(np.zeros(4)), [1, 0, 0, 0, 1, 0])  # no NaN for robosuite's zeros
+
+
+def test_a_quaternion_sign_flip_in_the_observation_leaves_the_state_unchanged() -> None:
+    """The reason for the layout: robosuite's quaternions jump to -q between steps; the state must not."""
+    rng = np.random.default_rng(0)
+    obs = {"robot0_eef_pos": rng.normal(size=3), "robot0_eef_quat": Rotation.random(random_state=1).as_quat(),
+           "robot0_gripper_qpos": rng.normal(size=2),
+           "object": np.concatenate([rng.normal(size=3), Rotation.random(random_state=2).as_quat(),
+                                     rng.normal(size=3), Rotation.random(random_state=3).as_quat()])}
+    flipped = {**obs, "robot0_eef_quat": -obs["robot0_eef_quat"], "object": obs["object"].copy()}
+    flipped["object"][3:7] *= -1
+    flipped["object"][10:14] *= -1
+    np.testing.assert_allclose(state_from_obs(obs, "can")[0], state_from_obs(flipped, "can")[0], atol=1e-6)
 
 
 def test_lift_object_is_zero_padded_and_masked() -> None:
     obs = {"robot0_eef_pos": np.ones(3), "robot0_eef_quat": np.ones(4), "robot0_gripper_qpos": np.ones(2),
            "object": np.full(10, 2.0)}
     state, mask = state_from_obs(obs, "lift")
-    assert np.all(state[19:] == 0) and np.all(mask[19:] == 0) and np.all(mask[:19] == 1)
+    padding = STATE_SLICES["object-eef rot"]
+    assert np.all(state[padding] == 0) and np.all(mask[padding] == 0) and np.all(mask[: padding.start] == 1)
+    np.testing.assert_array_equal(state[STATE_SLICES["object-eef pos"]], [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(mask, state_mask("lift"))
+
+
+def test_state_of_a_whole_episode_matches_the_state_of_each_step() -> None:
+    rng = np.random.default_rng(1)
+    episode = {"robot0_eef_pos": rng.normal(size=(5, 3)), "robot0_eef_quat": rng.normal(size=(5, 4)),
+               "robot0_gripper_qpos": rng.normal(size=(5, 2)), "object": rng.normal(size=(5, 14))}
+    states, masks = state_from_obs(episode, "square")
+    assert states.shape == masks.shape == (5, STATE_DIM)
+    for t in range(5):
+        np.testing.assert_allclose(states[t], state_from_obs({k: v[t] for k, v in episode.items()}, "square")[0], atol=1e-6)
 
 
 def test_bad_observations_name_the_key_and_the_expected_width() -> None:

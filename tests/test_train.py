@@ -255,7 +255,7 @@ def test_missing_dataset_is_one_line_error(tmp_path: Path, capsys) -> None:
 def test_state_width_mismatch_is_refused(dataset: Path, tmp_path: Path) -> None:
     cfg = tiny_config(dataset, tmp_path / "out")
     cfg.model_config["state_dim"] = 20
-    with pytest.raises(UserError, match=rf"^dataset {dataset} has state width 23 but model config state_dim=20$"):
+    with pytest.raises(UserError, match=rf"^dataset {dataset} has state width {STATE_DIM} but model config state_dim=20$"):
         ta.train(cfg)
 
 
