@@ -1,5 +1,10 @@
 """`vla-pipeline`: generate → preprocess → train (world, VLA, MLP) → dream + real evaluation → cards/export.
 
+The policies learn from expert demos only (`<workdir>/dataset`). The world model also learns from
+"play" data (`vla-generate --keep-failures --perturb-prob ...`: expert runs with random wrong moves,
+failures kept), merged with the demos into `<workdir>/hf_dataset_world`: trained on successes alone
+it would dream that every action sequence succeeds.
+
 Each stage is one command line run in its own process (the console scripts via `python -m`-style
 invocation of this interpreter), so a crash in one stage cannot leave state behind in another and
 every stage can also be run by hand. A stage is *done* when its marker file
@@ -27,6 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("runs/pipeline")
 DEFAULT_TASKS = ("lift", "can", "square")
 DEFAULT_ORG = "local"  # hub namespace of the exported repos: local/dreaming-vla-world-model, ...
+# Play seeds start here (+ --seed): never the expert demos' (seed, seed + 1, ...) nor evaluation's (100000+).
+PLAY_SEED_OFFSET = 50_000
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ class PipelineSize:
     """How big each stage is. `quick` fits 2 CPU cores in 30 minutes; `full` gives the reported results."""
 
     episodes_per_task: int
+    play_episodes_per_task: int  # play attempts per task (successes and failures) for the world model
     train_steps: dict[str, int]  # optimizer steps per model kind
     eval_episodes: int
     checkpoint_every: int | None = None  # eval/save interval override for short runs (None: the config's)
@@ -147,9 +155,9 @@ class PipelineSize:
 
 
 SIZES = {
-    "quick": PipelineSize(episodes_per_task=10, train_steps={"world": 300, "policy": 150, "mlp": 300},
+    "quick": PipelineSize(episodes_per_task=10, play_episodes_per_task=4, train_steps={"world": 300, "policy": 150, "mlp": 300},
                           eval_episodes=2, checkpoint_every=100),
-    "full": PipelineSize(episodes_per_task=200, train_steps={"world": 2000, "policy": 3000, "mlp": 3000},
+    "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, train_steps={"world": 3000, "policy": 3000, "mlp": 3000},
                          eval_episodes=50),
 }
 
@@ -166,8 +174,20 @@ class PipelinePaths:
         return self.workdir / "raw"
 
     @property
+    def raw_play(self) -> Path:
+        return self.workdir / "raw_play"
+
+    @property
     def dataset(self) -> Path:
         return self.workdir / "dataset"
+
+    @property
+    def world_dataset(self) -> Path:
+        """Expert demos + play data: what the world model trains on."""
+        return self.workdir / "hf_dataset_world"
+
+    def training_dataset(self, model: str) -> Path:
+        return self.world_dataset if model == "world" else self.dataset
 
     def train_dir(self, model: str) -> Path:
         return self.workdir / f"train_{model}"
@@ -188,13 +208,14 @@ class PipelinePaths:
     def private_env(self) -> tuple[tuple[str, str], ...]:
         """A datasets cache of this workdir's own. datasets 5.2 keys the Arrow cache of a local folder by the
         folder's name and card, not its path or content, so two different `dataset/` folders would share one
-        stale cache entry; inside one workdir there is only ever one dataset."""
+        stale cache entry; inside one workdir each dataset folder has a name of its own."""
         return (("HF_DATASETS_CACHE", str(self.workdir / ".cache" / "datasets")),)
 
 
 CONFIGS = {"world": "configs/world_model.yaml", "policy": "configs/vla_minilm_cpu.yaml", "mlp": "configs/mlp_bc.yaml"}
 EXPORT_NAMES = {"world": "world-model", "policy": "vla-policy", "mlp": "mlp-policy"}
 POLICY_LABELS = {"policy": "vla", "mlp": "mlp"}  # policy names in the evaluation tables
+DATASET_NAMES = {"world": "dataset-world", "policy": "dataset", "mlp": "dataset"}  # the repo each model trains on
 
 
 def console(script: str, *args: str | Path) -> tuple[str, ...]:
@@ -203,19 +224,37 @@ def console(script: str, *args: str | Path) -> tuple[str, ...]:
 
 
 def data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
+    from data_prep.generate import OUTPUT_NAME, PLAY_PERTURB_PROB
+
     report = paths.raw / "generate_report.json"
+    play_report = paths.raw_play / "generate_report.json"
+    play_probs = [f"{task}={PLAY_PERTURB_PROB[task]}" for task in tasks]
     return [
         Stage(
             "generate",
             console("vla-generate", "--tasks", *tasks, "--episodes", size.episodes_per_task, "--out", paths.raw,
                     "--workers", size.workers, "--seed", seed, "--max-attempts", 3 * size.episodes_per_task,
                     "--report", report),
-            (report, *(paths.raw / task / "low_dim_generated.hdf5" for task in tasks)),
+            (report, *(paths.raw / task / OUTPUT_NAME for task in tasks)),
+        ),
+        Stage(
+            "generate_play",
+            console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
+                    paths.raw_play, "--workers", size.workers, "--seed", PLAY_SEED_OFFSET + seed, "--keep-failures",
+                    "--perturb-prob", *play_probs, "--report", play_report),
+            (play_report, *(paths.raw_play / task / OUTPUT_NAME for task in tasks)),
         ),
         Stage(
             "preprocess",
             console("vla-preprocess", "--inputs", paths.raw, "--out", paths.dataset, "--seed", seed, "--overwrite"),
             (paths.dataset / "normalization.json", paths.dataset / "README.md"),
+            env=paths.private_env,
+        ),
+        Stage(
+            "preprocess_world",
+            console("vla-preprocess", "--inputs", paths.raw, paths.raw_play, "--out", paths.world_dataset,
+                    "--seed", seed, "--overwrite"),
+            (paths.world_dataset / "normalization.json", paths.world_dataset / "README.md"),
             env=paths.private_env,
         ),
     ]
@@ -229,7 +268,8 @@ def train_stage(model: str, paths: PipelinePaths, size: PipelineSize, seed: int)
         f"train_{model}",
         # `python -m` rather than the vla-train script, whose exit status would be main()'s return value (a dict).
         (sys.executable, "-m", "train_accelerate",
-         *console("vla-train", "--model", model, "--config", REPO_ROOT / CONFIGS[model], "--dataset", paths.dataset,
+         *console("vla-train", "--model", model, "--config", REPO_ROOT / CONFIGS[model],
+                  "--dataset", paths.training_dataset(model),
                   "--output-dir", paths.train_dir(model), "--set", *overrides)[1:]),
         (paths.best(model) / "config.json", paths.train_dir(model) / "train_summary.json"),
         resume_dir=paths.train_dir(model),
@@ -257,16 +297,17 @@ def export_stages(paths: PipelinePaths) -> list[Stage]:
         stages.append(Stage(
             f"export_{model}",
             console("vla-export", "--model-dir", paths.best(model), "--repo-id", paths.repo_id(name),
-                    "--card-results", *results, "--dataset-repo-id", paths.repo_id("dataset"),
+                    "--card-results", *results, "--dataset-repo-id", paths.repo_id(DATASET_NAMES[model]),
                     "--out", paths.export_dir(name)),
             (paths.export_dir(name) / "README.md",),
         ))
-    stages.append(Stage(
-        "export_dataset",
-        console("vla-export", "--dataset-dir", paths.dataset, "--repo-id", paths.repo_id("dataset"),
-                "--out", paths.export_dir("dataset")),
-        (paths.export_dir("dataset") / "README.md",),
-    ))
+    for name, model in {name: model for model, name in DATASET_NAMES.items()}.items():  # one export per dataset
+        stages.append(Stage(
+            f"export_{name.replace('-', '_')}",
+            console("vla-export", "--dataset-dir", paths.training_dataset(model), "--repo-id", paths.repo_id(name),
+                    "--out", paths.export_dir(name)),
+            (paths.export_dir(name) / "README.md",),
+        ))
     return stages
 
 
@@ -289,7 +330,7 @@ def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_se
     for policy, label in POLICY_LABELS.items():
         print(f"  {label:<4} evaluation: {paths.eval_dir(policy) / 'summary.md'} (figures in {paths.eval_dir(policy) / 'figures'})")
     print("model cards / hub repos:")
-    for name in (*EXPORT_NAMES.values(), "dataset"):
+    for name in (*EXPORT_NAMES.values(), *dict.fromkeys(DATASET_NAMES.values())):
         print(f"  {paths.repo_id(name):<36} {paths.export_dir(name) / 'README.md'}")
 
 

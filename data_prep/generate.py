@@ -1,6 +1,7 @@
-"""`vla-generate`: scripted-expert demonstrations in robosuite, written as robomimic HDF5.
+"""`vla-generate`: scripted-expert demonstrations (or "play" data) in robosuite, written as robomimic HDF5.
 
     vla-generate --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
+    vla-generate --tasks lift can square --episodes 100 --out data/raw_play --keep-failures --perturb-prob 0.03 --seed 50000
 
 For each task, attempt i runs the expert from the initial state of seed `--seed + i` (the
 expert's action noise uses the same seed), so a demo depends only on its seed, never on the
@@ -16,6 +17,22 @@ Output, one file per task, mirroring robomimic's `<task>/ph/low_dim_v15.hdf5` na
 
 `--report results.json` records attempts, successes, success rate, episode lengths and timing
 per task (the numbers in docs/RESULTS.md come from it).
+
+Play data (for the world model, which must also see imperfect behaviour and failures):
+`--perturb-prob P` starts, with probability P at each step, a burst of `--perturb-steps LO HI`
+steps in which the expert's action is replaced by a random "wrong move": an arm action drawn
+uniformly (scaled by `PERTURB_ARM_SCALE`) and a random open/close, both held for the burst
+(a held move drifts 5-25 cm, as a policy's mistakes do; a fresh draw per step would average out
+to jitter). Afterwards the expert takes over again and re-plans (it restarts when the object was
+dropped). P may differ per task (`0.02 lift=0.05`): the longer and more precise the task, the
+fewer bursts it takes to fail it; `PLAY_PERTURB_PROB` (~30-60 % failures per task) is the
+setting `vla-pipeline` uses. The recorded action is
+the executed one; the bursts draw from their own generator seeded by the attempt seed, so the
+expert's noise, and with P = 0 the whole output, is exactly what it is without perturbations.
+`--keep-failures` keeps every attempt: `--episodes N` is then N attempts per task, and a failed
+episode runs to the horizon with `dones` all 0 (robomimic's done marks a successful end; a time
+limit cannot be predicted from the state) and its per-step sparse rewards (0 unless the task was
+solved on the way and lost again).
 """
 
 from __future__ import annotations
@@ -55,6 +72,45 @@ ROBOT_OBS_KEYS: tuple[str, ...] = (
     "robot0_gripper_qvel",
 )
 OBS_KEYS: tuple[str, ...] = (*ROBOT_OBS_KEYS, OBJECT_KEY)
+# Random burst actions: translation at the expert's typical (often saturated) scale; rotation half of it,
+# as the expert's rotation actions are smaller (full-scale held twists mostly drive the wrist into its limits).
+PERTURB_ARM_SCALE = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
+# Per-step burst chance that makes roughly 30-60 % of play episodes fail on each task (measured 2026-11-25, seeds
+# 50000+, 10 attempts each: lift 6, can 5, square 6 failed). A longer, more precise task needs fewer bursts to fail.
+PLAY_PERTURB_PROB = {"lift": 0.06, "can": 0.02, "square": 0.01}
+PERTURB_STREAM = 1  # second entropy word of the bursts' generator: independent of the expert's (seeded by the seed alone)
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Random "wrong move" bursts mixed into the expert's actions (play data); prob 0 = none."""
+
+    prob: float = 0.0  # chance per step (outside a burst) that a burst starts
+    min_steps: int = 5
+    max_steps: int = 20
+
+
+class Perturber:
+    """Replaces the expert's action during bursts; one per attempt, seeded by the attempt seed."""
+
+    def __init__(self, settings: Perturbation, seed: int):
+        self.settings = settings
+        self.rng = np.random.default_rng([seed, PERTURB_STREAM])
+        self.steps_left = 0
+        self.arm = np.zeros(6)
+        self.gripper = 0.0
+        self.bursts = 0
+
+    def __call__(self, expert_action: np.ndarray) -> np.ndarray:
+        if self.steps_left == 0 and self.rng.random() < self.settings.prob:
+            self.steps_left = int(self.rng.integers(self.settings.min_steps, self.settings.max_steps + 1))
+            self.gripper = float(self.rng.choice([-1.0, 1.0]))
+            self.arm = PERTURB_ARM_SCALE * self.rng.uniform(-1.0, 1.0, 6)
+            self.bursts += 1
+        if self.steps_left == 0:
+            return expert_action
+        self.steps_left -= 1
+        return np.concatenate([self.arm, [self.gripper]])
 
 
 @dataclass(frozen=True)
@@ -65,6 +121,12 @@ class RolloutSettings:
     horizon: int
     steps_after_success: int = 10
     noise: float = 0.05
+    perturbation: Perturbation = field(default_factory=Perturbation)
+    keep_failures: bool = False
+
+    @property
+    def play(self) -> bool:
+        return self.keep_failures or self.perturbation.prob > 0
 
 
 @dataclass
@@ -73,7 +135,8 @@ class Attempt:
     success: bool
     length: int  # control steps run
     restarts: int  # times the expert started over (dropped object, stalled phase)
-    episode: Episode | None  # only for kept (successful) attempts
+    episode: Episode | None  # only for kept attempts (successes; with keep_failures, all)
+    bursts: int = 0  # perturbation bursts started
 
 
 @dataclass
@@ -83,7 +146,10 @@ class TaskReport:
     attempts: int
     successes: int
     success_rate: float
-    mean_length: float  # over kept demos
+    kept_successes: int
+    kept_failures: int  # > 0 only with keep_failures
+    perturb_bursts: int  # random-action bursts started, over all attempts
+    mean_length: float  # over kept episodes
     min_length: int
     max_length: int
     wall_seconds: float
@@ -100,16 +166,21 @@ def observation_arrays(obs: dict[str, np.ndarray], task: str) -> dict[str, np.nd
 
 
 def run_attempt(sim, expert, seed: int, settings: RolloutSettings) -> Attempt:
-    """Run the expert from the initial state of `seed`; record the robomimic arrays of every step."""
+    """Run the expert (with perturbation bursts, if any) from the initial state of `seed`; record every step."""
     obs = sim.reset(seed)
     expert.reset(sim.env, seed=seed)
+    # No generator at all without perturbations, so that output is exactly the plain expert's.
+    perturb = Perturber(settings.perturbation, seed) if settings.perturbation.prob > 0 else None
     record: dict[str, list] = {"obs": [], "next_obs": [], "actions": [], "rewards": [], "states": []}
     first_success = None
     success = False
     for step in range(settings.horizon):
         record["states"].append(np.array(sim.env.sim.get_state().flatten()))
         record["obs"].append(observation_arrays(obs, settings.task))
+        # The expert acts every step, also during a burst, so that it notices a dropped object or a stalled phase.
         action = expert.act(obs)
+        if perturb is not None:
+            action = perturb(action)
         obs, _, _, _ = sim.env.step(action)
         success = sim.success()
         record["actions"].append(np.asarray(action, dtype=np.float64))
@@ -121,9 +192,9 @@ def run_attempt(sim, expert, seed: int, settings: RolloutSettings) -> Attempt:
             break
     length = len(record["actions"])
     episode = None
-    if success:
+    if success or settings.keep_failures:
         dones = np.zeros(length, dtype=np.int64)
-        dones[-1] = 1
+        dones[-1] = int(success)
         episode = Episode(
             obs={key: np.stack([o[key] for o in record["obs"]]) for key in OBS_KEYS},
             next_obs={key: np.stack([o[key] for o in record["next_obs"]]) for key in OBS_KEYS},
@@ -133,7 +204,8 @@ def run_attempt(sim, expert, seed: int, settings: RolloutSettings) -> Attempt:
             states=np.stack(record["states"]),
             model_file=sim.env.sim.model.get_xml(),
         )
-    return Attempt(seed=seed, success=success, length=length, restarts=expert.restarts, episode=episode)
+    bursts = perturb.bursts if perturb is not None else 0
+    return Attempt(seed=seed, success=success, length=length, restarts=expert.restarts, episode=episode, bursts=bursts)
 
 
 # ----- worker processes: one simulator and one expert each ------------------------------------------
@@ -176,34 +248,44 @@ def generate_task(
     workers: int = 1,
     progress: bool = True,
 ) -> tuple[list[Episode], TaskReport]:
-    """The first `episodes` successful demos of seeds seed, seed+1, ... (at most `max_attempts` tried)."""
-    max_attempts = max_attempts or 2 * episodes
+    """The first `episodes` successful demos of seeds seed, seed+1, ... (at most `max_attempts` tried).
+
+    With `settings.keep_failures`: exactly `episodes` attempts (seeds seed .. seed+episodes-1), all kept.
+    """
+    max_attempts = episodes if settings.keep_failures else max_attempts or 2 * episodes
     kept: list[Episode] = []
     kept_seeds: list[int] = []
     failed: list[int] = []
+    successes = bursts = 0
     start = time.perf_counter()
-    bar = tqdm(total=episodes, desc=f"{settings.task}", unit="demo", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=episodes, desc=f"{settings.task}", unit="episode" if settings.keep_failures else "demo",
+               disable=not progress, dynamic_ncols=True)
     # closing(): stopping early must shut the pool down now, not whenever the generator is collected.
     with bar, closing(attempts(settings, iter(range(seed, seed + max_attempts)), workers)) as stream:
         for attempt in stream:
-            if attempt.success:
+            successes += attempt.success
+            bursts += attempt.bursts
+            if attempt.episode is not None:
                 kept.append(attempt.episode)
                 kept_seeds.append(attempt.seed)
-            else:
+            if not attempt.success:
                 failed.append(attempt.seed)
-            bar.set_postfix(attempts=len(kept) + len(failed), failed=len(failed), refresh=False)
-            bar.update(int(attempt.success))
+            bar.set_postfix(attempts=successes + len(failed), failed=len(failed), refresh=False)
+            bar.update(int(attempt.episode is not None))
             if len(kept) == episodes:
                 break
     wall = time.perf_counter() - start
     lengths = [len(e) for e in kept]
-    tried = len(kept) + len(failed)
+    tried = successes + len(failed)
     report = TaskReport(
         task=settings.task,
         requested=episodes,
         attempts=tried,
-        successes=len(kept),
-        success_rate=len(kept) / tried if tried else 0.0,
+        successes=successes,
+        success_rate=successes / tried if tried else 0.0,
+        kept_successes=sum(int(e.dones[-1]) for e in kept),
+        kept_failures=sum(1 - int(e.dones[-1]) for e in kept),
+        perturb_bursts=bursts,
         mean_length=float(np.mean(lengths)) if lengths else 0.0,
         min_length=min(lengths, default=0),
         max_length=max(lengths, default=0),
@@ -226,6 +308,14 @@ def write_task_file(path: Path, episodes: list[Episode], settings: RolloutSettin
         "horizon": settings.horizon,
         "demo_seeds": report.kept_seeds,
     }
+    if settings.play:  # only then: plain expert files stay exactly as they were
+        attrs |= {
+            "keep_failures": settings.keep_failures,
+            "failed_seeds": report.failed_seeds,
+            "perturb_prob": settings.perturbation.prob,
+            "perturb_steps": [settings.perturbation.min_steps, settings.perturbation.max_steps],
+            "perturb_arm_scale": PERTURB_ARM_SCALE.tolist(),
+        }
     write_robomimic_hdf5(path, episodes, env_args, valid_fraction=0.1, seed=seed, attrs=attrs)
 
 
@@ -246,8 +336,10 @@ def write_report(path: Path, reports: list[TaskReport], args: argparse.Namespace
 
 
 def summary_line(r: TaskReport) -> str:
+    kept = f"kept {r.kept_successes + r.kept_failures} ({r.kept_successes} succeeded, {r.kept_failures} failed)  "
     return (
         f"{r.task:7s} attempts {r.attempts:4d}  successes {r.successes:4d}  success rate {100 * r.success_rate:5.1f}%  "
+        f"{kept}"
         f"mean length {r.mean_length:6.1f} (min {r.min_length}, max {r.max_length})  "
         f"{r.demos_per_minute:6.1f} demos/min  ({r.wall_seconds:.0f} s)"
     )
@@ -256,7 +348,7 @@ def summary_line(r: TaskReport) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vla-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to generate ({', '.join(TASKS)})")
-    p.add_argument("--episodes", type=int, default=50, help="successful demos per task")
+    p.add_argument("--episodes", type=int, default=50, help="successful demos per task (--keep-failures: attempts per task)")
     p.add_argument("--out", type=Path, default=Path("data/raw"), help=f"output root: <out>/<task>/{OUTPUT_NAME}")
     p.add_argument("--workers", type=int, default=2, help="simulator processes (1 = in this process)")
     p.add_argument("--seed", type=int, default=0, help="attempt i uses seed + i")
@@ -264,9 +356,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--horizon", type=int, default=None, help="max steps per episode (default: the task's horizon)")
     p.add_argument("--steps-after-success", type=int, default=10, help="steps recorded after the first success")
     p.add_argument("--noise", type=float, default=0.05, help="std of Gaussian noise on the expert's arm actions")
+    p.add_argument("--keep-failures", action="store_true",
+                   help="keep every attempt, failed ones too (dones all 0); --episodes then counts attempts")
+    p.add_argument("--perturb-prob", nargs="+", default=["0"], metavar="P|TASK=P",
+                   help="chance per step that a burst of random actions replaces the expert's (0 = pure expert); "
+                        "a bare P for every task, TASK=P for one (e.g. 0.02 lift=0.05 square=0.01)")
+    p.add_argument("--perturb-steps", type=int, nargs=2, default=[5, 20], metavar=("LO", "HI"),
+                   help="a burst lasts a uniform random number of steps in [LO, HI]")
     p.add_argument("--report", type=Path, default=None, help="write per-task statistics to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def perturb_probs(values: list[str], tasks: list[str]) -> dict[str, float]:
+    """`--perturb-prob` values -> probability per task: a bare number sets every task, TASK=P one task
+    (tasks not being generated are ignored, so one setting can serve runs of any subset of tasks)."""
+    default, per_task = 0.0, {}
+    for value in values:
+        task, _, number = value.rpartition("=")
+        try:
+            prob = float(number)
+        except ValueError:
+            raise UserError(f"--perturb-prob {value!r}: expected a number P or TASK=P") from None
+        if not 0.0 <= prob <= 1.0:
+            raise UserError(f"--perturb-prob must be in [0, 1], got {value}")
+        if task:
+            get_task(task)
+            per_task[task] = prob
+        else:
+            default = prob
+    return {task: per_task.get(task, default) for task in tasks}
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -276,6 +395,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--episodes must be >= 1, got {args.episodes}")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.keep_failures and args.max_attempts is not None:
+        raise UserError("--max-attempts has no effect with --keep-failures (--episodes counts attempts); drop it")
+    perturb_probs(args.perturb_prob, args.tasks)
+    low, high = args.perturb_steps
+    if low < 1 or high < low:
+        raise UserError(f"--perturb-steps LO HI must satisfy 1 <= LO <= HI, got {low} {high}")
     if args.max_attempts is not None and args.max_attempts < args.episodes:
         raise UserError(f"--max-attempts ({args.max_attempts}) must be >= --episodes ({args.episodes})")
     if args.horizon is not None and args.horizon < 1:
@@ -293,12 +418,15 @@ def generate(argv: list[str] | None = None) -> list[TaskReport]:
 
     quiet_robosuite()
     reports = []
+    probs = perturb_probs(args.perturb_prob, args.tasks)
     for task in dict.fromkeys(args.tasks):  # keep order, drop repeats
         settings = RolloutSettings(
             task=task,
             horizon=args.horizon or get_task(task).horizon,
             steps_after_success=args.steps_after_success,
             noise=args.noise,
+            perturbation=Perturbation(probs[task], *args.perturb_steps),
+            keep_failures=args.keep_failures,
         )
         episodes, report = generate_task(
             settings, args.episodes, args.seed, args.max_attempts, args.workers, progress=not args.no_progress
@@ -312,7 +440,7 @@ def generate(argv: list[str] | None = None) -> list[TaskReport]:
     if args.report:
         write_report(args.report, reports, args)
         print(f"report: {args.report}")
-    short = [r for r in reports if r.successes < r.requested]
+    short = [r for r in reports if r.kept_successes + r.kept_failures < r.requested]
     if short:
         names = ", ".join(f"{r.task} ({r.successes}/{r.requested})" for r in short)
         raise UserError(f"too few successful demos within --max-attempts for: {names}; raise --max-attempts")

@@ -76,7 +76,7 @@ FEATURE_DOCS = {
     "reward": "robomimic's sparse reward after the step",
     "done": "robomimic's done flag",
     "success": "task solved after the step (`reward > 0`)",
-    "source": "name of the HDF5 file the row came from",
+    "source": "HDF5 file the row came from: its name, with as many parent folders as it takes to tell the inputs apart",
 }
 
 
@@ -100,6 +100,18 @@ def find_inputs(inputs: list[Path]) -> list[Path]:
     return [p for p in found if unique.get(p.resolve()) is p]
 
 
+def source_labels(paths: list[Path]) -> dict[Path, str]:
+    """Each input's shortest trailing path that no other input shares: `lift/low_dim_generated.hdf5`
+    when raw/lift and raw/can hold files of the same name, `raw_play/lift/...` next to `raw/lift/...`."""
+    parts = {path: path.resolve().parts for path in paths}
+    labels = {}
+    for path, own in parts.items():
+        others = [p for q, p in parts.items() if q is not path]
+        depth = next(n for n in range(1, len(own) + 1) if all(p[-n:] != own[-n:] for p in others) or n == len(own))
+        labels[path] = "/".join(own[-depth:]).lstrip("/")
+    return labels
+
+
 def episode_splits(source: RobomimicFile, valid_fraction: float, seed: int) -> dict[str, str]:
     """demo name -> split. The file's own `mask/valid` decides when present (robomimic's published split);
     otherwise a seeded split of the file's demos."""
@@ -121,7 +133,9 @@ def pick_instruction(task: str, split: str, episode_id: int, seed: int) -> str:
     return options[int(np.random.default_rng([seed, episode_id]).integers(len(options)))]
 
 
-def episode_rows(source: RobomimicFile, episode: Episode, episode_id: int, split: str, seed: int) -> dict[str, np.ndarray]:
+def episode_rows(
+    source: RobomimicFile, label: str, episode: Episode, episode_id: int, split: str, seed: int
+) -> dict[str, np.ndarray]:
     state, mask = source.state(episode, "obs")
     next_state, _ = source.state(episode, "next_obs")
     steps = len(episode)
@@ -138,16 +152,18 @@ def episode_rows(source: RobomimicFile, episode: Episode, episode_id: int, split
         "reward": rewards,
         "done": episode.dones.astype(bool),
         "success": rewards > 0,
-        "source": np.full(steps, source.path.name, dtype=object),
+        "source": np.full(steps, label, dtype=object),
     }
 
 
 @dataclass
 class SourceSummary:
     path: Path
+    label: str  # the `source` column's value for its rows
     task: str
     origin: str
     episodes: Counter = field(default_factory=Counter)  # split -> count
+    failed: int = 0  # episodes not solved at their last step (play data made with `vla-generate --keep-failures`)
 
 
 @dataclass
@@ -159,17 +175,19 @@ class Collected:
 def collect(paths: list[Path], seed: int, valid_fraction: float) -> Collected:
     """Read and validate every input file; rows of all files grouped by split."""
     sources = [read_robomimic_hdf5(p) for p in paths]  # validates headers before the long read
+    labels = source_labels(paths)
     parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
     summaries = []
     episode_id = 0
     with tqdm(total=sum(len(s) for s in sources), desc="episodes", unit="ep") as progress:
-        for source in sources:
-            summary = SourceSummary(source.path, source.task, source.origin)
+        for path, source in zip(paths, sources, strict=True):
+            summary = SourceSummary(source.path, labels[path], source.task, source.origin)
             splits = episode_splits(source, valid_fraction, seed)
             for episode in source:
                 split = splits[episode.name]
-                parts[split].append(episode_rows(source, episode, episode_id, split, seed))
+                parts[split].append(episode_rows(source, labels[path], episode, episode_id, split, seed))
                 summary.episodes[split] += 1
+                summary.failed += int(episode.rewards[-1] <= 0)
                 episode_id += 1
                 progress.update()
             summaries.append(summary)
@@ -362,13 +380,17 @@ def card_body(collected: Collected, counts: dict, seed: int) -> str:
         "## How it was made",
         "",
         f"Converted with `vla-preprocess --seed {seed}` from these robomimic HDF5 files (`generated` = scripted-expert "
-        "demos made by `vla-generate` in robosuite; `robomimic` = robomimic's published files, e.g. from `vla-download`):",
+        "demos made by `vla-generate` in robosuite, or its play data with `--keep-failures`; `robomimic` = robomimic's "
+        "published files, e.g. from `vla-download`). An episode not solved at its last step is a failure: its `done` "
+        "is never set.",
         "",
-        "| file | task | origin | train episodes | validation episodes |",
-        "| --- | --- | --- | ---: | ---: |",
+        "| file | task | origin | train episodes | validation episodes | failed episodes |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     for s in collected.sources:
-        lines.append(f"| `{s.path.name}` | {s.task} | {s.origin} | {s.episodes['train']} | {s.episodes['validation']} |")
+        lines.append(
+            f"| `{s.label}` | {s.task} | {s.origin} | {s.episodes['train']} | {s.episodes['validation']} | {s.failed} |"
+        )
     lines += [
         "",
         "The split follows each file's `mask/valid` filter key when it has one (robomimic's published split), "

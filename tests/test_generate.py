@@ -9,6 +9,7 @@ The committed fixtures tests/fixtures/tiny_<task>.hdf5 were made with this comma
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -18,8 +19,16 @@ import robosuite
 
 from data_prep.errors import UserError, run_cli
 from data_prep.experts import make_expert
-from data_prep.generate import OBS_KEYS, OUTPUT_NAME, RolloutSettings, generate, generate_task
-from data_prep.robomimic_io import read_robomimic_hdf5
+from data_prep.generate import (
+    OBS_KEYS,
+    OUTPUT_NAME,
+    Perturbation,
+    RolloutSettings,
+    generate,
+    generate_task,
+    perturb_probs,
+)
+from data_prep.robomimic_io import Episode, read_robomimic_hdf5, write_robomimic_hdf5
 from data_prep.sim import make_env
 from data_prep.tasks import STATE_DIM, TASKS, get_task, state_from_obs
 
@@ -191,3 +200,136 @@ def test_committed_fixture_is_a_valid_generated_file(task: str) -> None:
     path = FIXTURES / f"tiny_{task}.hdf5"
     assert path.stat().st_size < 300_000
     check_robomimic_layout(path, task)
+
+
+# ----- play data: perturbation bursts and kept failures ---------------------------------------------
+# Lift, horizon 60, a burst of 5-10 random steps with chance 0.05 per step: seeds 3 and 5 still succeed, 4 fails.
+PLAY_ARGS = ["--tasks", "lift", "--episodes", "3", "--seed", "3", "--horizon", "60", "--keep-failures",
+             "--perturb-prob", "0.05", "--perturb-steps", "5", "10", "--no-progress"]
+PLAY_SETTINGS = RolloutSettings(task="lift", horizon=60, keep_failures=True, perturbation=Perturbation(0.05, 5, 10))
+
+
+def stored(episode: Episode) -> Episode:
+    """An in-memory episode with its arrays in the dtypes the HDF5 file stores."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "one.hdf5"
+        write_robomimic_hdf5(path, [episode], {"env_name": "Lift", "type": 1, "env_kwargs": {}}, valid_fraction=0.0)
+        return next(iter(read_robomimic_hdf5(path)))
+
+
+def h5_contents(path: Path) -> dict[str, object]:
+    """Every dataset and attribute of an HDF5 file, by path (attributes as 'group@name')."""
+    contents: dict[str, object] = {}
+
+    def visit(name: str, obj) -> None:
+        for key, value in obj.attrs.items():
+            contents[f"{name}@{key}"] = value
+        if isinstance(obj, h5py.Dataset):
+            contents[name] = obj[()]
+
+    with h5py.File(path, "r") as f:
+        visit("/", f)
+        f.visititems(visit)
+    return contents
+
+
+def test_no_perturbation_writes_exactly_the_committed_expert_file(tmp_path: Path) -> None:
+    # the fixture predates play mode: --perturb-prob 0 (the default) must still write the same file, value by value
+    generate(["--tasks", "lift", "--episodes", "2", "--out", str(tmp_path), "--workers", "1", "--seed", "0",
+              "--perturb-prob", "0", "--no-progress"])
+    new, old = h5_contents(tmp_path / "lift" / OUTPUT_NAME), h5_contents(FIXTURES / "tiny_lift.hdf5")
+    assert new.keys() == old.keys()
+    for key, value in old.items():
+        np.testing.assert_array_equal(new[key], value, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def play(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("raw_play")
+    report = out / "report.json"
+    generate([*PLAY_ARGS, "--out", str(out), "--workers", "1", "--report", str(report)])
+    return {"out": out, "file": out / "lift" / OUTPUT_NAME, "report": report}
+
+
+def test_play_file_keeps_failures_with_no_done(play: dict[str, Path]) -> None:
+    file = read_robomimic_hdf5(play["file"])
+    episodes = list(file)
+    assert len(episodes) == 3
+    failed = [e for e in episodes if e.dones[-1] == 0]
+    solved = [e for e in episodes if e.dones[-1] == 1]
+    assert len(failed) == 1 and len(solved) == 2
+    for episode in failed:  # ran to the horizon; a time limit is not a done, and it never succeeded
+        assert len(episode) == 60 and not episode.dones.any() and not episode.rewards.any()
+    for episode in solved:  # successes keep the expert-demo labels
+        assert episode.dones.sum() == 1 and episode.rewards[-1] == 1.0
+    with h5py.File(play["file"], "r") as f:
+        attrs = f["data"].attrs
+        assert bool(attrs["keep_failures"]) and attrs["perturb_prob"] == 0.05
+        # lists are stored as JSON text, like demo_seeds
+        assert json.loads(attrs["perturb_steps"]) == [5, 10] and json.loads(attrs["failed_seeds"]) == [4]
+    stats = json.loads(play["report"].read_text())["tasks"]["lift"]
+    assert (stats["attempts"], stats["successes"], stats["kept_successes"], stats["kept_failures"]) == (3, 2, 2, 1)
+    assert stats["perturb_bursts"] > 0
+
+
+def test_bursts_replace_actions_but_leave_the_expert_untouched(play: dict[str, Path]) -> None:
+    plain = RolloutSettings(task="lift", horizon=60, keep_failures=True)
+    expert, _ = generate_task(plain, episodes=3, seed=3, workers=1, progress=False)
+    perturbed = list(read_robomimic_hdf5(play["file"]))
+    for ours, theirs in zip(perturbed, expert, strict=True):
+        theirs = stored(theirs)
+        np.testing.assert_array_equal(ours.states[0], theirs.states[0])  # same initial state
+        differ = np.flatnonzero(np.any(ours.actions[: len(theirs)] != theirs.actions[: len(ours)], axis=1))
+        if len(differ):  # up to the first burst, the very same (noisy) expert actions
+            first = differ[0]
+            np.testing.assert_array_equal(ours.actions[:first], theirs.actions[:first])
+            # a burst is one random move held for >= 5 steps, which the noisy expert never repeats
+            np.testing.assert_array_equal(ours.actions[first:first + 5], np.repeat(ours.actions[first:first + 1], 5, 0))
+            assert np.abs(ours.actions[first, 3:6]).max() <= 0.5
+    assert any(len(o) != len(t) or not np.array_equal(o.actions, stored(t).actions)
+               for o, t in zip(perturbed, expert, strict=True))
+
+
+def test_play_is_reproducible_and_independent_of_workers(play: dict[str, Path]) -> None:
+    again, _ = generate_task(PLAY_SETTINGS, episodes=3, seed=3, workers=2, progress=False)
+    for ours, theirs in zip(read_robomimic_hdf5(play["file"]), map(stored, again), strict=True):
+        np.testing.assert_array_equal(ours.actions, theirs.actions)
+        np.testing.assert_array_equal(ours.states, theirs.states)
+        np.testing.assert_array_equal(ours.dones, theirs.dones)
+
+
+def test_play_failures_become_unsuccessful_dataset_rows(play: dict[str, Path], tmp_path: Path) -> None:
+    from data_prep.preprocess import collect
+
+    rows = collect([play["file"]], seed=0, valid_fraction=0.4).columns
+    every = {key: np.concatenate([rows[s][key] for s in rows]) for key in ("episode", "success", "done")}
+    per_episode = {e: every["success"][every["episode"] == e] for e in np.unique(every["episode"])}
+    assert sorted(int(flags.any()) for flags in per_episode.values()) == [0, 1, 1]
+    assert every["done"].sum() == 2
+
+
+def test_per_task_perturbation_probability() -> None:
+    assert perturb_probs(["0"], ["lift", "can"]) == {"lift": 0.0, "can": 0.0}
+    assert perturb_probs(["0.02", "lift=0.06", "square=0.01"], ["lift", "can"]) == {"lift": 0.06, "can": 0.02}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--perturb-prob", "1.5"], "--perturb-prob must be in \\[0, 1\\], got 1.5"),
+    (["--perturb-prob", "-0.1"], "--perturb-prob must be in \\[0, 1\\], got -0.1"),
+    (["--perturb-prob", "lift=2"], "--perturb-prob must be in \\[0, 1\\], got lift=2"),
+    (["--perturb-prob", "often"], "--perturb-prob 'often': expected a number"),
+    (["--perturb-prob", "stack=0.1"], "unknown task 'stack'"),
+    (["--perturb-steps", "20", "5"], "--perturb-steps LO HI must satisfy 1 <= LO <= HI, got 20 5"),
+    (["--perturb-steps", "-3", "5"], "--perturb-steps LO HI must satisfy 1 <= LO <= HI, got -3 5"),
+    (["--keep-failures", "--max-attempts", "9"], "--max-attempts has no effect with --keep-failures"),
+])
+def test_bad_play_settings_are_one_line_errors(flags: list[str], message: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--tasks", "lift", "--episodes", "3", "--out", str(tmp_path / "out"), *flags]
+    with pytest.raises(UserError, match=message):
+        generate(argv)
+    with pytest.raises(SystemExit):
+        run_cli(lambda: generate(argv))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "out").exists()

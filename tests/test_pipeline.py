@@ -136,3 +136,32 @@ def test_real_stage_list_is_ordered_and_exports_every_model(tmp_path: Path) -> N
     assert len(set(order)) == len(order)
     training = [stage for stage in stages if stage.name.startswith("train_")]
     assert all(stage.resume_dir is not None for stage in training)
+
+
+def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos(tmp_path: Path) -> None:
+    paths = PipelinePaths(tmp_path)
+    stages = {stage.name: stage for stage in build_stages(paths, SIZES["quick"], ["lift", "square"], seed=2)}
+    order = list(stages)
+    assert order.index("generate_play") < order.index("preprocess_world") < order.index("train_world")
+    play = list(stages["generate_play"].command)
+    assert "--keep-failures" in play and play[play.index("--out") + 1] == str(paths.raw_play)
+    assert play[play.index("--episodes") + 1] == str(SIZES["quick"].play_episodes_per_task)
+    # play seeds never overlap the expert demos' (seed .. seed + max attempts) nor evaluation's (100000+)
+    expert = list(stages["generate"].command)
+    expert_seeds = range(int(expert[expert.index("--seed") + 1]), 2 + int(expert[expert.index("--max-attempts") + 1]))
+    play_seed = int(play[play.index("--seed") + 1])
+    assert play_seed not in expert_seeds and play_seed + SIZES["full"].play_episodes_per_task < 100_000
+    probs = play[play.index("--perturb-prob") + 1: play.index("--report")]
+    assert [p.split("=")[0] for p in probs] == ["lift", "square"] and all(0 < float(p.split("=")[1]) < 1 for p in probs)
+    world_inputs = list(stages["preprocess_world"].command)
+    assert world_inputs[world_inputs.index("--inputs") + 1: world_inputs.index("--out")] == [str(paths.raw), str(paths.raw_play)]
+    assert world_inputs[world_inputs.index("--out") + 1] == str(tmp_path / "hf_dataset_world")
+
+    def dataset_of(stage: Stage) -> str:
+        return stage.command[list(stage.command).index("--dataset") + 1]
+
+    assert dataset_of(stages["train_world"]) == str(paths.world_dataset)
+    assert dataset_of(stages["train_policy"]) == dataset_of(stages["train_mlp"]) == str(paths.dataset)
+    assert "local/dreaming-vla-dataset-world" in stages["export_world"].command
+    assert {"export_dataset", "export_dataset_world"} <= set(order)
+    assert 0 < SIZES["quick"].play_episodes_per_task < SIZES["full"].play_episodes_per_task == 100

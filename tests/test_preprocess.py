@@ -263,3 +263,45 @@ def test_shipped_generated_fixtures_convert(tmp_path):
     dataset = pp.load_vla_dataset(tmp_path / "repo", cache_dir=str(tmp_path / "cache"))
     tasks = {pp.read_robomimic_hdf5(f).task for f in files}
     assert set(dataset["train"]["task"]) | set(dataset["validation"]["task"]) == tasks
+
+
+def test_source_labels_tell_same_named_files_apart(tmp_path):
+    raw, play, other = (tmp_path / "raw/lift/x.hdf5", tmp_path / "raw_play/lift/x.hdf5", tmp_path / "raw/can/y.hdf5")
+    assert pp.source_labels([raw, play, other]) == {raw: "raw/lift/x.hdf5", play: "raw_play/lift/x.hdf5", other: "y.hdf5"}
+    can = tmp_path / "raw/can/x.hdf5"
+    assert pp.source_labels([raw, can]) == {raw: "lift/x.hdf5", can: "can/x.hdf5"}
+
+
+def test_demos_and_play_data_merge_into_one_dataset(tmp_path):
+    """`vla-preprocess --inputs raw raw_play`: both sources, unique episode ids, failures never successful."""
+    from conftest import ENV_NAMES, synthetic_episode
+
+    from data_prep.robomimic_io import write_robomimic_hdf5
+
+    rng = np.random.default_rng(0)
+    env_args = {"env_name": ENV_NAMES["lift"], "type": 1, "env_kwargs": {}}
+    demos = [synthetic_episode("lift", 6, rng) for _ in range(3)]
+    failures = [synthetic_episode("lift", 7, rng) for _ in range(2)]
+    for episode in failures:  # play data: ran to the horizon without success
+        episode.rewards[:] = 0
+        episode.dones[:] = 0
+    write_robomimic_hdf5(tmp_path / "raw/lift/low_dim_generated.hdf5", demos, env_args, valid_fraction=0.34)
+    write_robomimic_hdf5(tmp_path / "raw_play/lift/low_dim_generated.hdf5", [demos[0], *failures], env_args,
+                         valid_fraction=0.34)
+    result = pp.preprocess([tmp_path / "raw", tmp_path / "raw_play"], tmp_path / "merged")
+    rows = pp.load_vla_dataset(tmp_path / "merged")
+    every = {k: np.concatenate([rows[s].with_format("numpy")[k] for s in pp.SPLITS]) for k in ("episode", "source", "success", "done")}
+    assert sum(result.episodes.values()) == len(np.unique(every["episode"])) == 6
+    play = every["source"] == "raw_play/lift/low_dim_generated.hdf5"
+    assert set(every["source"]) == {"raw/lift/low_dim_generated.hdf5", "raw_play/lift/low_dim_generated.hdf5"}
+    assert play.sum() == 6 + 2 * 7 and (~play).sum() == 3 * 6
+    for episode in np.unique(every["episode"][play]):
+        rows_of = every["episode"] == episode
+        solved = every["success"][rows_of].any()
+        assert every["done"][rows_of].sum() == int(solved)  # the copied demo is done once, failures never
+    assert (~every["success"][play]).sum() >= 2 * 7
+    card = (tmp_path / "merged/README.md").read_text()
+    lines = {line.split("`")[1]: line for line in card.splitlines() if line.startswith("| `raw")}
+    assert lines["raw/lift/low_dim_generated.hdf5"].startswith("| `raw/lift/low_dim_generated.hdf5` | lift | generated |")
+    assert lines["raw/lift/low_dim_generated.hdf5"].endswith("| 0 |")  # failed episodes
+    assert lines["raw_play/lift/low_dim_generated.hdf5"].endswith("| 2 |")
