@@ -205,6 +205,7 @@ class VLAConfig(RobotModelConfig):
     num_state_tokens: int = 2
     state_hidden_dim: int = 256  # hidden width of the state -> tokens MLP
     head_hidden_dim: int = 256
+    head_num_layers: int = 1  # hidden layers of the action head (Linear, GELU, Dropout each)
     head_dropout: float = 0.0
     # Readout of the backbone: "state" = mean of the state tokens' final hidden states (they attend to the
     # instruction; a mean over every token would drown the state in ~15 text tokens), "last" = last token
@@ -226,7 +227,7 @@ class VLAConfig(RobotModelConfig):
             _fail(self, "backbone_config", "a transformers config dict with 'model_type'", type(self.backbone_config))
         _check_choice(self, "backbone_dtype", BACKBONE_DTYPES)
         _check_positive_int(
-            self, "lora_r", "chunk_size", "num_state_tokens", "state_hidden_dim", "head_hidden_dim",
+            self, "lora_r", "chunk_size", "num_state_tokens", "state_hidden_dim", "head_hidden_dim", "head_num_layers",
             "max_instruction_tokens",
         )
         _check_non_negative(self, "lora_alpha")

@@ -684,12 +684,12 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
             nn.Linear(config.state_hidden_dim, config.num_state_tokens * hidden),
         )
         self.readout_norm = nn.LayerNorm(hidden)
-        self.head = nn.Sequential(
-            nn.Linear(hidden + (config.state_dim if config.state_skip else 0), config.head_hidden_dim),
-            nn.GELU(),
-            nn.Dropout(config.head_dropout),
-            nn.Linear(config.head_hidden_dim, config.chunk_size * config.action_dim),
-        )
+        head: list[nn.Module] = []
+        width = hidden + (config.state_dim if config.state_skip else 0)
+        for _ in range(config.head_num_layers):
+            head += [nn.Linear(width, config.head_hidden_dim), nn.GELU(), nn.Dropout(config.head_dropout)]
+            width = config.head_hidden_dim
+        self.head = nn.Sequential(*head, nn.Linear(width, config.chunk_size * config.action_dim))
         self.state_encoder.float()
         self.readout_norm.float()
         self.head.float()

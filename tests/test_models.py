@@ -154,6 +154,7 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (WorldModelConfig, {"dropout": 1.5}, "dropout"),
         (VLAConfig, {"loss": "huber"}, "loss"),
         (VLAConfig, {"chunk_size": 0}, "chunk_size"),
+        (VLAConfig, {"head_num_layers": 0}, "head_num_layers"),
         (MLPPolicyConfig, {"action_mean": [0.0] * 6}, "action_mean"),
     ],
 )
@@ -249,6 +250,17 @@ def test_vla_llama_lora_trains_only_adapters_and_head(tiny_llama):
     assert len(calls) == 2 * 30  # checkpointing recomputes the layer in backward (hooks outside forward fire once)
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_vla_head_depth_follows_the_config_and_keeps_the_one_layer_weight_names(tiny_llama):
+    """head_num_layers=1 must keep the parameter names of models saved before the field existed."""
+    shallow = VLAPolicy(tiny_vla_config(tiny_llama, use_lora=False))
+    deep = VLAPolicy(tiny_vla_config(tiny_llama, use_lora=False, head_num_layers=3))
+    head_names = lambda model: sorted(n for n, _ in model.named_parameters() if n.startswith("head."))  # noqa: E731
+    assert head_names(shallow) == ["head.0.bias", "head.0.weight", "head.3.bias", "head.3.weight"]
+    assert len(head_names(deep)) == 2 * 4 and deep.head[-1].out_features == 4 * 7
+    state = torch.randn(3, STATE_DIM)
+    assert deep.predict_actions(state, INSTRUCTIONS[:1] * 3).shape == (3, 4, 7)
 
 
 def test_vla_llama_round_trip_merged_export_and_adapter(tiny_llama, tmp_path):
