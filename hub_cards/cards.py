@@ -64,8 +64,10 @@ KINDS: dict[str, ModelKind] = {
         usage="    next_state, std, p_success, p_done = model.step(state, torch.zeros(1, 7), [\"Lift the red cube\"])",
         intended_use="Imagining rollouts (\"dreams\") of a policy to estimate its success and to visualise what it "
         "would do, for research on world models and model-based evaluation of VLA policies in robosuite.",
-        limitations=_SHARED_LIMITS + "\n- Errors compound over long open-loop dreams; trust the ensemble spread "
-        "(`std`) and compare with real rollouts before trusting a dreamed success rate.",
+        limitations=_SHARED_LIMITS + "\n- Errors compound over long open-loop dreams, and the ensemble spread (`std`) "
+        "can stay narrow after a long dream has left the training data (measured on Square): compare with real "
+        "rollouts before trusting a dreamed success rate.\n- Trained on expert demos plus perturbed \"play\" episodes "
+        "with failures; trained on successful demos alone, it dreams success for policies that fail.",
     ),
     "vla_policy": ModelKind(
         title="Dreaming VLA policy (pretrained transformer + LoRA)",
