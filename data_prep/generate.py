@@ -1,7 +1,7 @@
 """`vla-generate`: scripted-expert demonstrations (or "play" data) in robosuite, written as robomimic HDF5.
 
     vla-generate --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
-    vla-generate --tasks lift can square --episodes 100 --out data/raw_play --keep-failures --perturb-prob 0.03 --seed 50000
+    vla-generate --tasks lift can square --episodes 100 --out data/raw_play --keep-failures --perturb-prob lift=0.06 can=0.02 square=0.01 --seed 50000
 
 For each task, attempt i runs the expert from the initial state of seed `--seed + i` (the
 expert's action noise uses the same seed), so a demo depends only on its seed, never on the
