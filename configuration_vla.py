@@ -129,6 +129,10 @@ class WorldModelConfig(RobotModelConfig):
     text token (the MiniLM sentence embedding) -> 7 tokens of width `hidden_dim`. Defaults: ~0.5M parameters
     for the 5-member ensemble, ~5 MFLOP per ensemble step.
 
+    With `velocity_input`, every state token also reads its block of v_t = s_t - s_{t-1} (scaled); `linear_skip`
+    adds a linear path from [state, velocity, action] to the change; `token_readout` lets each state token predict
+    its own block's change (the head on the token mean then only gives the success and done logits).
+
     `architecture="mlp"` is the plain-MLP ablation: [state, action, text embedding] concatenated -> `num_layers`
     x (Linear to `hidden_dim`, LayerNorm, GELU) -> the same heads, ensemble and losses (`state_token_groups`,
     `token_mlp_dim` and `channel_mlp_dim` are then unused).
@@ -155,9 +159,27 @@ class WorldModelConfig(RobotModelConfig):
     loss_success: float = 0.1
     loss_done: float = 0.1
     state_mask: list[float] | None = None  # dims this model ever predicts (None -> all); ANDed with batch masks
+    # The 29-D state holds poses but no velocities, and the arm's next pose depends on how fast it moves.
+    # With velocity_input the model also reads v_t = (s_t - s_{t-1}) in normalised units divided by
+    # velocity_scale (the train split's per-dim std of one-step changes, so v is O(1)); v = 0 at a reset.
+    velocity_input: bool = False
+    velocity_scale: list[float] | None = None  # None -> ones; filled in by the trainer from the dataset
+    # A linear path from [state, velocity, action] to the state change, next to the trunk: over one 50 ms
+    # step the dynamics are mostly linear (a least-squares fit beats an undertrained net), so the trunk
+    # only has to learn the contacts and the rest. Zero-initialised: training starts as without it.
+    linear_skip: bool = False
+    # Mixer only: each state token predicts its own block's change (a per-token readout) instead of one head on
+    # the mean of all tokens, which has to squeeze 29 per-dim answers through one pooled vector.
+    token_readout: bool = False
 
     def validate_fields(self) -> None:
         _check_choice(self, "architecture", WORLD_MODEL_ARCHITECTURES)
+        for flag in ("velocity_input", "linear_skip", "token_readout"):
+            if not isinstance(getattr(self, flag), bool):
+                _fail(self, flag, "true or false", getattr(self, flag))
+        if self.token_readout and self.architecture != "mixer":
+            _fail(self, "token_readout", "false with architecture 'mlp' (it reads out the mixer's tokens)", True)
+        self.velocity_scale = _vector(self, "velocity_scale", "state_dim", 1.0, positive=True)
         _check_positive_int(
             self, "text_embed_dim", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers", "num_ensemble",
             "multi_step",

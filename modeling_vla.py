@@ -255,15 +255,32 @@ class EnsembleLayerNorm(nn.Module):
 
 
 class EnsembleStateTokenizer(nn.Module):
-    """Per-member, per-group projections of the state slices into tokens: [K, B, T, width] -> [K, B, T, C]."""
+    """Per-member, per-group projections of the state slices into tokens: [K, B, T, width] -> [K, B, T, C].
 
-    def __init__(self, members: int, groups: Sequence[int], hidden: int) -> None:
+    With velocity input, each token reads its group's state and velocity slices side by side (width doubles).
+    """
+
+    def __init__(self, members: int, groups: Sequence[int], hidden: int, inputs_per_dim: int = 1) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(members, len(groups), max(groups), hidden))
+        self.weight = nn.Parameter(torch.empty(members, len(groups), inputs_per_dim * max(groups), hidden))
         self.bias = nn.Parameter(torch.empty(members, len(groups), hidden))
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:  # zero beyond each group's width
         return torch.einsum("kbtg,ktgh->kbth", slices, self.weight) + self.bias.unsqueeze(1)
+
+
+class EnsembleTokenReadout(nn.Module):
+    """The inverse of EnsembleStateTokenizer: state token g -> its group's slice of the output, [K, B, T, C] -> [K, B, D]."""
+
+    def __init__(self, members: int, groups: Sequence[int], hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, len(groups), hidden, max(groups)))
+        self.bias = nn.Parameter(torch.empty(members, len(groups), max(groups)))
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """positions: the flat (token, slot) index of every state dim, in state order."""
+        slots = torch.einsum("kbtc,ktcw->kbtw", tokens, self.weight) + self.bias.unsqueeze(1)
+        return slots.flatten(-2)[..., positions]
 
 
 class EnsembleMixerBlock(nn.Module):
@@ -294,7 +311,7 @@ class EnsembleMLPTrunk(nn.Module):
     def __init__(self, members: int, state_dim: int, action_dim: int, text_dim: int, hidden: int, layers: int,
                  dropout: float) -> None:
         super().__init__()
-        self.state_in = EnsembleLinear(members, state_dim, hidden)
+        self.state_in = EnsembleLinear(members, state_dim, hidden)  # state_dim doubles with velocity input
         self.action_in = EnsembleLinear(members, action_dim, hidden)
         self.text_in = EnsembleLinear(members, text_dim, hidden)
         self.hidden = nn.ModuleList(EnsembleLinear(members, hidden, hidden) for _ in range(layers - 1))
@@ -325,12 +342,13 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
     def __init__(self, config: WorldModelConfig) -> None:
         super().__init__(config)
         k, c = config.num_ensemble, config.hidden_dim
+        inputs_per_dim = 2 if config.velocity_input else 1  # state, or state and velocity
         if config.architecture == "mlp":
-            self.trunk = EnsembleMLPTrunk(k, config.state_dim, config.action_dim, config.text_embed_dim, c,
-                                          config.num_layers, config.dropout)
+            self.trunk = EnsembleMLPTrunk(k, inputs_per_dim * config.state_dim, config.action_dim,
+                                          config.text_embed_dim, c, config.num_layers, config.dropout)
         else:  # the mixer's modules stay direct attributes: saved checkpoints name them so
             tokens = len(config.state_token_groups) + 2  # + action token + text token
-            self.state_tokens = EnsembleStateTokenizer(k, config.state_token_groups, c)
+            self.state_tokens = EnsembleStateTokenizer(k, config.state_token_groups, c, inputs_per_dim)
             self.action_token = EnsembleLinear(k, config.action_dim, c)
             self.text_token = EnsembleLinear(k, config.text_embed_dim, c)
             self.blocks = nn.ModuleList(
@@ -338,13 +356,23 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
                 for _ in range(config.num_layers)
             )
             self.final_norm = EnsembleLayerNorm(k, c)
-        self.head = EnsembleLinear(k, c, config.state_dim + 2)  # delta state | success logit | done logit
+        if config.architecture == "mixer" and config.token_readout:
+            self.token_head = EnsembleTokenReadout(k, config.state_token_groups, c)  # delta state, per token
+            self.head = EnsembleLinear(k, c, 2)  # success logit | done logit
+        else:
+            self.head = EnsembleLinear(k, c, config.state_dim + 2)  # delta state | success logit | done logit
+        if config.linear_skip:
+            self.skip = EnsembleLinear(k, inputs_per_dim * config.state_dim + config.action_dim, config.state_dim)
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if module is self.head:  # start near "nothing changes": tiny residual, p_success = p_done = 0.5
+        if module is self.head or module is getattr(self, "token_head", None):
+            # start near "nothing changes": tiny residual, p_success = p_done = 0.5
             init.uniform_(module.weight, -1e-3, 1e-3)
+            init.zeros_(module.bias)
+        elif module is getattr(self, "skip", None):
+            init.zeros_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, (EnsembleLinear, EnsembleStateTokenizer)):
             bound = module.weight.shape[-2] ** -0.5  # fan-in
@@ -362,6 +390,7 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
     def _extra_constants(self, device: torch.device) -> dict[str, torch.Tensor]:
         groups = self.config.state_token_groups
         width = max(groups)
+        scale = torch.tensor(self.config.velocity_scale, dtype=torch.float32, device=device)
         index = torch.zeros(len(groups), width, dtype=torch.long)
         valid = torch.zeros(len(groups), width)
         start = 0
@@ -371,8 +400,10 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             start += size
         return {
             "group_index": index.to(device),
+            "state_positions": torch.nonzero(valid.flatten()).flatten().to(device),  # state dim -> (token, slot)
             "group_valid": valid.to(device),
             "model_mask": torch.tensor(self.config.state_mask, dtype=torch.float32, device=device),
+            "velocity_scale": torch.where(scale < MIN_STD, torch.ones_like(scale), scale),
         }
 
     # ---- text -------------------------------------------------------------------------------------
@@ -408,30 +439,52 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             return model_mask.expand(state.shape[0], -1)
         return torch.as_tensor(state_mask, dtype=torch.float32, device=state.device) * model_mask
 
+    def velocity(self, state: torch.Tensor, prev_state: torch.Tensor) -> torch.Tensor:
+        """Normalised states s_t, s_{t-1} -> the velocity input v_t (O(1) per dim; see config.velocity_input)."""
+        return (state - prev_state) / self._constants(state.device)["velocity_scale"]
+
     def predict_normalized(
-        self, state: torch.Tensor, action: torch.Tensor, text_emb: torch.Tensor, mask: torch.Tensor
+        self, state: torch.Tensor, action: torch.Tensor, text_emb: torch.Tensor, mask: torch.Tensor,
+        velocity: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of every member in normalised units.
 
-        state [B, D] (shared) or [K, B, D] (one trajectory per member), action [B, A], text_emb [B, E], mask [B, D]
+        state [B, D] (shared) or [K, B, D] (one trajectory per member), action [B, A], text_emb [B, E], mask [B, D],
+        velocity like state (read only with config.velocity_input; None = at rest)
         -> next state [K, B, D] (masked), success logit [K, B], done logit [K, B].
         """
         k = self.config.num_ensemble
         if state.dim() == 2:
             state = state.expand(k, *state.shape)
+        inputs = state
+        if self.config.velocity_input:
+            velocity = torch.zeros_like(state) if velocity is None else velocity.expand_as(state)
+            inputs = torch.stack([state, velocity * mask], dim=-1)  # [K, B, D, 2]: dim d's state, then velocity
+        flat = inputs.flatten(-2) if self.config.velocity_input else inputs  # [K, B, D or 2D]
+        tokens = None
         if self.config.architecture == "mlp":
-            features = self.trunk(state, action, text_emb)
+            features = self.trunk(flat, action, text_emb)
         else:
-            features = self._mixer_features(state, action, text_emb)
-        out = self.head(features)  # [K, B, D + 2]
-        d = self.config.state_dim
-        next_state = (state + out[..., :d]) * mask
-        return next_state, out[..., d], out[..., d + 1]
+            tokens = self._mixer_tokens(inputs, action, text_emb)
+            features = tokens.mean(dim=2)
+        out = self.head(features)  # [K, B, D + 2], or [K, B, 2] with the token readout
+        if hasattr(self, "token_head"):
+            state_tokens = tokens[:, :, : len(self.config.state_token_groups)]
+            change = self.token_head(state_tokens, self._constants(state.device)["state_positions"])
+        else:
+            change, out = out[..., : self.config.state_dim], out[..., self.config.state_dim :]
+        if self.config.linear_skip:
+            change = change + self.skip(torch.cat([flat, action.expand(*flat.shape[:-1], -1)], dim=-1))
+        next_state = (state + change) * mask
+        return next_state, out[..., 0], out[..., 1]
 
-    def _mixer_features(self, state: torch.Tensor, action: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """[K, B, D] states -> tokens [K, B, T, C] -> mixer blocks -> mean over tokens [K, B, C]."""
-        c = self._constants(state.device)
-        slices = state[..., c["group_index"]] * c["group_valid"]  # [K, B, T, width]
+    def _mixer_tokens(self, inputs: torch.Tensor, action: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """[K, B, D] states ([K, B, D, 2] with velocities) -> tokens -> mixer blocks -> normed tokens [K, B, T, C]."""
+        c = self._constants(inputs.device)
+        if self.config.velocity_input:  # group slices of [state, velocity] pairs, flattened per token
+            slices = (inputs[..., c["group_index"], :] * c["group_valid"][..., None]).flatten(-2)
+        else:
+            slices = inputs[..., c["group_index"]] * c["group_valid"]  # [K, B, T, width]
         tokens = torch.cat(
             [
                 self.state_tokens(slices),
@@ -442,7 +495,7 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         )
         for block in self.blocks:
             tokens = block(tokens)
-        return self.final_norm(tokens).mean(dim=2)
+        return self.final_norm(tokens)
 
     # ---- training ---------------------------------------------------------------------------------
 
@@ -458,6 +511,7 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         state_mask: torch.Tensor | None = None,
         task: Sequence[str] | None = None,
         text_emb: torch.Tensor | None = None,
+        prev_state: torch.Tensor | None = None,
     ) -> RobotModelOutput:
         cfg = self.config
         batch, horizon = actions.shape[:2]
@@ -468,7 +522,9 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         valid = valid_steps(step_mask[:, :horizon])  # [B, H]
         acts = self.normalize_action(actions[:, :horizon])  # [B, H, A]
         targets = self.normalize_state(next_states[:, :horizon], mask.unsqueeze(1))  # [B, H, D]
-        pred, success_logit, done_logit = self._open_loop(self.normalize_state(state, mask), acts, text, mask)
+        s0 = self.normalize_state(state, mask)
+        v0 = None if prev_state is None else self.velocity(s0, self.normalize_state(prev_state, mask))
+        pred, success_logit, done_logit = self._open_loop(s0, acts, text, mask, v0)
 
         step_weight = self._member_weights(batch, state.device)[:, :, None] * valid  # [K, B, H]
         dim_weight = step_weight[..., None] * mask[None, :, None, :]  # [K, B, H, D]
@@ -502,12 +558,17 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         return (torch.rand(k, batch, device=device) < fraction).to(torch.float32)
 
     def _open_loop(
-        self, s0: torch.Tensor, acts: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+        self, s0: torch.Tensor, acts: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+        v0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each member rolls its own trajectory with the recorded actions: states [K, B, H, D], logits [K, B, H]."""
-        state, outputs = s0, []
+        """Each member rolls its own trajectory with the recorded actions: states [K, B, H, D], logits [K, B, H].
+
+        From the second step on, a member's velocity input is its own last predicted change (as in a dream).
+        """
+        state, velocity, outputs = s0, v0, []
         for h in range(acts.shape[1]):
-            state, success_logit, done_logit = self.predict_normalized(state, acts[:, h], text, mask)
+            next_state, success_logit, done_logit = self.predict_normalized(state, acts[:, h], text, mask, velocity)
+            velocity, state = self.velocity(next_state, state), next_state
             outputs.append((state, success_logit, done_logit))
         states, success_logits, done_logits = zip(*outputs, strict=True)
         return torch.stack(states, 2), torch.stack(success_logits, 2), torch.stack(done_logits, 2)
@@ -527,9 +588,11 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         instruction: str | Sequence[str] | None = None,
         text_emb: torch.Tensor | None = None,
         state_mask: torch.Tensor | None = None,
+        prev_state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw units in and out: (next state mean [B, D], ensemble std [B, D], p_success [B], p_done [B]).
 
+        prev_state: s_{t-1} [B, D] for models with config.velocity_input (None: at rest, as right after a reset).
         Padding dims (state_mask 0, or config.state_mask 0) of the result are exactly zero.
         Uses the current train/eval mode (call .eval() for deterministic dreams).
         """
@@ -537,20 +600,24 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         action = self._as_tensor(action, self.config.action_dim, "action")
         if action.shape[0] != state.shape[0]:
             raise ValueError(f"action: expected {state.shape[0]} rows like state, got {action.shape[0]}")
+        prev = state if prev_state is None else self._as_tensor(prev_state, self.config.state_dim, "prev_state")
+        if prev.shape != state.shape:
+            raise ValueError(f"prev_state: expected shape {list(state.shape)} like state, got {list(prev.shape)}")
         mask = self._mask(state_mask, state)
         text = self._text(instruction, text_emb, state.shape[0])
         # Row chunks keep the [K, rows, T, C] activations cache-sized; thousands of dreams otherwise go memory-bound.
         outputs = [
-            self._step_rows(state[rows], action[rows], text[rows], mask[rows])
+            self._step_rows(state[rows], action[rows], text[rows], mask[rows], prev[rows])
             for rows in torch.arange(state.shape[0], device=state.device).split(STEP_CHUNK_ROWS)
         ]
         return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
 
     def _step_rows(
-        self, state: torch.Tensor, action: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+        self, state: torch.Tensor, action: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, prev: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        state = self.normalize_state(state, mask)
         pred, success_logit, done_logit = self.predict_normalized(
-            self.normalize_state(state, mask), self.normalize_action(action), text, mask
+            state, self.normalize_action(action), text, mask, self.velocity(state, self.normalize_state(prev, mask))
         )
         members = self.denormalize_state(pred, mask)  # [K, B, D]
         std = members.std(dim=0, correction=0) * mask
@@ -586,6 +653,7 @@ class ChunkPolicyMixin(NormalizedModelMixin):
         success: torch.Tensor | None = None,
         done: torch.Tensor | None = None,
         task: Sequence[str] | None = None,
+        prev_state: torch.Tensor | None = None,  # read by the world model only; policies act on s_t
     ) -> RobotModelOutput:
         horizon = self.config.chunk_size
         if actions.shape[1] < horizon:

@@ -157,7 +157,7 @@ class PipelineSize:
 SIZES = {
     "quick": PipelineSize(episodes_per_task=10, play_episodes_per_task=4, train_steps={"world": 300, "policy": 150, "mlp": 300},
                           eval_episodes=2, checkpoint_every=100),
-    "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, train_steps={"world": 3000, "policy": 3000, "mlp": 3000},
+    "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, train_steps={"world": 3000, "policy": 6000, "mlp": 3000},
                          eval_episodes=50),
 }
 

@@ -202,6 +202,7 @@ class EpisodeTable:
     """One split as flat numpy arrays, rows sorted by (episode, step), plus where each row's episode ends."""
 
     state: np.ndarray  # [N, D]
+    prev_state: np.ndarray  # [N, D] the row before in the same episode; an episode's first row repeats its state
     state_mask: np.ndarray  # [N, D]
     action: np.ndarray  # [N, A]
     next_state: np.ndarray  # [N, D]
@@ -246,8 +247,14 @@ class EpisodeTable:
         episode_end = (
             np.repeat(bounds, np.diff(np.concatenate([[0], bounds]))) if len(episode) else np.zeros(0, np.int64)
         )
+        state = take("state", np.float32)
+        first = np.ones(len(episode), bool)
+        first[1:] = episode[1:] != episode[:-1]
+        prev_state = np.concatenate([state[:1], state[:-1]])
+        prev_state[first] = state[first]
         return cls(
-            state=take("state", np.float32),
+            state=state,
+            prev_state=prev_state,
             state_mask=take("state_mask", np.float32),
             action=take("action", np.float32),
             next_state=take("next_state", np.float32),
@@ -285,6 +292,7 @@ class WindowDataset(torch.utils.data.Dataset):
             "instruction": t.instruction[rows].tolist(),
             "task": t.task[rows].tolist(),
             "state": t.state[rows],
+            "prev_state": t.prev_state[rows],
             "state_mask": t.state_mask[rows],
             "actions": t.action[window],
             "next_states": t.next_state[window],
@@ -389,6 +397,15 @@ def normalization_mapping(norm) -> dict[str, Any]:
     }
 
 
+def velocity_scale(table: EpisodeTable, state_std: np.ndarray) -> np.ndarray:
+    """Per-dim std of the one-step change s_{t+1} - s_t in normalised units (1 where a dim never changes)."""
+    change = (table.next_state - table.state) / np.where(state_std < 1e-6, 1.0, state_std) * table.state_mask
+    counts = table.state_mask.sum(0)
+    mean = change.sum(0) / np.maximum(counts, 1)
+    std = np.sqrt(((change - mean) ** 2 * table.state_mask).sum(0) / np.maximum(counts, 1))
+    return np.where(std < 1e-6, 1.0, std).astype(np.float32)
+
+
 def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     """Model config = YAML model_config + the dataset's statistics, layout and tasks; then the model."""
     import configuration_vla
@@ -413,6 +430,8 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     except ValueError as err:
         raise UserError(str(err)) from None
     config.tasks = data.tasks
+    if getattr(config, "velocity_input", False):
+        config.velocity_scale = velocity_scale(data.train, np.asarray(config.state_std, np.float32)).tolist()
     model_horizon = int(getattr(config, horizon_field))
     horizon = cfg.horizon or model_horizon
     if horizon < model_horizon:

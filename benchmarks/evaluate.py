@@ -23,6 +23,7 @@ from pathlib import Path
 from data_prep.errors import UserError, run_cli
 from data_prep.tasks import TASKS
 from evaluation.cli import make_plan, parse_args, play, settings_of, write_results
+from evaluation.envs import DREAM_SUCCESS
 from evaluation.records import write_episodes
 from evaluation.report import replace_markdown_section, write_summary
 
@@ -40,6 +41,8 @@ def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=100_000, help="first simulator seed; disjoint from vla-generate's")
     p.add_argument("--horizon", type=int, help="max steps per episode (default: each task's horizon)")
     p.add_argument("--no-expert", action="store_true", help="skip the scripted-expert upper bound")
+    p.add_argument("--dream-success", choices=DREAM_SUCCESS, default=DREAM_SUCCESS[0],
+                   help="dream success from the world model's head (default) or robosuite's rule on the dreamed state")
     p.add_argument("--video", action="store_true", help="film 2 real episodes per task and policy")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"))
     p.add_argument("--results-md", type=Path, help="markdown file whose '## Evaluation' section is replaced")
@@ -51,7 +54,7 @@ def rollout_argv(args: argparse.Namespace, policy: str, name: str, env: str) -> 
     argv = ["--policy", policy, "--name", name, "--env", env, "--tasks", *args.tasks, "--episodes", str(args.episodes),
             "--workers", str(args.workers), "--seed", str(args.seed), "--out", str(args.out), "--no-progress"]
     if env != "real":
-        argv += ["--world-model", str(args.world_model)]
+        argv += ["--world-model", str(args.world_model), "--dream-success", args.dream_success]
     if args.horizon:
         argv += ["--horizon", str(args.horizon)]
     if args.video:

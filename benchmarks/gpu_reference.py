@@ -8,7 +8,7 @@ Measures, with random weights (speed and memory do not depend on the values):
   configs/vla_llama3_8b_lora.yaml (r=32 on q/k/v/o) + gradient checkpointing (`modeling_vla.VLAPolicy`):
   peak GPU memory, training samples/s and tokens/s at an effective batch of 128 (the largest micro-batch
   that fits, with gradient accumulation up to 128), and predict_actions latency at batch 1;
-* world model (`modeling_vla.WorldModel`, default config): imagined steps/s for 65,536 parallel dreams.
+* world model (`modeling_vla.WorldModel`, configs/world_model.yaml): imagined steps/s for 65,536 parallel dreams.
 
 Prints a markdown table and writes JSON (settings, device, versions, numbers).
 """
@@ -56,6 +56,7 @@ LLAMA3_8B = {
     "tie_word_embeddings": False,
 }
 REFERENCE_CONFIG = REPO_ROOT / "configs" / "vla_llama3_8b_lora.yaml"
+WORLD_MODEL_CONFIG = REPO_ROOT / "configs" / "world_model.yaml"
 # Same architecture family, small enough for a CPU test.
 LLAMA_TINY = {**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256}
@@ -139,12 +140,12 @@ def write_backbone_folder(folder: Path, backbone: dict[str, Any]) -> Path:
 
 
 def reference_model_config(path: Path) -> dict[str, Any]:
-    """The `model_config` block of a trainer YAML (the reference VLA's LoRA rank, targets, head, dtype)."""
+    """The `model_config` block of a trainer YAML (e.g. the reference VLA's LoRA rank, targets, head, dtype)."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (expected a trainer YAML with a model_config block)")
     model_config = (yaml.safe_load(path.read_text()) or {}).get("model_config")
     if not isinstance(model_config, dict):
-        raise UserError(f"{path}: expected a `model_config` mapping of VLAConfig fields")
+        raise UserError(f"{path}: expected a `model_config` mapping of model config fields")
     return model_config
 
 
@@ -277,7 +278,8 @@ def measure_dreams(settings: Settings, device: torch.device) -> dict[str, Any]:
     from modeling_vla import WorldModel
 
     with torch.device(device):
-        world = WorldModel(WorldModelConfig()).eval()
+        # configs/world_model.yaml's model: the dreams measured are the ones the evaluation dreams with
+        world = WorldModel(WorldModelConfig(**reference_model_config(WORLD_MODEL_CONFIG))).eval()
     generator = torch.Generator().manual_seed(settings.seed + 2)
     n = settings.dreams
     texts = all_instructions()
@@ -287,9 +289,9 @@ def measure_dreams(settings: Settings, device: torch.device) -> dict[str, Any]:
     actions = (torch.rand(settings.dream_steps, n, ACTION_DIM, generator=generator) * 2 - 1).to(device)
 
     def dream() -> None:
-        s = state
+        s, prev = state, state
         for t in range(settings.dream_steps):
-            s = world.step(s, actions[t], text_emb=text_emb)[0]
+            s, prev = world.step(s, actions[t], text_emb=text_emb, prev_state=prev)[0], s
 
     dream()  # warm-up (kernel selection, caches)
     reset_peak(device)

@@ -9,7 +9,9 @@ Accuracy on the dataset's validation split (episodes never trained on, held-out 
   episode, feed the model its own predictions (the ensemble mean, as dreams do) and the recorded actions;
 * success head: p_success > 0.5 on the one-step predictions vs the recorded success label.
 Errors are squared, in units of the dataset's normalization.json state std (train split; std < 1e-6 -> 1, as
-in the models), averaged over every real (state_mask = 1) state entry. "identity" predicts s_{t+k} = s_t.
+in the models), averaged over every real (state_mask = 1) state entry. "identity" predicts s_{t+k} = s_t;
+"linear" and "linear + velocity" are least-squares fits on the train split (a yardstick: how much of the
+dynamics is linear, and what the velocity input s_t - s_{t-1} alone is worth).
 
 Speed: imagined steps/s of `WorldModel.step` on 1024 parallel dreams (own predictions fed back, --threads torch
 threads) vs steps/s of one robosuite env (`data_prep.sim.make_env`, zero actions, one process), same run.
@@ -60,6 +62,8 @@ class Validation:
 
     table: Any  # train_accelerate.EpisodeTable, rows sorted by (episode, step)
     scale: np.ndarray  # [D] state std of the train split
+    mean: np.ndarray  # [D] state mean of the train split
+    train: Any  # the train split's EpisodeTable (fits the linear baselines)
 
     @property
     def episodes(self) -> int:
@@ -73,11 +77,14 @@ def load_validation(dataset: Path) -> Validation:
     if not Path(dataset).is_dir():
         raise UserError(f"--dataset {dataset}: folder not found (expected a vla-preprocess output folder)")
     norm = load_normalization(dataset)
-    table = EpisodeTable.from_split(load_vla_dataset(dataset)["validation"], f"{dataset} validation split")
+    splits = load_vla_dataset(dataset)
+    table = EpisodeTable.from_split(splits["validation"], f"{dataset} validation split")
     if len(table) == 0:
         raise UserError(f"--dataset {dataset}: the validation split is empty")
     std = np.asarray(norm.state.std, np.float32)
-    return Validation(table=table, scale=np.where(std < MIN_STD, 1.0, std).astype(np.float32))
+    return Validation(table=table, scale=np.where(std < MIN_STD, 1.0, std).astype(np.float32),
+                      mean=np.asarray(norm.state.mean, np.float32),
+                      train=EpisodeTable.from_split(splits["train"], f"{dataset} train split"))
 
 
 def open_loop_starts(table: Any, horizon: int, max_starts: int | None) -> np.ndarray:
@@ -136,11 +143,12 @@ def by_task(table: Any, rows: np.ndarray, value: Callable[[np.ndarray], float]) 
 
 
 class Dynamics:
-    """s_t, a_t (raw, [N, D] / [N, A]) of dataset rows -> (s_{t+1} [N, D], p_success [N] or None)."""
+    """s_t, a_t, s_{t-1} (raw, [N, D] / [N, A] / [N, D]) of dataset rows -> (s_{t+1} [N, D], p_success [N] or None)."""
 
     name: str
 
-    def __call__(self, state: np.ndarray, action: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, state: np.ndarray, action: np.ndarray, rows: np.ndarray,
+                 prev_state: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
 
@@ -149,8 +157,41 @@ class IdentityDynamics(Dynamics):
 
     name = "identity"
 
-    def __call__(self, state: np.ndarray, action: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, None]:
+    def __call__(self, state: np.ndarray, action: np.ndarray, rows: np.ndarray,
+                 prev_state: np.ndarray) -> tuple[np.ndarray, None]:
         return state.copy(), None
+
+
+class LinearDynamics(Dynamics):
+    """Least squares on the train split: [s_t, a_t, task one-hot, 1] (+ s_t - s_{t-1}) -> s_{t+1} - s_t, normalised."""
+
+    def __init__(self, data: Validation, velocity: bool) -> None:
+        self.name = "linear + velocity" if velocity else "linear"
+        self.data, self.velocity = data, velocity
+        self.tasks = sorted(set(data.train.task.tolist()))
+        t = data.train
+        change = (t.next_state - t.state) / data.scale * t.state_mask
+        features = self.features(t.state, t.action, t.prev_state, t.task, t.state_mask)
+        self.weight = np.linalg.lstsq(features, change.astype(np.float64), rcond=None)[0]
+
+    @property
+    def parameters(self) -> int:
+        return int(self.weight.size)
+
+    def features(self, state: np.ndarray, action: np.ndarray, prev_state: np.ndarray, task: np.ndarray,
+                 mask: np.ndarray) -> np.ndarray:
+        columns = [(state - self.data.mean) / self.data.scale * mask, action,
+                   np.stack([task == name for name in self.tasks], 1), np.ones((len(state), 1))]
+        if self.velocity:
+            columns.append((state - prev_state) / self.data.scale * mask)
+        return np.concatenate(columns, 1, dtype=np.float64)
+
+    def __call__(self, state: np.ndarray, action: np.ndarray, rows: np.ndarray,
+                 prev_state: np.ndarray) -> tuple[np.ndarray, None]:
+        t = self.data.table
+        mask = t.state_mask[rows]
+        change = self.features(state, action, prev_state, t.task[rows], mask) @ self.weight
+        return (state + change * self.data.scale * mask).astype(np.float32), None
 
 
 class WorldModelDynamics(Dynamics):
@@ -169,7 +210,8 @@ class WorldModelDynamics(Dynamics):
         self.text = torch.as_tensor(embeddings, dtype=torch.float32)[torch.as_tensor(inverse.reshape(-1))]
         self.mask = torch.as_tensor(table.state_mask, dtype=torch.float32)
 
-    def __call__(self, state: np.ndarray, action: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, state: np.ndarray, action: np.ndarray, rows: np.ndarray,
+                 prev_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         index = torch.as_tensor(rows)
@@ -177,6 +219,7 @@ class WorldModelDynamics(Dynamics):
             mean, _, p_success, _ = self.model.step(
                 torch.as_tensor(state, dtype=torch.float32), torch.as_tensor(action, dtype=torch.float32),
                 text_emb=self.text[index], state_mask=self.mask[index],
+                prev_state=torch.as_tensor(prev_state, dtype=torch.float32),
             )
         return mean.numpy().astype(np.float32), p_success.numpy().astype(np.float32)
 
@@ -211,7 +254,7 @@ def one_step_metrics(dynamics: Dynamics, data: Validation, chunk: int = 8192) ->
     preds, probs = [], []
     for start in range(0, len(t), chunk):
         rows = np.arange(start, min(start + chunk, len(t)))
-        pred, p_success = dynamics(t.state[rows], t.action[rows], rows)
+        pred, p_success = dynamics(t.state[rows], t.action[rows], rows, t.prev_state[rows])
         preds.append(pred)
         probs.append(p_success)
     predicted = np.concatenate(preds)
@@ -233,11 +276,11 @@ def open_loop_curve(dynamics: Dynamics, data: Validation, starts: np.ndarray, ho
     from tqdm.auto import tqdm
 
     t = data.table
-    state = t.state[starts].copy()
+    state, prev = t.state[starts].copy(), t.prev_state[starts]
     curve, per_task = [], []
     for k in tqdm(range(horizon), desc=f"open loop {dynamics.name}", leave=False):
         rows = starts + k
-        state, _ = dynamics(state, t.action[rows], rows)
+        state, prev = dynamics(state, t.action[rows], rows, prev)[0], state
         error = squared_error(state, t.next_state[rows], t.state_mask[rows], data.scale)
         curve.append(error.mean())
         per_task.append(by_task(t, starts, error.mean))
@@ -258,12 +301,12 @@ def dream_steps_per_second(dynamics: WorldModelDynamics, data: Validation, batch
     """`batch` parallel dreams from validation states, own predictions fed back, recorded actions."""
     t = data.table
     rows = np.resize(np.arange(len(t)), batch)  # repeats rows when the split is smaller than the batch
-    state, action = t.state[rows].copy(), t.action[rows]
+    state, prev, action = t.state[rows].copy(), t.prev_state[rows], t.action[rows]
     for _ in range(warmup):
-        state, _ = dynamics(state, action, rows)
+        state, prev = dynamics(state, action, rows, prev)[0], state
     calls, started = 0, time.perf_counter()
     while calls < min_calls or time.perf_counter() - started < min_seconds:
-        state, _ = dynamics(state, action, rows)
+        state, prev = dynamics(state, action, rows, prev)[0], state
         calls += 1
     seconds = time.perf_counter() - started
     return {"batch": batch, "calls": calls, "seconds": seconds, "steps_per_s": batch * calls / seconds,
@@ -312,12 +355,12 @@ def parameter_count(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def training_record(folder: Path, name: str) -> dict[str, Any]:
+def training_record(folder: Path, train_config: str) -> dict[str, Any]:
     """What train_summary.json (next to best/ and final/) says about the run, and its training command."""
     summary_path = folder.parent / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     config = summary.get("config", {})
-    command = (f"vla-train --model world --config {TRAIN_CONFIGS[name]} --dataset {config.get('dataset', '<dataset>')} "
+    command = (f"vla-train --model world --config {train_config} --dataset {config.get('dataset', '<dataset>')} "
                f"--output-dir {config.get('output_dir', folder.parent)}")
     keys = ("steps", "wall_time_s", "best_val_loss", "train_windows", "validation_windows")
     return {"command": command, "summary": str(summary_path) if summary else None, **{k: summary.get(k) for k in keys}}
@@ -461,6 +504,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", type=Path, required=True, help="vla-preprocess folder (its validation split is used)")
     p.add_argument("--mixer", type=Path, help="saved MLP-Mixer WorldModel folder (e.g. runs/world_model/best)")
     p.add_argument("--mlp", type=Path, help="saved plain-MLP WorldModel folder (e.g. runs/world_model_mlp/best)")
+    for name, default in TRAIN_CONFIGS.items():
+        p.add_argument(f"--{name}-config", default=default, help=f"YAML the --{name} model was trained with (for the "
+                       "report's training command)")
     p.add_argument("--out", type=Path, default=Path("runs/benchmarks/world_model"), help="results folder (replaced)")
     p.add_argument("--results-md", type=Path, help=f"markdown file whose {SECTION!r} section is replaced")
     p.add_argument("--threads", type=int, default=2, help="torch threads for everything (default 2)")
@@ -512,12 +558,16 @@ def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "folder": str(folders[name]),
             "parameters": parameter_count(model),
             "architecture": getattr(model.config, "architecture", "mixer"),
-            "training": training_record(folders[name], name),
+            "training": training_record(folders[name], getattr(args, f"{name}_config")),
             **evaluate_dynamics(dynamics, data, starts, args.horizon),
             "speed": dream_steps_per_second(dynamics, data, args.speed_batch, min_seconds=args.speed_seconds),
         }
         print(f"{name}: {models[name]['parameters']:,} parameters, one-step MSE {models[name]['one_step_mse']:.4g}, "
               f"{models[name]['speed']['steps_per_s']:,.0f} dream steps/s")
+    for velocity in (False, True):
+        linear = LinearDynamics(data, velocity)
+        models[linear.name] = {"parameters": linear.parameters,
+                               **evaluate_dynamics(linear, data, starts, args.horizon), "speed": None}
     models["identity"] = {"parameters": 0, **evaluate_dynamics(IdentityDynamics(), data, starts, args.horizon),
                           "speed": None}
     sim = robosuite_steps_per_second(args.sim_task, args.sim_steps)

@@ -89,6 +89,46 @@ TASKS: dict[str, TaskSpec] = {
 ENV_TO_TASK = {spec.env_name: name for name, spec in TASKS.items()}
 
 
+@dataclass(frozen=True)
+class SuccessRule:
+    """robosuite's `_check_success` for our single-object tasks, read off a state instead of the simulator.
+
+    The object's position must lie strictly inside the box low..high, and for Can and Square the gripper must
+    have let go: robosuite requires 1 - tanh(10 d) < 0.6 for the eef-object distance d, i.e. d > atanh(0.4) / 10.
+    The constants are those of `data_prep.sim.make_env`'s standard envs (checked against live robosuite in
+    tests/test_tasks.py). Dreams use this to score the imagined states with the simulator's own rule.
+    """
+
+    low: tuple[float, float, float]
+    high: tuple[float, float, float]
+    min_eef_distance: float = 0.0
+
+    def __call__(self, states: np.ndarray) -> np.ndarray:
+        """[..., 29] states -> [...] bool."""
+        states = np.asarray(states)
+        position = states[..., STATE_SLICES["object pos"]]
+        inside = np.all((position > np.asarray(self.low)) & (position < np.asarray(self.high)), axis=-1)
+        distance = np.linalg.norm(states[..., STATE_SLICES["object-eef pos"]], axis=-1)
+        return inside & (distance > self.min_eef_distance)
+
+
+_LET_GO = float(np.arctanh(0.4) / 10.0)  # 0.042 m
+SUCCESS_RULES: dict[str, SuccessRule] = {
+    # cube more than 4 cm above the table top (table_offset z = 0.8)
+    "lift": SuccessRule(low=(-np.inf, -np.inf, 0.84), high=(np.inf, np.inf, np.inf)),
+    # can inside the quarter of bin 2 assigned to it (bin2_pos (0.1, 0.28, 0.8), bin_size 0.39 x 0.49), < 10 cm up
+    "can": SuccessRule(low=(0.1, 0.28, 0.8), high=(0.1 + 0.39 / 2, 0.28 + 0.49 / 2, 0.9), min_eef_distance=_LET_GO),
+    # square nut within 3 cm of peg 1 (0.23, 0.10) in x and y, and below table_offset z 0.82 + 5 cm
+    "square": SuccessRule(low=(0.2, 0.07, -np.inf), high=(0.26, 0.13, 0.87), min_eef_distance=_LET_GO),
+}
+
+
+def success_from_state(states: np.ndarray, task: str) -> np.ndarray:
+    """Whether robosuite would call each state of `task` a success ([..., 29] -> [...] bool)."""
+    get_task(task)
+    return SUCCESS_RULES[task](states)
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")

@@ -27,7 +27,7 @@ import numpy as np
 
 from data_prep.errors import UserError, run_cli
 from data_prep.tasks import STATE_LAYOUT, TASKS, get_task
-from evaluation.envs import DreamEnv, RobosuiteEnv, Start, VideoSpec
+from evaluation.envs import DREAM_SUCCESS, DreamEnv, RobosuiteEnv, Start, VideoSpec
 from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
 from evaluation.records import EpisodeRecord, write_episodes
 from evaluation.rollout import rollout
@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="action chunks: ACT temporal ensembling (default) or receding horizon")
     p.add_argument("--execute", type=int, default=1, help="receding horizon: actions played per chunk")
     p.add_argument("--ensemble-decay", type=float, default=0.01, help="temporal ensembling weight decay m")
+    p.add_argument("--dream-success", choices=DREAM_SUCCESS, default="head",
+                   help="what makes a dream succeed: the world model's success head (p_success > --success-threshold,"
+                        " default) or robosuite's success rule on the imagined state")
     p.add_argument("--success-threshold", type=float, default=0.5, help="dream success when p_success exceeds it")
     p.add_argument("--done-threshold", type=float, default=0.5, help="dream ends when p_done exceeds it")
     p.add_argument("--video", action="store_true", help="MP4 of real rollouts (offscreen MuJoCo; MUJOCO_GL=egl|osmesa)")
@@ -236,7 +239,7 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
                 if not starts:
                     messages.append(f"{plan.policy_name} {task}: no dreams (every real episode failed before its first state)")
                     continue
-                env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold)
+                env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold, args.dream_success)
                 policy = ChunkPolicy(model, plan.policy_name, execution)
                 records += rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
     if args.video and "real" not in plan.envs:

@@ -56,17 +56,20 @@ KINDS: dict[str, ModelKind] = {
     "vla_world_model": ModelKind(
         title="Dreaming VLA world model (MLP-Mixer ensemble)",
         tags=("world-model", "mlp-mixer"),
-        summary="Predicts the next robot/object state, task success and episode end from the current state, a 7-D "
-        "action and a language instruction (frozen MiniLM sentence embedding). An ensemble of MLP-Mixers; the spread "
-        "of its members is the uncertainty of every imagined step.",
+        summary="Predicts the next robot/object state, task success and episode end from the current state (and, "
+        "with `velocity_input`, the previous one), a 7-D action and a language instruction (frozen MiniLM sentence "
+        "embedding). An ensemble of MLP-Mixers; the spread of its members is the uncertainty of every imagined step.",
         architecture_keys=("text_encoder", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers",
-                           "num_ensemble", "multi_step", "state_token_groups"),
-        usage="    next_state, std, p_success, p_done = model.step(state, torch.zeros(1, 7), [\"Lift the red cube\"])",
+                           "num_ensemble", "multi_step", "state_token_groups", "velocity_input", "linear_skip"),
+        usage="    next_state, std, p_success, p_done = model.step(state, torch.zeros(1, 7), [\"Lift the red cube\"],\n"
+        "                                                    prev_state=state)  # s_{t-1}; state itself = at rest",
         intended_use="Imagining rollouts (\"dreams\") of a policy to estimate its success and to visualise what it "
         "would do, for research on world models and model-based evaluation of VLA policies in robosuite.",
-        limitations=_SHARED_LIMITS + "\n- Errors compound over long open-loop dreams, and the ensemble spread (`std`) "
-        "can stay narrow after a long dream has left the training data (measured on Square): compare with real "
-        "rollouts before trusting a dreamed success rate.\n- Trained on expert demos plus perturbed \"play\" episodes "
+        limitations=_SHARED_LIMITS + "\n- Errors compound over long open-loop dreams (several cm after 50 steps), and "
+        "the ensemble spread (`std`) can stay narrow after a long dream has left the training data: compare with real "
+        "rollouts before trusting a dreamed success rate. Tasks with cm tolerances (Square) are dreamed pessimistically "
+        "when success is judged by robosuite's rule on the imagined state (the evaluation default); the success head "
+        "instead fires on states that are not successes.\n- Trained on expert demos plus perturbed \"play\" episodes "
         "with failures; trained on successful demos alone, it dreams success for policies that fail.",
     ),
     "vla_policy": ModelKind(

@@ -114,16 +114,18 @@ class OracleWorldModel:
     def __init__(self, dataset: Path):
         data = wmb.load_validation(dataset)
         t = data.table
-        self.lookup = {(s.tobytes(), a.tobytes()): (n, float(ok))
-                       for s, a, n, ok in zip(t.state, t.action, t.next_state, t.success, strict=True)}
+        self.lookup = {(s.tobytes(), a.tobytes()): (n, float(ok), p)
+                       for s, a, n, ok, p in zip(t.state, t.action, t.next_state, t.success, t.prev_state, strict=True)}
 
     def embed_instructions(self, instructions: list[str]) -> torch.Tensor:
         return torch.zeros(len(instructions), 8)
 
-    def step(self, state, action, text_emb=None, state_mask=None):
+    def step(self, state, action, text_emb=None, state_mask=None, prev_state=None):
         answers = [self.lookup[(s.numpy().tobytes(), a.numpy().tobytes())] for s, a in zip(state, action, strict=True)]
-        mean = torch.as_tensor(np.stack([n for n, _ in answers]))
-        p_success = torch.tensor([ok for _, ok in answers])
+        # the benchmark must hand over each row's recorded s_{t-1} (the velocity input)
+        np.testing.assert_array_equal(prev_state.numpy(), np.stack([p for _, _, p in answers]))
+        mean = torch.as_tensor(np.stack([n for n, _, _ in answers]))
+        p_success = torch.tensor([ok for _, ok, _ in answers])
         return mean, torch.zeros_like(mean), p_success, torch.zeros_like(p_success)
 
 
@@ -167,6 +169,19 @@ def test_oracle_model_has_zero_error_and_perfect_success_head(dataset):
     assert success["positive_rate"] == pytest.approx(positives)
 
 
+def test_linear_baselines_fit_linear_dynamics_and_read_the_velocity(dataset):
+    """On rows rewritten to follow s' = s + 0.5 (s - s_prev) + 0.01 a M, only the velocity fit is exact."""
+    data = wmb.load_validation(dataset)
+    mix = np.random.default_rng(0).normal(size=(ACTION_DIM, STATE_DIM))
+    mix[:, -PADDED:] = 0.0  # padding dims stay 0 in lift rows; can rows must follow the same law there
+    for table in (data.train, data.table):
+        change = 0.5 * (table.state - table.prev_state) + 0.01 * table.action @ mix
+        table.next_state = ((table.state + change) * table.state_mask).astype(np.float32)
+    with_velocity = wmb.one_step_metrics(wmb.LinearDynamics(data, velocity=True), data)["one_step_mse"]
+    without = wmb.one_step_metrics(wmb.LinearDynamics(data, velocity=False), data)["one_step_mse"]
+    assert with_velocity < 1e-8 < 1e-3 < without, (with_velocity, without)
+
+
 def test_one_step_error_counts_only_real_dims(dataset):
     """A model off by 0.1 std in dim 0 (and anything in padding): error = 0.01 * rows / (real dims over all rows)."""
     data = wmb.load_validation(dataset)
@@ -175,8 +190,8 @@ def test_one_step_error_counts_only_real_dims(dataset):
     class OffByOne(wmb.Dynamics):
         name = "off"
 
-        def __call__(self, state, action, rows):
-            pred, p = oracle(state, action, rows)
+        def __call__(self, state, action, rows, prev_state):
+            pred, p = oracle(state, action, rows, prev_state)
             pred = pred.copy()
             pred[:, 0] += 0.1 * data.scale[0]
             pred += 5.0 * (1 - data.table.state_mask[rows])  # garbage in padding dims must not count
@@ -230,7 +245,8 @@ def test_benchmark_end_to_end_writes_json_png_and_markdown(dataset, tmp_path):
     results = wmb.main(argv)
 
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["models"]) == {"mixer", "mlp", "identity"}
+    assert set(saved["models"]) == {"mixer", "mlp", "linear", "linear + velocity", "identity"}
+    assert saved["models"]["linear + velocity"]["parameters"] == (2 * STATE_DIM + ACTION_DIM + 2 + 1) * STATE_DIM
     assert saved["models"]["mlp"]["architecture"] == "mlp"
     for name in ("mixer", "mlp"):
         model = saved["models"][name]

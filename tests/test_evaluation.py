@@ -179,7 +179,8 @@ def load(path: Path):
 def test_dream_env_shapes_and_termination_thresholds(tiny_models: dict[str, Path]) -> None:
     world, policy = load(tiny_models["world"]), ChunkPolicy(load(tiny_models["mlp"]), "mlp")
     starts = [Start(seed=i, state=np.random.default_rng(i).normal(size=STATE_DIM).astype(np.float32)) for i in range(3)]
-    never = DreamEnv(world, "lift", success_threshold=1.0, done_threshold=1.0)  # sigmoid < 1: runs to the horizon
+    # sigmoid < 1: runs to the horizon
+    never = DreamEnv(world, "lift", success_threshold=1.0, done_threshold=1.0)
     records = rollout(never, policy, starts, [INSTRUCTION] * 3, horizon=4, progress=False)
     assert [r.length for r in records] == [4, 4, 4] and not any(r.success for r in records)
     r = records[0]
@@ -190,6 +191,39 @@ def test_dream_env_shapes_and_termination_thresholds(tiny_models: dict[str, Path
     always = DreamEnv(world, "lift", success_threshold=0.0)
     records = rollout(always, policy, starts, [INSTRUCTION] * 3, horizon=4, progress=False)
     assert [(r.length, r.success, r.success_step) for r in records] == [(1, True, 1)] * 3
+
+
+def test_dream_success_is_robosuites_rule_on_the_imagined_state(tiny_models: dict[str, Path]) -> None:
+    world, policy = load(tiny_models["world"]), ChunkPolicy(load(tiny_models["mlp"]), "mlp")
+    lifted, resting = np.zeros(STATE_DIM, np.float32), np.zeros(STATE_DIM, np.float32)
+    lifted[13], resting[13] = 0.90, 0.82  # cube height; robosuite's Lift succeeds above 0.84
+    # success_threshold 0: the head alone would call both a success
+    env = DreamEnv(world, "lift", success_threshold=0.0, done_threshold=1.0, success_from="state")
+    records = rollout(env, policy, [Start(0, lifted), Start(1, resting)], [INSTRUCTION] * 2, horizon=3, progress=False)
+    assert [(r.success, r.length) for r in records] == [(True, 1), (False, 3)]
+    with pytest.raises(ValueError, match="success_from"):
+        DreamEnv(world, "lift", success_from="oracle")
+
+
+def test_dream_env_feeds_the_previous_state_for_velocities(tiny_models: dict[str, Path]) -> None:
+    world = load(tiny_models["world"])
+    seen = []
+    step = world.step
+
+    def recording_step(state, action, *args, **kwargs):
+        seen.append((state.clone(), kwargs["prev_state"].clone()))
+        return step(state, action, *args, **kwargs)
+
+    world.step = recording_step
+    env = DreamEnv(world, "lift")
+    starts = [Start(seed=i, state=np.random.default_rng(i).normal(size=STATE_DIM).astype(np.float32)) for i in range(2)]
+    first = env.reset(starts, [INSTRUCTION] * 2)
+    after_one = env.step(np.zeros((2, 7), np.float32), np.array([True, True])).states
+    env.step(np.zeros((2, 7), np.float32), np.array([True, True]))
+    (state0, prev0), (state1, prev1) = seen
+    np.testing.assert_array_equal(prev0.numpy(), first.states)  # a reset is at rest
+    np.testing.assert_array_equal(state1.numpy(), after_one)
+    np.testing.assert_array_equal(prev1.numpy(), first.states)
 
 
 def test_dream_env_needs_starting_states(tiny_models: dict[str, Path]) -> None:

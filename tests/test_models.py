@@ -87,7 +87,8 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     inputs = load_file(inputs_path)
     instruction = open(inputs_path + ".txt").read().split("\\n")
     if "action" in inputs:
-        outputs = dict(zip(("mean", "std", "p_success", "p_done"), model.step(inputs["state"], inputs["action"], instruction), strict=True))
+        outputs = model.step(inputs["state"], inputs["action"], instruction, prev_state=inputs.get("prev_state"))
+        outputs = dict(zip(("mean", "std", "p_success", "p_done"), outputs, strict=True))
     else:
         outputs = {"actions": model.predict_actions(inputs["state"], instruction)}
     save_file({k: v.contiguous() for k, v in outputs.items()}, outputs_path)
@@ -152,6 +153,9 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (WorldModelConfig, {"state_std": [1.0] * 22}, "state_std"),
         (WorldModelConfig, {"state_token_groups": [3, 4]}, "state_token_groups"),
         (WorldModelConfig, {"dropout": 1.5}, "dropout"),
+        (WorldModelConfig, {"velocity_scale": [1.0] * 3}, "velocity_scale"),
+        (WorldModelConfig, {"velocity_input": "yes"}, "velocity_input"),
+        (WorldModelConfig, {"architecture": "mlp", "token_readout": True}, "token_readout"),
         (VLAConfig, {"loss": "huber"}, "loss"),
         (VLAConfig, {"chunk_size": 0}, "chunk_size"),
         (VLAConfig, {"head_num_layers": 0}, "head_num_layers"),
@@ -190,6 +194,54 @@ def test_world_model_loss_drops_on_synthetic_dynamics():
     assert {"one_step_mse", "multi_step_mse", "success_bce", "done_bce", "ensemble_std"} <= set(out.metrics)
 
 
+def moving_batch(batch: int = 64, seed: int = 0) -> dict:
+    """Constant-velocity motion s' = s + u + 0.1 a @ M: s_t alone cannot tell where the state goes next."""
+    mix = torch.randn(ACTION_DIM, STATE_DIM, generator=torch.Generator().manual_seed(0))  # the same dynamics
+    gen = torch.Generator().manual_seed(seed)
+    prev = torch.randn(batch, STATE_DIM, generator=gen)
+    velocity = 0.3 * torch.randn(batch, STATE_DIM, generator=gen)
+    state = prev + velocity
+    actions = torch.rand(batch, 2, ACTION_DIM, generator=gen) * 2 - 1
+    first = state + velocity + 0.1 * actions[:, 0] @ mix
+    second = first + velocity + 0.1 * actions[:, 1] @ mix
+    return {
+        "instruction": [INSTRUCTIONS[0]] * batch,
+        "state": state,
+        "prev_state": prev,
+        "actions": actions,
+        "next_states": torch.stack([first, second], 1),
+        "step_mask": torch.ones(batch, 2),
+    }
+
+
+@pytest.mark.parametrize(("architecture", "token_readout"), [("mixer", False), ("mixer", True), ("mlp", False)])
+def test_world_model_velocity_input_predicts_motion_the_state_alone_cannot(architecture, token_readout):
+    batch = moving_batch(512)  # enough motions that memorising them is not an option
+    scores = {}
+    for velocity_input in (False, True):
+        torch.manual_seed(0)
+        model = WorldModel(tiny_world_config(architecture=architecture, velocity_input=velocity_input,
+                                             token_readout=token_readout))
+        train_losses(model, batch, steps=60, lr=1e-2)
+        scores[velocity_input] = model(**moving_batch(512, seed=1)).metrics["one_step_mse"]  # unseen motions
+    assert scores[True] < 0.5 * scores[False], scores
+
+
+def test_world_model_step_reads_prev_state_only_with_velocity_input():
+    torch.manual_seed(0)
+    state, action = torch.randn(4, STATE_DIM), torch.rand(4, ACTION_DIM)
+    moved = state - 0.5
+    with_velocity = WorldModel(tiny_world_config(velocity_input=True)).eval()
+    at_rest = with_velocity.step(state, action, INSTRUCTIONS[0])[0]
+    assert torch.equal(with_velocity.step(state, action, INSTRUCTIONS[0], prev_state=state)[0], at_rest)
+    assert not torch.allclose(with_velocity.step(state, action, INSTRUCTIONS[0], prev_state=moved)[0], at_rest)
+    without = WorldModel(tiny_world_config()).eval()
+    assert torch.equal(without.step(state, action, INSTRUCTIONS[0], prev_state=moved)[0],
+                       without.step(state, action, INSTRUCTIONS[0])[0])
+    with pytest.raises(ValueError, match="prev_state: expected shape"):
+        with_velocity.step(state, action, INSTRUCTIONS[0], prev_state=moved[:2])
+
+
 def test_world_model_step_batches_std_and_padding():
     torch.manual_seed(0)
     model = WorldModel(tiny_world_config()).eval()
@@ -211,18 +263,23 @@ def test_world_model_step_batches_std_and_padding():
     assert torch.all(masked.step(state, action, INSTRUCTIONS[0])[0][:, -3:] == 0)
 
 
-def test_world_model_round_trip_in_fresh_process(tmp_path):
+@pytest.mark.parametrize("velocity_input", [False, True])
+def test_world_model_round_trip_in_fresh_process(tmp_path, velocity_input):
     torch.manual_seed(0)
-    config = tiny_world_config(state_mean=[0.1] * STATE_DIM, state_std=[2.0] * STATE_DIM, action_std=[0.5] * ACTION_DIM)
+    config = tiny_world_config(state_mean=[0.1] * STATE_DIM, state_std=[2.0] * STATE_DIM, action_std=[0.5] * ACTION_DIM,
+                               velocity_input=velocity_input, velocity_scale=[0.05 + 0.01 * i for i in range(STATE_DIM)],
+                               linear_skip=velocity_input, token_readout=velocity_input)
     model = WorldModel(config)
-    train_losses(model, synthetic_batch(), steps=3)
+    train_losses(model, {**synthetic_batch(), "prev_state": torch.randn(16, STATE_DIM)}, steps=3)
+    if config.linear_skip:
+        assert model.skip.weight.abs().sum() > 0  # the skip path trains (it starts at zero)
     model.save_pretrained(tmp_path / "wm")
     assert {"config.json", "model.safetensors", "modeling_vla.py", "configuration_vla.py"} <= {
         p.name for p in (tmp_path / "wm").iterdir()
     }
-    inputs = {"state": torch.randn(5, STATE_DIM), "action": torch.rand(5, ACTION_DIM)}
+    inputs = {"state": torch.randn(5, STATE_DIM), "action": torch.rand(5, ACTION_DIM), "prev_state": torch.randn(5, STATE_DIM)}
     instruction = [INSTRUCTIONS[i % 2] for i in range(5)]
-    outputs = model.step(inputs["state"], inputs["action"], instruction)
+    outputs = model.step(inputs["state"], inputs["action"], instruction, prev_state=inputs["prev_state"])
     expected = dict(zip(("mean", "std", "p_success", "p_done"), outputs, strict=True))
     loaded = outputs_in_fresh_process(tmp_path / "wm", inputs, instruction, tmp_path)
     for key, value in expected.items():

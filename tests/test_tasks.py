@@ -7,7 +7,15 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from data_prep.errors import UserError
-from data_prep.tasks import STATE_DIM, STATE_SLICES, TASKS, quat_to_rot6, state_from_obs, state_mask
+from data_prep.tasks import (
+    STATE_DIM,
+    STATE_SLICES,
+    TASKS,
+    quat_to_rot6,
+    state_from_obs,
+    state_mask,
+    success_from_state,
+)
 
 
 @pytest.mark.parametrize("task", ["lift", "can", "square"])
@@ -78,3 +86,31 @@ def test_bad_observations_name_the_key_and_the_expected_width() -> None:
         state_from_obs({**obs, "object": np.ones(9)}, "can")
     with pytest.raises(UserError, match="unknown task 'stack'"):
         state_from_obs(obs, "stack")
+
+
+@pytest.mark.parametrize("task", ["lift", "can", "square"])
+def test_success_from_state_agrees_with_robosuite_along_an_expert_episode(task: str) -> None:
+    """The dream's success rule, applied to each observed state, says what env._check_success says."""
+    from data_prep.experts import make_expert
+    from data_prep.sim import make_env
+
+    sim = make_env(task, seed=3)
+    obs = sim.reset(3)
+    expert = make_expert(task, seed=3)
+    expert.reset(sim.env)
+    env = sim.env
+    if task == "can":  # the constants in data_prep.tasks.SUCCESS_RULES are this env's
+        np.testing.assert_allclose(env.bin2_pos, [0.1, 0.28, 0.8])
+        np.testing.assert_allclose(env.bin_size[:2], [0.39, 0.49])
+    if task == "square":
+        np.testing.assert_allclose(env.sim.data.body_xpos[env.peg1_body_id], [0.23, 0.1, 0.85])
+        np.testing.assert_allclose(env.table_offset, [0, 0, 0.82])
+    ours, theirs = [], []
+    for _ in range(TASKS[task].horizon):
+        obs, _, _, _ = env.step(expert.act(obs))
+        ours.append(bool(success_from_state(state_from_obs(obs, task)[0], task)))
+        theirs.append(bool(env._check_success()))
+        if sum(theirs) >= 5:  # a few steps of success after the first
+            break
+    assert ours == theirs
+    assert any(theirs) and not all(theirs)  # both outcomes were checked

@@ -86,6 +86,7 @@ TINY_MODELS = {
         "num_layers": 1,
         "num_ensemble": 2,
         "multi_step": 3,
+        "velocity_input": True,  # as configs/world_model_velocity.yaml
     },
     "mlp": {"hidden_dim": 32, "num_layers": 2, "chunk_size": 4},
     "policy": {
@@ -171,6 +172,11 @@ def test_windows_stop_at_episode_ends(dataset: Path) -> None:
     torch.testing.assert_close(batch["next_states"][0, 0], torch.as_tensor(data.train.state[1]))
     assert batch["instruction"] == ["Lift the red cube"] * 2
     assert data.tasks == ["can", "lift"]
+    # s_{t-1}: an episode's first row is at rest (its own state), later rows see the row before
+    torch.testing.assert_close(batch["prev_state"][0], torch.as_tensor(data.train.state[0]))
+    torch.testing.assert_close(batch["prev_state"][1], torch.as_tensor(data.train.state[last_row_of_first_episode - 2]))
+    second_episode = ta.collate_windows(windows.__getitems__([last_row_of_first_episode + 1]))
+    torch.testing.assert_close(second_episode["prev_state"][0], second_episode["state"][0])
 
 
 def test_same_named_dataset_folders_do_not_share_a_cache(tmp_path: Path, make_robomimic_file) -> None:
@@ -296,6 +302,14 @@ def test_world_model_trains_checkpoints_and_saves_best(dataset: Path, tmp_path: 
     best = AutoModel.from_pretrained(out / "best", trust_remote_code=True)
     assert type(best).__name__ == "WorldModel"
     assert best.config.tasks == ["can", "lift"] and best.config.state_layout == STATE_LAYOUT
+    # velocity_scale: the train split's std of one-step changes per dim, in normalised units
+    train = ta.load_training_data(dataset).train
+    std = np.asarray(best.config.state_std)
+    for dim in (0, 5, STATE_DIM - 1):
+        rows = train.state_mask[:, dim] > 0
+        change = (train.next_state[rows, dim] - train.state[rows, dim]) / std[dim]
+        expected = change.std() if rows.any() and change.std() > 1e-6 else 1.0
+        assert best.config.velocity_scale[dim] == pytest.approx(expected, rel=1e-4), dim
 
 
 def test_existing_checkpoints_need_resume(dataset: Path, tmp_path: Path) -> None:
