@@ -67,9 +67,9 @@ KINDS: dict[str, ModelKind] = {
         "would do, for research on world models and model-based evaluation of VLA policies in robosuite.",
         limitations=_SHARED_LIMITS + "\n- Errors compound over long open-loop dreams (several cm after 50 steps), and "
         "the ensemble spread (`std`) can stay narrow after a long dream has left the training data: compare with real "
-        "rollouts before trusting a dreamed success rate. Tasks with cm tolerances (Square) are dreamed pessimistically "
-        "when success is judged by robosuite's rule on the imagined state (the evaluation default); the success head "
-        "instead fires on states that are not successes.\n- Trained on expert demos plus perturbed \"play\" episodes "
+        "rollouts before trusting a dreamed success rate. The success head (the evaluation default) can fire on states "
+        "that are not successes; judged by robosuite's rule on the imagined state instead (`--dream-success state`), "
+        "tasks with cm tolerances (Square) are dreamed pessimistically.\n- Trained on expert demos plus perturbed \"play\" episodes "
         "with failures; trained on successful demos alone, it dreams success for policies that fail.",
     ),
     "vla_policy": ModelKind(
