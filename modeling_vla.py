@@ -468,7 +468,7 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             tokens = self._mixer_tokens(inputs, action, text_emb)
             features = tokens.mean(dim=2)
         out = self.head(features)  # [K, B, D + 2], or [K, B, 2] with the token readout
-        if hasattr(self, "token_head"):
+        if self.config.token_readout:
             state_tokens = tokens[:, :, : len(self.config.state_token_groups)]
             change = self.token_head(state_tokens, self._constants(state.device)["state_positions"])
         else:
