@@ -163,7 +163,7 @@ class WorldModelConfig(RobotModelConfig):
     # With velocity_input the model also reads v_t = (s_t - s_{t-1}) in normalised units divided by
     # velocity_scale (the train split's per-dim std of one-step changes, so v is O(1)); v = 0 at a reset.
     velocity_input: bool = False
-    velocity_scale: list[float] | None = None  # None -> ones; filled in by the trainer from the dataset
+    velocity_scale: list[float] | None = None  # None -> ones; filled in by the trainer from the dataset (also read by scale_change)
     # A linear path from [state, velocity, action] to the state change, next to the trunk: over one 50 ms
     # step the dynamics are mostly linear (a least-squares fit beats an undertrained net), so the trunk
     # only has to learn the contacts and the rest. Zero-initialised: training starts as without it.
@@ -171,10 +171,14 @@ class WorldModelConfig(RobotModelConfig):
     # Mixer only: each state token predicts its own block's change (a per-token readout) instead of one head on
     # the mean of all tokens, which has to squeeze 29 per-dim answers through one pooled vector.
     token_readout: bool = False
+    # The network outputs the change in units of velocity_scale (each dim's typical one-step change) instead of
+    # the state's std: one-step changes are 10-100x smaller than the state's spread and differ by that much
+    # between dims, so unscaled the outputs must be tiny and unevenly small (the targets-normalisation of PETS/MBPO).
+    scale_change: bool = False
 
     def validate_fields(self) -> None:
         _check_choice(self, "architecture", WORLD_MODEL_ARCHITECTURES)
-        for flag in ("velocity_input", "linear_skip", "token_readout"):
+        for flag in ("velocity_input", "linear_skip", "token_readout", "scale_change"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(self, flag, "true or false", getattr(self, flag))
         if self.token_readout and self.architecture != "mixer":

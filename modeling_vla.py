@@ -475,6 +475,8 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             change, out = out[..., : self.config.state_dim], out[..., self.config.state_dim :]
         if self.config.linear_skip:
             change = change + self.skip(torch.cat([flat, action.expand(*flat.shape[:-1], -1)], dim=-1))
+        if self.config.scale_change:
+            change = change * self._constants(state.device)["velocity_scale"]
         next_state = (state + change) * mask
         return next_state, out[..., 0], out[..., 1]
 

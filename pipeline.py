@@ -1,9 +1,12 @@
-"""`vla-pipeline`: generate → preprocess → train (world, VLA, MLP) → dream + real evaluation → cards/export.
+"""`vla-pipeline`: generate → preprocess → DAgger → train (world, VLA, MLP) → dream + real evaluation → cards/export.
 
-The policies learn from expert demos only (`<workdir>/dataset`). The world model also learns from
-"play" data (`vla-generate --keep-failures --perturb-prob ...`: expert runs with random wrong moves,
-failures kept), merged with the demos into `<workdir>/hf_dataset_world`: trained on successes alone
-it would dream that every action sequence succeeds.
+The policies learn from expert demos (`<workdir>/dataset`) plus DAgger data: an MLP-BC trained on the
+demos drives the first steps of new attempts and the expert finishes each from wherever it left the
+robot (`vla-generate --policy`), so the final policies also learn to recover from a learner's mistakes
+(`<workdir>/dataset_dagger<r>` = demos + rounds 1..r; each round's driver learned from the rounds before).
+The world model also learns from "play" data (`vla-generate --keep-failures --perturb-prob ...`:
+expert runs with random wrong moves, failures kept), merged with the demos into
+`<workdir>/hf_dataset_world`: trained on successes alone it would dream that every action sequence succeeds.
 
 Each stage is one command line run in its own process (the console scripts via `python -m`-style
 invocation of this interpreter), so a crash in one stage cannot leave state behind in another and
@@ -16,6 +19,7 @@ failed ones, and restarts a half-finished training stage with `--resume`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,8 +36,15 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("runs/pipeline")
 DEFAULT_TASKS = ("lift", "can", "square")
 DEFAULT_ORG = "local"  # hub namespace of the exported repos: local/dreaming-vla-world-model, ...
+DAGGER_ROUNDS = 1  # of the full pipeline: a second round did not help on tuning seeds (docs/RESULTS.md "DAgger")
 # Play seeds start here (+ --seed): never the expert demos' (seed, seed + 1, ...) nor evaluation's (100000+).
 PLAY_SEED_OFFSET = 50_000
+# DAgger round r's seeds start at DAGGER_SEED_OFFSET + DAGGER_ROUND_SEEDS * (r - 1) + seed.
+DAGGER_SEED_OFFSET, DAGGER_ROUND_SEEDS = 60_000, 1_000
+# The driving policy plays a uniform 0..N steps before the expert takes over: N covers the whole of a policy's
+# typical Can / Square episode (~110 / ~200 steps); on Lift (~40 steps) most longer roll-ins end in a success and
+# are skipped, which costs little.
+DAGGER_HANDOVER_STEPS = 150
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,8 @@ class PipelineSize:
 
     episodes_per_task: int
     play_episodes_per_task: int  # play attempts per task (successes and failures) for the world model
+    dagger_episodes_per_task: int  # expert roll-outs from a driving policy's states, per task and round
+    dagger_rounds: int  # 0: the policies learn from the demos alone
     train_steps: dict[str, int]  # optimizer steps per model kind
     eval_episodes: int
     checkpoint_every: int | None = None  # eval/save interval override for short runs (None: the config's)
@@ -155,9 +168,10 @@ class PipelineSize:
 
 
 SIZES = {
-    "quick": PipelineSize(episodes_per_task=10, play_episodes_per_task=4, train_steps={"world": 300, "policy": 150, "mlp": 300},
-                          eval_episodes=2, checkpoint_every=100),
-    "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, train_steps={"world": 3000, "policy": 6000, "mlp": 3000},
+    "quick": PipelineSize(episodes_per_task=10, play_episodes_per_task=4, dagger_episodes_per_task=4, dagger_rounds=1,
+                          train_steps={"world": 300, "policy": 150, "mlp": 300}, eval_episodes=2, checkpoint_every=100),
+    "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, dagger_episodes_per_task=100,
+                         dagger_rounds=DAGGER_ROUNDS, train_steps={"world": 3000, "policy": 6000, "mlp": 3000},
                          eval_episodes=50),
 }
 
@@ -168,6 +182,7 @@ class PipelinePaths:
 
     workdir: Path = DEFAULT_WORKDIR
     org: str = DEFAULT_ORG
+    dagger_rounds: int = 0  # the policies train on dagger_dataset(dagger_rounds)
 
     @property
     def raw(self) -> Path:
@@ -186,8 +201,20 @@ class PipelinePaths:
         """Expert demos + play data: what the world model trains on."""
         return self.workdir / "hf_dataset_world"
 
+    def raw_dagger(self, round_: int) -> Path:
+        return self.workdir / f"raw_dagger{round_}"
+
+    def dagger_dataset(self, rounds: int) -> Path:
+        """Expert demos + DAgger rounds 1..rounds (rounds 0: the demos alone)."""
+        return self.dataset if rounds == 0 else self.workdir / f"dataset_dagger{rounds}"
+
     def training_dataset(self, model: str) -> Path:
-        return self.world_dataset if model == "world" else self.dataset
+        """What `model` (world, policy, mlp, or dagger_driver<r>) learns from."""
+        if model == "world":
+            return self.world_dataset
+        if model.startswith(DAGGER_DRIVER):
+            return self.dagger_dataset(int(model.removeprefix(DAGGER_DRIVER)) - 1)
+        return self.dagger_dataset(self.dagger_rounds)
 
     def train_dir(self, model: str) -> Path:
         return self.workdir / f"train_{model}"
@@ -212,6 +239,7 @@ class PipelinePaths:
         return (("HF_DATASETS_CACHE", str(self.workdir / ".cache" / "datasets")),)
 
 
+DAGGER_DRIVER = "dagger_driver"  # round r's driving policy is the MLP-BC trained as `dagger_driver<r>`
 CONFIGS = {"world": "configs/world_model.yaml", "policy": "configs/vla_minilm_cpu.yaml", "mlp": "configs/mlp_bc.yaml"}
 EXPORT_NAMES = {"world": "world-model", "policy": "vla-policy", "mlp": "mlp-policy"}
 POLICY_LABELS = {"policy": "vla", "mlp": "mlp"}  # policy names in the evaluation tables
@@ -260,21 +288,54 @@ def data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], 
     ]
 
 
-def train_stage(model: str, paths: PipelinePaths, size: PipelineSize, seed: int) -> Stage:
+def train_stage(model: str, paths: PipelinePaths, size: PipelineSize, seed: int, name: str | None = None) -> Stage:
+    """Train a `model` kind (world, policy, mlp) into train_<name> (name defaults to the kind)."""
+    name = name or model
     overrides = [f"max_steps={size.train_steps[model]}", f"seed={seed}"]
     if size.checkpoint_every is not None:
         overrides += [f"eval_every={size.checkpoint_every}", f"save_every={size.checkpoint_every}"]
     return Stage(
-        f"train_{model}",
+        f"train_{name}",
         # `python -m` rather than the vla-train script, whose exit status would be main()'s return value (a dict).
         (sys.executable, "-m", "train_accelerate",
          *console("vla-train", "--model", model, "--config", REPO_ROOT / CONFIGS[model],
-                  "--dataset", paths.training_dataset(model),
-                  "--output-dir", paths.train_dir(model), "--set", *overrides)[1:]),
-        (paths.best(model) / "config.json", paths.train_dir(model) / "train_summary.json"),
-        resume_dir=paths.train_dir(model),
+                  "--dataset", paths.training_dataset(name),
+                  "--output-dir", paths.train_dir(name), "--set", *overrides)[1:]),
+        (paths.best(name) / "config.json", paths.train_dir(name) / "train_summary.json"),
+        resume_dir=paths.train_dir(name),
         env=paths.private_env,
     )
+
+
+def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
+    """Per round r: an MLP-BC on demos + rounds < r drives, the expert finishes (vla-generate --policy), merge."""
+    from data_prep.generate import OUTPUT_NAME
+
+    stages = []
+    for round_ in range(1, size.dagger_rounds + 1):
+        driver = f"{DAGGER_DRIVER}{round_}"
+        raw, report = paths.raw_dagger(round_), paths.raw_dagger(round_) / "generate_report.json"
+        dataset = paths.dagger_dataset(round_)
+        episodes = size.dagger_episodes_per_task
+        stages += [
+            train_stage("mlp", paths, size, seed, name=driver),
+            Stage(
+                f"generate_dagger{round_}",
+                console("vla-generate", "--tasks", *tasks, "--episodes", episodes, "--out", raw,
+                        "--workers", size.workers, "--seed", DAGGER_SEED_OFFSET + DAGGER_ROUND_SEEDS * (round_ - 1) + seed,
+                        "--max-attempts", 6 * episodes, "--policy", paths.best(driver),
+                        "--handover-steps", DAGGER_HANDOVER_STEPS, "--report", report),
+                (report, *(raw / task / OUTPUT_NAME for task in tasks)),
+            ),
+            Stage(
+                f"preprocess_dagger{round_}",
+                console("vla-preprocess", "--inputs", paths.raw, *(paths.raw_dagger(r) for r in range(1, round_ + 1)),
+                        "--out", dataset, "--seed", seed, "--overwrite"),
+                (dataset / "normalization.json", dataset / "README.md"),
+                env=paths.private_env,
+            ),
+        ]
+    return stages
 
 
 def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> Stage:
@@ -312,9 +373,11 @@ def export_stages(paths: PipelinePaths) -> list[Stage]:
 
 
 def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int = 0) -> list[Stage]:
-    """generate → preprocess → train world/VLA/MLP → evaluate both policies (dream + real) → export cards/repos."""
+    """generate → preprocess → DAgger rounds → train world/VLA/MLP → evaluate (dream + real) → export cards/repos."""
+    paths = dataclasses.replace(paths, dagger_rounds=size.dagger_rounds)
     return [
         *data_stages(paths, size, tasks, seed),
+        *dagger_stages(paths, size, tasks, seed),
         *(train_stage(model, paths, size, seed) for model in ("world", "policy", "mlp")),
         *(evaluate_stage(policy, paths, size, tasks, seed) for policy in POLICY_LABELS),
         *export_stages(paths),
@@ -353,9 +416,10 @@ def _main(argv: Sequence[str] | None = None) -> list[StageReport]:
 
     for task in args.tasks:
         get_task(task)
+    size = SIZES[args.size]
     paths = PipelinePaths(args.workdir.resolve(), args.org)
     paths.workdir.mkdir(parents=True, exist_ok=True)
-    stages = build_stages(paths, SIZES[args.size], args.tasks, args.seed)
+    stages = build_stages(paths, size, args.tasks, args.seed)
     print(f"vla-pipeline --{args.size}: {len(stages)} stages in {paths.workdir}")
     start = time.monotonic()
     reports = run_stages(stages, paths.workdir)

@@ -43,6 +43,10 @@ MODEL_CLASSES = {
     "policy": ("VLAConfig", "VLAPolicy", "chunk_size"),
     "mlp": ("MLPPolicyConfig", "MLPPolicy", "chunk_size"),
 }
+# The dataset column each model learns as its actions: a world model the executed ones (what moved the robot),
+# policies the expert's labels (`expert_action`: the same action without the expert's noise, and the expert's
+# correction where play bursts or a learner drove; docs/DESIGN.md "Dataset repo").
+ACTION_COLUMNS = {"world": "action", "policy": "expert_action", "mlp": "expert_action"}
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
@@ -204,7 +208,8 @@ class EpisodeTable:
     state: np.ndarray  # [N, D]
     prev_state: np.ndarray  # [N, D] the row before in the same episode; an episode's first row repeats its state
     state_mask: np.ndarray  # [N, D]
-    action: np.ndarray  # [N, A]
+    action: np.ndarray  # [N, A] executed
+    expert_action: np.ndarray  # [N, A] the expert's label (what policies learn)
     next_state: np.ndarray  # [N, D]
     success: np.ndarray  # [N] float32
     done: np.ndarray  # [N] float32
@@ -223,6 +228,7 @@ class EpisodeTable:
             "state",
             "state_mask",
             "action",
+            "expert_action",
             "next_state",
             "success",
             "done",
@@ -257,6 +263,7 @@ class EpisodeTable:
             prev_state=prev_state,
             state_mask=take("state_mask", np.float32),
             action=take("action", np.float32),
+            expert_action=take("expert_action", np.float32),
             next_state=take("next_state", np.float32),
             success=take("success", np.float32),
             done=take("done", np.float32),
@@ -269,9 +276,12 @@ class EpisodeTable:
 class WindowDataset(torch.utils.data.Dataset):
     """Every row t is a window start; a batch is gathered with one fancy index per array, no per-row Python."""
 
-    def __init__(self, table: EpisodeTable, horizon: int):
+    def __init__(self, table: EpisodeTable, horizon: int, action_column: str = "action"):
+        if action_column not in ("action", "expert_action"):
+            raise ValueError(f"action_column must be 'action' or 'expert_action', got {action_column!r}")
         self.table = table
         self.offsets = np.arange(horizon)
+        self.actions = getattr(table, action_column)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -294,7 +304,7 @@ class WindowDataset(torch.utils.data.Dataset):
             "state": t.state[rows],
             "prev_state": t.prev_state[rows],
             "state_mask": t.state_mask[rows],
-            "actions": t.action[window],
+            "actions": self.actions[window],
             "next_states": t.next_state[window],
             "step_mask": step_mask.astype(np.float32),
             "success": t.success[window],
@@ -360,7 +370,7 @@ def load_training_data(dataset_dir: str | Path) -> TrainingData:
 
 
 def make_loader(table: EpisodeTable, horizon: int, cfg: TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
-    dataset = WindowDataset(table, horizon)
+    dataset = WindowDataset(table, horizon, ACTION_COLUMNS[cfg.model])
     if shuffle:
         sampler = EpochShuffleSampler(len(dataset), cfg.seed)
     elif cfg.max_eval_batches is not None:
@@ -430,7 +440,7 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     except ValueError as err:
         raise UserError(str(err)) from None
     config.tasks = data.tasks
-    if getattr(config, "velocity_input", False):
+    if getattr(config, "velocity_input", False) or getattr(config, "scale_change", False):
         config.velocity_scale = velocity_scale(data.train, np.asarray(config.state_std, np.float32)).tolist()
     model_horizon = int(getattr(config, horizon_field))
     horizon = cfg.horizon or model_horizon

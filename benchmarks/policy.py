@@ -129,7 +129,7 @@ def action_losses(
     mean = torch.as_tensor(action_mean, dtype=torch.float32)
     std = torch.as_tensor(action_std, dtype=torch.float32)
     std = torch.where(std < MIN_STD, torch.ones_like(std), std)
-    loader = ta.make_loader(table, horizon, ta.TrainConfig(batch_size=batch_size), shuffle=False)
+    loader = ta.make_loader(table, horizon, ta.TrainConfig(model="policy", batch_size=batch_size), shuffle=False)
     sums: dict[str, LossSums] = {}
     model.eval()
     for batch in tqdm(loader, desc=f"val loss {type(model).__name__}", leave=False):

@@ -87,6 +87,7 @@ class ScriptedExpert:
         self.noise = noise
         self.rng = np.random.default_rng(seed)
         self.env = None
+        self.clean_action = np.zeros(7)  # the last act()'s action before noise: the label a policy should learn
 
     # ----- public API -------------------------------------------------------------------------
     def reset(self, env, seed: int | None = None) -> None:
@@ -102,13 +103,35 @@ class ScriptedExpert:
         return self.act(obs)
 
     def act(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The next action, with the expert's exploration noise; `clean_action` is the same without it."""
         if self.env is None:
             raise RuntimeError("call reset(env) before act(obs)")
         self._read_robot(obs)
         goal = self._advance()
-        action = self._servo(goal)
+        self.clean_action = self._servo(goal)
         self.steps_in_phase += 1
-        return action
+        action = self.clean_action.copy()
+        action[:6] += self.noise * self.rng.standard_normal(6)
+        return np.clip(action, -1.0, 1.0)
+
+    def resume(self, obs: Mapping[str, np.ndarray]) -> None:
+        """Re-plan from the current state, after something else drove (DAgger's roll-out from a learner's state).
+
+        An object already grasped (both fingers in contact, robosuite's `_check_grasp`) is kept: the script goes
+        on from "lift"; otherwise it starts over from its first phase, as after a drop.
+        """
+        if self.env is None:
+            raise RuntimeError("call reset(env) before resume(obs)")
+        self._read_robot(obs)
+        self._enter(0)
+        names = [phase.name for phase in self.phase_list]
+        if self.grasped() and "lift" in names:
+            self._enter(names.index("lift"))
+
+    def grasped(self) -> bool:
+        """Both finger pads touch the task object (ground truth from the simulator's contacts)."""
+        robot = self.env.robots[0]
+        return bool(self.env._check_grasp(gripper=robot.gripper[robot.arms[0]], object_geoms=self.grasp_object()))
 
     @property
     def phase(self) -> str:
@@ -120,6 +143,10 @@ class ScriptedExpert:
 
     def object_pos(self) -> np.ndarray:
         """Ground-truth position of the point the gripper grasps."""
+        raise NotImplementedError
+
+    def grasp_object(self):
+        """The robosuite object model the task grasps (for contact checks)."""
         raise NotImplementedError
 
     # ----- ground truth helpers -----------------------------------------------------------------
@@ -198,9 +225,7 @@ class ScriptedExpert:
         desired = Rotation.from_euler("z", yaw).as_matrix() @ GRIPPER_DOWN
         rot_error = Rotation.from_matrix(desired @ self.eef_rot.T).as_rotvec()  # world-frame axis-angle
         rot = np.clip(ROT_GAIN * rot_error, -1.0, 1.0)
-        action = np.concatenate([pos, rot, [goal.gripper]])
-        action[:6] += self.noise * self.rng.standard_normal(6)
-        return np.clip(action, -1.0, 1.0)
+        return np.clip(np.concatenate([pos, rot, [goal.gripper]]), -1.0, 1.0)
 
 
 class LiftExpert(ScriptedExpert):
@@ -210,6 +235,9 @@ class LiftExpert(ScriptedExpert):
 
     def object_pos(self) -> np.ndarray:
         return self.body_pos(self.env.cube_body_id)
+
+    def grasp_object(self):
+        return self.env.cube
 
     def cube_yaw(self) -> float:
         # A cube looks the same every 90 degrees: pick the face closest to the current yaw.
@@ -246,6 +274,9 @@ class CanExpert(ScriptedExpert):
 
     def object_pos(self) -> np.ndarray:
         return self.body_pos(self.can_id())
+
+    def grasp_object(self):
+        return self.env.objects[self.env.object_id]
 
     def target(self) -> np.ndarray:
         """Bin-floor point under the gripper's drop position."""
@@ -307,6 +338,9 @@ class SquareExpert(ScriptedExpert):
     def object_pos(self) -> np.ndarray:
         # The handle site (0.054 m along the nut's x axis) is where the fingers close.
         return np.array(self.env.sim.data.site_xpos[self.env.object_site_ids[0]])
+
+    def grasp_object(self):
+        return self.env.nuts[self.env.nut_id]
 
     def nut_pos(self) -> np.ndarray:
         return self.body_pos(self.nut_id())

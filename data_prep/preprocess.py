@@ -57,6 +57,7 @@ FEATURES = Features(
         "state": List(Value("float32"), length=STATE_DIM),
         "state_mask": List(Value("float32"), length=STATE_DIM),
         "action": List(Value("float32"), length=ACTION_DIM),
+        "expert_action": List(Value("float32"), length=ACTION_DIM),
         "next_state": List(Value("float32"), length=STATE_DIM),
         "reward": Value("float32"),
         "done": Value("bool"),
@@ -71,7 +72,10 @@ FEATURE_DOCS = {
     "step": "control step within the episode (0-based)",
     "state": f"s_t, {STATE_DIM} floats in the shared layout (below)",
     "state_mask": "1 where `state` holds a real value, 0 where it is padding",
-    "action": f"a_t, {ACTION_DIM} floats, OSC_POSE delta in [-1, 1]; last = gripper (-1 open, +1 close)",
+    "action": f"a_t as executed, {ACTION_DIM} floats, OSC_POSE delta in [-1, 1]; last = gripper (-1 open, +1 close)",
+    "expert_action": "the scripted expert's noise-free action at s_t, what the policies learn (robomimic's files "
+    "have none: `action` is copied); differs from `action` by the expert's noise, and where a random burst (play "
+    "data) or a learner (DAgger data) drove",
     "next_state": "s_{t+1}, same layout as `state`",
     "reward": "robomimic's sparse reward after the step",
     "done": "robomimic's done flag",
@@ -148,6 +152,7 @@ def episode_rows(
         "state": state,
         "state_mask": mask,
         "action": episode.actions.astype(np.float32),
+        "expert_action": episode.labels.astype(np.float32),
         "next_state": next_state,
         "reward": rewards,
         "done": episode.dones.astype(bool),
@@ -380,9 +385,10 @@ def card_body(collected: Collected, counts: dict, seed: int) -> str:
         "## How it was made",
         "",
         f"Converted with `vla-preprocess --seed {seed}` from these robomimic HDF5 files (`generated` = scripted-expert "
-        "demos made by `vla-generate` in robosuite, or its play data with `--keep-failures`; `robomimic` = robomimic's "
-        "published files, e.g. from `vla-download`). An episode not solved at its last step is a failure: its `done` "
-        "is never set.",
+        "demos made by `vla-generate` in robosuite; `generated (play)` = its play data, `--keep-failures`; "
+        "`generated (DAgger)` = its DAgger data, `--policy`: the expert finishing from where a trained policy left "
+        "the robot; `robomimic` = robomimic's published files, e.g. from `vla-download`). An episode not solved at its "
+        "last step is a failure: its `done` is never set.",
         "",
         "| file | task | origin | train episodes | validation episodes | failed episodes |",
         "| --- | --- | --- | ---: | ---: | ---: |",
@@ -471,6 +477,8 @@ def load_vla_dataset(path: str | os.PathLike, cache_dir: str | None = None) -> D
         if not files:
             raise UserError(f"{path}: no data/{split}-*.parquet shards; expected a folder written by vla-preprocess")
         table = pa.concat_tables([pq.read_table(f) for f in files])
+        if "expert_action" not in table.column_names:  # a repo made before the column existed: executed = label
+            table = table.add_column(table.column_names.index("action") + 1, "expert_action", table["action"])
         splits[split] = HFDataset(table.cast(FEATURES.arrow_schema), info=DatasetInfo(features=FEATURES))
     return DatasetDict(splits)
 

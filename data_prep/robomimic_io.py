@@ -7,7 +7,10 @@ rest of the pipeline never knows where a demo came from. The layout (robomimic v
       demo_<i>/                attrs: num_samples (int), model_file (MJCF xml string)
         obs/<key>              [T, D] per observation key (robot0_eef_pos, object, ...)
         next_obs/<key>         [T, D]
-        actions                [T, 7]
+        actions                [T, 7]  the executed actions
+        expert_actions         [T, 7]  optional (our writer): the scripted expert's noise-free action at each state,
+                                       the label a policy learns; differs from `actions` where noise, a random
+                                       burst (play data) or a learner (DAgger data) drove instead
         rewards                [T]
         dones                  [T]
         states                 [T, S] flattened MuJoCo sim state
@@ -33,6 +36,7 @@ from data_prep.errors import UserError, first_line
 from data_prep.tasks import ACTION_DIM, ENV_TO_TASK, STATE_KEYS, state_from_obs
 
 EPISODE_ARRAYS = ("actions", "rewards", "dones", "states")
+EXPERT_ACTIONS = "expert_actions"  # optional per-episode array written by vla-generate (see the layout above)
 # Stamped into data.attrs by our writer; robomimic's own files lack it, which is how `origin` tells them apart.
 WRITER_ATTR = "writer"
 WRITER_NAME = "dreaming-vla"
@@ -48,6 +52,12 @@ class Episode:
     states: np.ndarray  # [T, S]
     model_file: str = ""
     name: str = field(default="", compare=False)  # demo_<i> when read from a file
+    expert_actions: np.ndarray | None = None  # [T, 7] policy labels; None: the executed actions are the labels
+
+    @property
+    def labels(self) -> np.ndarray:
+        """What a policy should output at each state: the expert's actions where recorded, else the executed ones."""
+        return self.actions if self.expert_actions is None else self.expert_actions
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -131,6 +141,11 @@ def _write_episode(group: h5py.Group, episode: Episode, source: str) -> None:
         if len(value) != steps:
             raise UserError(f"{source}: {name} has {len(value)} steps, expected {steps}")
         group.create_dataset(name, data=value)
+    if episode.expert_actions is not None:
+        labels = np.asarray(episode.expert_actions)
+        if labels.shape != actions.shape:
+            raise UserError(f"{source}: expert_actions have shape {labels.shape}, expected {actions.shape} like actions")
+        group.create_dataset(EXPERT_ACTIONS, data=labels)
     group.attrs["num_samples"] = steps
     group.attrs["model_file"] = episode.model_file
 
@@ -168,8 +183,13 @@ class RobomimicFile:
 
     @property
     def origin(self) -> str:
-        """'generated' for files our writer made, 'robomimic' for robomimic's published (or any other) files."""
-        return "generated" if self.attrs.get(WRITER_ATTR) == WRITER_NAME else "robomimic"
+        """'generated' for files our writer made, 'robomimic' for robomimic's published (or any other) files;
+        generated files say how: 'generated (play)' for play data, 'generated (DAgger)' for DAgger data."""
+        if self.attrs.get(WRITER_ATTR) != WRITER_NAME:
+            return "robomimic"
+        if "driver_policy" in self.attrs:
+            return "generated (DAgger)"
+        return "generated (play)" if self.attrs.get("keep_failures") or self.attrs.get("perturb_prob") else "generated"
 
     def _open(self) -> h5py.File:
         try:
@@ -226,7 +246,9 @@ class RobomimicFile:
             actions = np.asarray(group["actions"][()], dtype=np.float32)
             obs = {k: np.asarray(v[()]) for k, v in group["obs"].items()}
             next_obs = {k: np.asarray(v[()]) for k, v in group["next_obs"].items()}
-            arrays = {k: np.asarray(group[k][()]) if k in group else None for k in ("rewards", "dones", "states")}
+            arrays = {
+                k: np.asarray(group[k][()]) if k in group else None for k in ("rewards", "dones", "states", EXPERT_ACTIONS)
+            }
         except OSError as err:
             raise UserError(f"{where}: cannot read data (truncated or corrupt?): {first_line(err)}") from None
         if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
@@ -244,6 +266,11 @@ class RobomimicFile:
         for key, value in (("rewards", rewards), ("dones", dones), ("states", states)):
             if len(value) != steps:
                 raise UserError(f"{where}/{key} has {len(value)} steps, expected {steps}")
+        labels = arrays[EXPERT_ACTIONS]
+        if labels is not None:
+            labels = labels.astype(np.float32)
+            if labels.shape != actions.shape:
+                raise UserError(f"{where}/{EXPERT_ACTIONS} has shape {labels.shape}, expected {actions.shape} like actions")
         model_file = group.attrs.get("model_file", "")
         if isinstance(model_file, bytes):
             model_file = model_file.decode()
@@ -256,6 +283,7 @@ class RobomimicFile:
             states=np.asarray(states),
             model_file=str(model_file),
             name=name,
+            expert_actions=labels,
         )
 
 

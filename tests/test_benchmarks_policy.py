@@ -58,7 +58,7 @@ def policies(dataset: Path, tiny_llama: Path, tmp_path_factory: pytest.TempPathF
 
 
 class RecordedActionsPolicy(MLPPolicy):
-    """Looks the state up in the validation table and answers the recorded future actions of its episode.
+    """Looks the state up in the validation table and answers the recorded future expert labels of its episode.
 
     Steps past the episode's end get absurd values: a zero loss then also proves those steps are masked.
     """
@@ -73,7 +73,7 @@ class RecordedActionsPolicy(MLPPolicy):
         chunk = self.config.chunk_size
         actions = np.full((len(rows), chunk, self.config.action_dim), 50.0, np.float32)
         for i, row in enumerate(rows):
-            steps = self.table.action[row + self.offset : self.table.episode_end[row]][:chunk]
+            steps = self.table.expert_action[row + self.offset : self.table.episode_end[row]][:chunk]
             actions[i, : len(steps)] = steps
         return self.normalize_action(torch.as_tensor(actions))
 

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import robosuite
+import torch
 
 from data_prep.errors import UserError, run_cli
 from data_prep.experts import make_expert
@@ -235,15 +236,24 @@ def h5_contents(path: Path) -> dict[str, object]:
 
 
 def test_no_perturbation_writes_exactly_the_committed_expert_file(tmp_path: Path) -> None:
-    # the fixture predates play mode: --perturb-prob 0 (the default) must still write the same file, value by value
+    # the fixture predates play mode and the expert labels: --perturb-prob 0 (the default) must still write the
+    # same file, value by value, plus each demo's noise-free `expert_actions`
     generate(["--tasks", "lift", "--episodes", "2", "--out", str(tmp_path), "--workers", "1", "--seed", "0",
               "--perturb-prob", "0", "--no-progress"])
     new, old = h5_contents(tmp_path / "lift" / OUTPUT_NAME), h5_contents(FIXTURES / "tiny_lift.hdf5")
-    assert new.keys() == old.keys()
+    labels = {key for key in new if key.endswith("/expert_actions")}
+    assert labels == {"data/demo_0/expert_actions", "data/demo_1/expert_actions"}
+    assert new.keys() - labels == old.keys()
     for key, value in old.items():
         if key.endswith("@model_file"):  # MuJoCo XML with absolute asset paths into this checkout's robosuite
             new[key], value = (without_install_prefix(str(v)) for v in (new[key], value))
         np.testing.assert_array_equal(new[key], value, err_msg=key)
+    for key in labels:
+        executed, label = new[key.replace("expert_actions", "actions")], new[key]
+        np.testing.assert_array_equal(label[:, 6], executed[:, 6])  # the gripper command carries no noise
+        inside = np.abs(executed[:, :6]) < 1.0  # entries the final clip to [-1, 1] left alone
+        noise = (executed[:, :6] - label[:, :6])[inside]
+        assert 0.035 < noise.std() < 0.065 and abs(noise.mean()) < 0.01  # the expert's N(0, 0.05) exploration noise
 
 
 def without_install_prefix(xml: str) -> str:
@@ -260,6 +270,7 @@ def play(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_play_file_keeps_failures_with_no_done(play: dict[str, Path]) -> None:
     file = read_robomimic_hdf5(play["file"])
+    assert file.origin == "generated (play)"
     episodes = list(file)
     assert len(episodes) == 3
     failed = [e for e in episodes if e.dones[-1] == 0]
@@ -295,6 +306,23 @@ def test_bursts_replace_actions_but_leave_the_expert_untouched(play: dict[str, P
             assert np.abs(ours.actions[first, 3:6]).max() <= 0.5
     assert any(len(o) != len(t) or not np.array_equal(o.actions, stored(t).actions)
                for o, t in zip(perturbed, expert, strict=True))
+
+
+def test_play_labels_are_the_experts_correction_not_the_burst(play: dict[str, Path]) -> None:
+    from data_prep.generate import Perturber
+
+    for seed, episode in zip((3, 4, 5), read_robomimic_hdf5(play["file"]), strict=True):
+        # the bursts' generator depends on the seed alone: replay it to find the burst steps
+        bursts, expert_turn = Perturber(PLAY_SETTINGS.perturbation, seed), object()
+        in_burst = np.array([bursts(expert_turn) is not expert_turn for _ in range(len(episode))])
+        assert in_burst.any() or seed != 4
+        outside = ~in_burst
+        # outside bursts the executed action is the label plus the expert's small noise
+        np.testing.assert_array_equal(episode.actions[outside, 6], episode.expert_actions[outside, 6])
+        assert np.abs(episode.actions[outside, :6] - episode.expert_actions[outside, :6]).max() < 0.3
+        # inside, the executed move is held while the expert's label keeps correcting
+        if in_burst.any():
+            assert np.abs(episode.actions[in_burst, :6] - episode.expert_actions[in_burst, :6]).max() > 0.3
 
 
 def test_play_is_reproducible_and_independent_of_workers(play: dict[str, Path]) -> None:
@@ -339,4 +367,84 @@ def test_bad_play_settings_are_one_line_errors(flags: list[str], message: str, t
         run_cli(lambda: generate(argv))
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+# ----- DAgger data: a policy drives the first steps, the expert takes over ----------------------------
+DAGGER_ARGS = ["--tasks", "lift", "--episodes", "3", "--seed", "3", "--handover-steps", "30", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def random_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from configuration_vla import MLPPolicyConfig
+    from modeling_vla import MLPPolicy
+
+    folder = tmp_path_factory.mktemp("policy") / "mlp"
+    torch.manual_seed(0)
+    MLPPolicy(MLPPolicyConfig(hidden_dim=16, num_layers=1, chunk_size=4, tasks=["lift"])).save_pretrained(folder)
+    return folder
+
+
+def test_policy_drives_then_the_expert_takes_over_from_its_state(random_policy: Path, tmp_path: Path) -> None:
+    from evaluation.cli import load_model
+    from evaluation.policies import ChunkPolicy
+
+    report = tmp_path / "report.json"
+    generate([*DAGGER_ARGS, "--out", str(tmp_path), "--workers", "1", "--policy", str(random_policy),
+              "--report", str(report)])
+    source = read_robomimic_hdf5(tmp_path / "lift" / OUTPUT_NAME)
+    stats = json.loads(report.read_text())["tasks"]["lift"]
+    assert source.attrs["driver_policy"] == str(random_policy) and source.attrs["handover_steps"] == 30
+    assert source.origin == "generated (DAgger)"
+    assert json.loads(source.attrs["handovers"]) == stats["handovers"] and len(stats["handovers"]) == 3
+    assert len(set(stats["handovers"])) > 1 and max(stats["handovers"]) <= 30  # a random share for the policy
+    policy = ChunkPolicy(load_model(random_policy, "--policy", "cpu"))
+    sim = make_env("lift")
+    for seed, steps, episode in zip(json.loads(source.attrs["demo_seeds"]), stats["handovers"], source, strict=True):
+        # replaying the policy for its share of the steps gives the episode's first recorded state
+        obs = sim.reset(seed)
+        policy.reset(1)
+        for _ in range(steps):
+            action = policy.act(state_from_obs(obs, "lift")[0][None], [get_task("lift").instruction], np.ones(1, bool))
+            obs, _, _, _ = sim.env.step(np.asarray(action[0], dtype=np.float64))
+        np.testing.assert_allclose(episode.states[0], sim.env.sim.get_state().flatten(), atol=1e-9)
+        # from there on the expert drove (label = executed action up to its noise) and solved the task
+        np.testing.assert_array_equal(episode.expert_actions[:, 6], episode.actions[:, 6])
+        assert np.abs(episode.expert_actions - episode.actions).max() < 0.3
+        assert episode.dones[-1] == 1 and episode.rewards[-1] > 0
+    sim.env.close()
+
+
+def test_expert_resumes_a_grasp_it_did_not_make() -> None:
+    sim = make_env("lift")
+    obs = sim.reset(1)
+    expert = make_expert("lift", seed=1)
+    expert.reset(sim.env)
+    while expert.phase != "lift":  # the expert closes its fingers on the cube, still on the table
+        obs, _, _, _ = sim.env.step(expert.act(obs))
+    fresh = make_expert("lift", seed=2)
+    fresh.reset(sim.env)
+    fresh.resume(obs)
+    assert fresh.phase == "lift" and fresh.grasped()
+    assert fresh.act(obs)[6] == 1.0  # keeps the fingers closed and lifts
+    start = sim.reset(1)
+    fresh.resume(start)
+    assert fresh.phase == "above" and not fresh.grasped()
+    sim.env.close()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--handover-steps", "5"], "--handover-steps needs --policy DIR"),
+    (["--policy", "{missing}"], "--policy .*missing: folder not found"),
+    (["--policy", "{policy}", "--handover-steps", "-1"], "--handover-steps must be >= 0, got -1"),
+    (["--policy", "{policy}", "--perturb-prob", "0.1"], "--perturb-prob and --policy exclude each other"),
+    (["--policy", "{policy}", "--keep-failures"], "--keep-failures and --policy exclude each other"),
+    (["--policy", "{policy}", "--tasks", "can"], "tasks \\['lift'\\] do not include \\['can'\\]"),
+])
+def test_bad_dagger_settings_are_one_line_errors(flags: list[str], message: str, random_policy: Path,
+                                                 tmp_path: Path) -> None:
+    flags = [f.format(policy=random_policy, missing=tmp_path / "missing") for f in flags]
+    argv = ["--tasks", "lift", "--episodes", "2", "--out", str(tmp_path / "out"), *flags]
+    with pytest.raises(UserError, match=message):
+        generate(argv)
     assert not (tmp_path / "out").exists()

@@ -156,6 +156,7 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (WorldModelConfig, {"velocity_scale": [1.0] * 3}, "velocity_scale"),
         (WorldModelConfig, {"velocity_input": "yes"}, "velocity_input"),
         (WorldModelConfig, {"architecture": "mlp", "token_readout": True}, "token_readout"),
+        (WorldModelConfig, {"scale_change": "yes"}, "scale_change"),
         (VLAConfig, {"loss": "huber"}, "loss"),
         (VLAConfig, {"chunk_size": 0}, "chunk_size"),
         (VLAConfig, {"head_num_layers": 0}, "head_num_layers"),
@@ -227,6 +228,17 @@ def test_world_model_velocity_input_predicts_motion_the_state_alone_cannot(archi
     assert scores[True] < 0.5 * scores[False], scores
 
 
+def test_world_model_scale_change_outputs_the_change_in_units_of_velocity_scale():
+    torch.manual_seed(0)
+    scale = [0.01 * (i + 1) for i in range(STATE_DIM)]
+    plain = WorldModel(tiny_world_config(velocity_scale=scale)).eval()
+    scaled = WorldModel(tiny_world_config(velocity_scale=scale, scale_change=True)).eval()
+    scaled.load_state_dict(plain.state_dict())  # the same network: only the meaning of its output differs
+    state, action = torch.randn(6, STATE_DIM), torch.rand(6, ACTION_DIM)
+    base = plain.step(state, action, INSTRUCTIONS[0])[0] - state
+    torch.testing.assert_close(scaled.step(state, action, INSTRUCTIONS[0])[0] - state, base * torch.tensor(scale))
+
+
 def test_world_model_step_reads_prev_state_only_with_velocity_input():
     torch.manual_seed(0)
     state, action = torch.randn(4, STATE_DIM), torch.rand(4, ACTION_DIM)
@@ -268,7 +280,7 @@ def test_world_model_round_trip_in_fresh_process(tmp_path, velocity_input):
     torch.manual_seed(0)
     config = tiny_world_config(state_mean=[0.1] * STATE_DIM, state_std=[2.0] * STATE_DIM, action_std=[0.5] * ACTION_DIM,
                                velocity_input=velocity_input, velocity_scale=[0.05 + 0.01 * i for i in range(STATE_DIM)],
-                               linear_skip=velocity_input, token_readout=velocity_input)
+                               linear_skip=velocity_input, token_readout=velocity_input, scale_change=velocity_input)
     model = WorldModel(config)
     train_losses(model, {**synthetic_batch(), "prev_state": torch.randn(16, STATE_DIM)}, steps=3)
     if config.linear_skip:

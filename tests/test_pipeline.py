@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def test_real_stage_list_is_ordered_and_exports_every_model(tmp_path: Path) -> N
     assert all(stage.resume_dir is not None for stage in training)
 
 
-def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos(tmp_path: Path) -> None:
+def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_dagger(tmp_path: Path) -> None:
     paths = PipelinePaths(tmp_path)
     stages = {stage.name: stage for stage in build_stages(paths, SIZES["quick"], ["lift", "square"], seed=2)}
     order = list(stages)
@@ -161,7 +162,43 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos(tmp_pa
         return stage.command[list(stage.command).index("--dataset") + 1]
 
     assert dataset_of(stages["train_world"]) == str(paths.world_dataset)
-    assert dataset_of(stages["train_policy"]) == dataset_of(stages["train_mlp"]) == str(paths.dataset)
+    assert dataset_of(stages["train_policy"]) == dataset_of(stages["train_mlp"]) == str(tmp_path / "dataset_dagger1")
     assert "local/dreaming-vla-dataset-world" in stages["export_world"].command
     assert {"export_dataset", "export_dataset_world"} <= set(order)
     assert 0 < SIZES["quick"].play_episodes_per_task < SIZES["full"].play_episodes_per_task == 100
+
+
+def test_each_dagger_round_is_driven_by_a_policy_trained_on_the_rounds_before(tmp_path: Path) -> None:
+    paths = PipelinePaths(tmp_path)
+    assert SIZES["quick"].dagger_rounds == SIZES["full"].dagger_rounds == 1  # the measured choice; here two rounds
+    two_rounds = dataclasses.replace(SIZES["full"], dagger_rounds=2)
+    stages = {stage.name: stage for stage in build_stages(paths, two_rounds, ["lift", "can"], seed=1)}
+    order = list(stages)
+
+    def arg(stage: str, flag: str) -> str:
+        command = list(stages[stage].command)
+        return command[command.index(flag) + 1]
+
+    def inputs(stage: str) -> list[str]:
+        command = list(stages[stage].command)
+        return command[command.index("--inputs") + 1: command.index("--out")]
+
+    assert arg("train_dagger_driver1", "--model") == arg("train_dagger_driver2", "--model") == "mlp"
+    assert arg("train_dagger_driver1", "--dataset") == str(paths.dataset)  # round 1: a driver that saw demos only
+    for round_ in (1, 2):
+        assert order.index(f"train_dagger_driver{round_}") < order.index(f"generate_dagger{round_}")
+        assert order.index(f"generate_dagger{round_}") < order.index(f"preprocess_dagger{round_}")
+        assert arg(f"generate_dagger{round_}", "--policy") == str(tmp_path / f"train_dagger_driver{round_}" / "best")
+        assert arg(f"generate_dagger{round_}", "--out") == str(tmp_path / f"raw_dagger{round_}")
+        assert arg(f"preprocess_dagger{round_}", "--out") == str(tmp_path / f"dataset_dagger{round_}")
+    assert arg("train_dagger_driver2", "--dataset") == str(tmp_path / "dataset_dagger1")
+    assert inputs("preprocess_dagger2") == [str(paths.raw), str(tmp_path / "raw_dagger1"), str(tmp_path / "raw_dagger2")]
+    assert arg("train_policy", "--dataset") == arg("train_mlp", "--dataset") == str(tmp_path / "dataset_dagger2")
+    assert order.index("preprocess_dagger2") < order.index("train_policy")
+    # DAgger seeds: apart from each other, from the demos' (seed ..) and play (50000+), below evaluation's (100000+)
+    seeds = [int(arg(f"generate_dagger{r}", "--seed")) for r in (1, 2)]
+    attempts = int(arg("generate_dagger1", "--max-attempts"))
+    assert seeds[0] > int(arg("generate_play", "--seed")) + SIZES["full"].play_episodes_per_task
+    assert seeds[0] + attempts <= seeds[1] and seeds[1] + attempts < 100_000
+    assert "local/dreaming-vla-dataset" in stages["export_policy"].command
+    assert inputs("preprocess_world") == [str(paths.raw), str(paths.raw_play)]  # no DAgger data for the world model

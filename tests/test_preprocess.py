@@ -72,8 +72,27 @@ def test_rows_match_the_source_files(converted, inputs):
             np.testing.assert_allclose(train[column][rows_of], expected, rtol=1e-6)
         np.testing.assert_allclose(train["state"][rows_of][:, :3], demo["obs/robot0_eef_pos"][()], rtol=1e-6)
         np.testing.assert_allclose(train["action"][rows_of], demo["actions"][()], rtol=1e-6)
+        # robomimic's files hold no expert labels: the executed actions are the labels
+        np.testing.assert_array_equal(train["expert_action"][rows_of], train["action"][rows_of])
         np.testing.assert_array_equal(train["done"][rows_of], demo["dones"][()].astype(bool))
     np.testing.assert_array_equal(train["step"][rows_of], np.arange(rows_of.sum()))
+
+
+def test_expert_labels_become_the_expert_action_column(tmp_path):
+    generated = FIXTURES / "tiny_lift.hdf5"  # made before the labels existed: copy it and add them
+    path = tmp_path / "labelled.hdf5"
+    path.write_bytes(generated.read_bytes())
+    labels = {}
+    with h5py.File(path, "a") as f:
+        for name in ("demo_0", "demo_1"):
+            labels[name] = np.random.default_rng(len(name)).uniform(-1, 1, f[f"data/{name}/actions"].shape)
+            f[f"data/{name}"].create_dataset("expert_actions", data=labels[name])
+    columns = pp.collect([path], seed=0, valid_fraction=0.5).columns
+    every = {k: np.concatenate([columns[s][k] for s in pp.SPLITS]) for k in ("episode", "action", "expert_action")}
+    for episode, name in enumerate(("demo_0", "demo_1")):  # episode ids follow the file's demo order
+        rows = every["episode"] == episode
+        np.testing.assert_allclose(every["expert_action"][rows], labels[name], rtol=1e-6)
+        assert not np.allclose(every["expert_action"][rows], every["action"][rows])
 
 
 def test_split_is_by_episode_and_follows_file_masks(converted, inputs):

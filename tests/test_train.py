@@ -20,7 +20,9 @@ TASKS = {"lift": "Lift the red cube", "can": "Pick up the coke can"}
 
 
 def synthetic_rows(episodes: int, steps: int, seed: int, first_episode: int, state_dim: int) -> dict[str, list]:
-    """Linear dynamics s' = s + 0.5 B a with a state-feedback expert a = tanh(K s): learnable in a few steps."""
+    """Linear dynamics s' = s + 0.5 B a with a state-feedback expert a = tanh(K s): learnable in a few steps.
+
+    The executed action is the expert's label plus a little noise, as in vla-generate's files."""
     rng = np.random.default_rng(seed)
     mixing = np.random.default_rng(123).normal(0, 1, (state_dim, ACTION_DIM)).astype(np.float32)
     gain = np.random.default_rng(321).normal(0, 0.5, (ACTION_DIM, state_dim)).astype(np.float32)
@@ -30,7 +32,8 @@ def synthetic_rows(episodes: int, steps: int, seed: int, first_episode: int, sta
         state = rng.normal(0, 1, state_dim).astype(np.float32)
         length = steps + e % 3  # unequal lengths: windows must stop at episode ends
         for t in range(length):
-            action = np.tanh(gain @ state).astype(np.float32)
+            label = np.tanh(gain @ state).astype(np.float32)
+            action = np.clip(label + rng.normal(0, 0.05, ACTION_DIM), -1, 1).astype(np.float32)
             next_state = (state + 0.5 * mixing @ action).astype(np.float32)
             last = t == length - 1
             rows["task"].append(task)
@@ -40,6 +43,7 @@ def synthetic_rows(episodes: int, steps: int, seed: int, first_episode: int, sta
             rows["state"].append(state)
             rows["state_mask"].append(np.ones(state_dim, np.float32))
             rows["action"].append(action)
+            rows["expert_action"].append(label)
             rows["next_state"].append(next_state)
             rows["reward"].append(float(last))
             rows["done"].append(last)
@@ -177,6 +181,27 @@ def test_windows_stop_at_episode_ends(dataset: Path) -> None:
     torch.testing.assert_close(batch["prev_state"][1], torch.as_tensor(data.train.state[last_row_of_first_episode - 2]))
     second_episode = ta.collate_windows(windows.__getitems__([last_row_of_first_episode + 1]))
     torch.testing.assert_close(second_episode["prev_state"][0], second_episode["state"][0])
+
+
+def test_policies_learn_the_expert_labels_and_world_models_the_executed_actions(dataset: Path) -> None:
+    data = ta.load_training_data(dataset)
+    assert not np.allclose(data.train.action, data.train.expert_action)
+    rows = [0, 5, 17]
+    for model, column in (("world", data.train.action), ("policy", data.train.expert_action),
+                          ("mlp", data.train.expert_action)):
+        loader = ta.make_loader(data.train, 1, ta.TrainConfig(model=model, batch_size=4), shuffle=False)
+        batch = ta.collate_windows(loader.dataset.__getitems__(rows))
+        np.testing.assert_array_equal(batch["actions"][:, 0].numpy(), column[rows])
+
+
+def test_datasets_without_expert_labels_use_the_executed_actions(tmp_path: Path) -> None:
+    from datasets import load_dataset
+
+    repo = write_dataset(tmp_path / "old")
+    for path in (repo / "data").glob("*.parquet"):  # a dataset made before the expert_action column existed
+        load_dataset("parquet", data_files=str(path), split="train").remove_columns("expert_action").to_parquet(str(path))
+    table = ta.load_training_data(repo).train
+    np.testing.assert_array_equal(table.expert_action, table.action)
 
 
 def test_same_named_dataset_folders_do_not_share_a_cache(tmp_path: Path, make_robomimic_file) -> None:
