@@ -2,7 +2,7 @@
 
     vla-generate --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
     vla-generate --tasks lift can square --episodes 100 --out data/raw_play --keep-failures --perturb-prob lift=0.06 can=0.02 square=0.01 --seed 50000
-    vla-generate --tasks lift can square --episodes 100 --out data/raw_dagger --policy runs/mlp_bc/best --seed 60000
+    vla-generate --tasks lift can square --episodes 100 --out data/raw_dagger --policy runs/mlp_demos/best --handover-steps 150 --max-attempts 600 --seed 60000
 
 For each task, attempt i runs the expert from the initial state of seed `--seed + i` (the
 expert's action noise uses the same seed), so a demo depends only on its seed, never on the
@@ -37,7 +37,9 @@ solved on the way and lost again).
 
 Labels: every episode stores, next to the executed `actions`, the expert's noise-free action at each
 state (`expert_actions`), which is what the policies learn. In plain demos the two differ by the
-expert's exploration noise; in play data the bursts' states get the expert's correction as label.
+expert's exploration noise; in play data the bursts' states get the expert's correction as label
+(policies trained on demos + play data with those labels did worse on tuning seeds: the expert's phase
+machine keeps going during a burst, docs/RESULTS.md "Policy training data").
 
 DAgger data (Ross et al., 2011, with the roll-in/roll-out split of AggreVaTe): `--policy DIR` lets a
 trained policy drive the first 0..`--handover-steps` steps of each attempt (uniform, seeded by the
@@ -94,7 +96,7 @@ PERTURB_ARM_SCALE = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
 # 50000+, 10 attempts each: lift 6, can 5, square 6 failed). A longer, more precise task needs fewer bursts to fail.
 PLAY_PERTURB_PROB = {"lift": 0.06, "can": 0.02, "square": 0.01}
 PERTURB_STREAM = 1  # second entropy word of the bursts' generator: independent of the expert's (seeded by the seed alone)
-DRIVER_STREAM = 2  # likewise for a driving policy's expert-or-learner draws
+DRIVER_STREAM = 2  # likewise for the length of a driving policy's roll-in
 
 
 @dataclass(frozen=True)
