@@ -5,8 +5,10 @@ demos drives the first steps of new attempts and the expert finishes each from w
 robot (`vla-generate --policy`), so the final policies also learn to recover from a learner's mistakes
 (`<workdir>/dataset_dagger<r>` = demos + rounds 1..r; each round's driver learned from the rounds before).
 The world model also learns from "play" data (`vla-generate --keep-failures --perturb-prob ...`:
-expert runs with random wrong moves, failures kept), merged with the demos into
-`<workdir>/hf_dataset_world`: trained on successes alone it would dream that every action sequence succeeds.
+expert runs with random wrong moves, failures kept) and from the first DAgger driver's own whole episodes
+(`vla-generate --policy-rollouts`: a policy's states, grasps and failures), merged with the demos into
+`<workdir>/hf_dataset_world`: trained on successes alone it would dream that every action sequence succeeds,
+and without a policy's own roll-outs it dreams a policy's grasps badly (docs/RESULTS.md "Dreams from policy roll-outs").
 
 Each stage is one command line run in its own process (the console scripts via `python -m`-style
 invocation of this interpreter), so a crash in one stage cannot leave state behind in another and
@@ -45,6 +47,7 @@ DAGGER_SEED_OFFSET, DAGGER_ROUND_SEEDS = 60_000, 1_000
 # typical Can / Square episode (~110 / ~200 steps); on Lift (~40 steps) most longer roll-ins end in a success and
 # are skipped, which costs little.
 DAGGER_HANDOVER_STEPS = 150
+ONPOLICY_SEED_OFFSET = 70_000  # the world model's policy roll-outs: seeds 70000 + seed ..
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ SIZES = {
     "quick": PipelineSize(episodes_per_task=10, play_episodes_per_task=4, dagger_episodes_per_task=4, dagger_rounds=1,
                           train_steps={"world": 300, "policy": 150, "mlp": 300}, eval_episodes=2, checkpoint_every=100),
     "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, dagger_episodes_per_task=100,
-                         dagger_rounds=DAGGER_ROUNDS, train_steps={"world": 3000, "policy": 6000, "mlp": 3000},
+                         dagger_rounds=DAGGER_ROUNDS, train_steps={"world": 3000, "policy": 12000, "mlp": 3000},
                          eval_episodes=50),
 }
 
@@ -193,12 +196,16 @@ class PipelinePaths:
         return self.workdir / "raw_play"
 
     @property
+    def raw_onpolicy(self) -> Path:
+        return self.workdir / "raw_onpolicy"
+
+    @property
     def dataset(self) -> Path:
         return self.workdir / "dataset"
 
     @property
     def world_dataset(self) -> Path:
-        """Expert demos + play data: what the world model trains on."""
+        """Expert demos + play data + the first DAgger driver's roll-outs: what the world model trains on."""
         return self.workdir / "hf_dataset_world"
 
     def raw_dagger(self, round_: int) -> Path:
@@ -278,13 +285,6 @@ def data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], 
             (paths.dataset / "normalization.json", paths.dataset / "README.md"),
             env=paths.private_env,
         ),
-        Stage(
-            "preprocess_world",
-            console("vla-preprocess", "--inputs", paths.raw, paths.raw_play, "--out", paths.world_dataset,
-                    "--seed", seed, "--overwrite"),
-            (paths.world_dataset / "normalization.json", paths.world_dataset / "README.md"),
-            env=paths.private_env,
-        ),
     ]
 
 
@@ -338,6 +338,32 @@ def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str]
     return stages
 
 
+def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
+    """The world model's dataset: demos + play data + whole episodes of the first DAgger driver (an MLP-BC trained
+    on the demos), failures kept; without DAgger rounds there is no driver and only demos + play data."""
+    from data_prep.generate import OUTPUT_NAME
+
+    inputs: list[Path] = [paths.raw, paths.raw_play]
+    stages = []
+    if size.dagger_rounds >= 1:
+        report = paths.raw_onpolicy / "generate_report.json"
+        stages.append(Stage(
+            "generate_onpolicy",
+            console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
+                    paths.raw_onpolicy, "--workers", size.workers, "--seed", ONPOLICY_SEED_OFFSET + seed,
+                    "--policy", paths.best(f"{DAGGER_DRIVER}1"), "--policy-rollouts", "--report", report),
+            (report, *(paths.raw_onpolicy / task / OUTPUT_NAME for task in tasks)),
+        ))
+        inputs.append(paths.raw_onpolicy)
+    stages.append(Stage(
+        "preprocess_world",
+        console("vla-preprocess", "--inputs", *inputs, "--out", paths.world_dataset, "--seed", seed, "--overwrite"),
+        (paths.world_dataset / "normalization.json", paths.world_dataset / "README.md"),
+        env=paths.private_env,
+    ))
+    return stages
+
+
 def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> Stage:
     return Stage(
         f"evaluate_{policy}",
@@ -373,11 +399,12 @@ def export_stages(paths: PipelinePaths) -> list[Stage]:
 
 
 def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int = 0) -> list[Stage]:
-    """generate → preprocess → DAgger rounds → train world/VLA/MLP → evaluate (dream + real) → export cards/repos."""
+    """generate → preprocess → DAgger rounds → world-model data → train world/VLA/MLP → evaluate (dream + real) → export cards/repos."""
     paths = dataclasses.replace(paths, dagger_rounds=size.dagger_rounds)
     return [
         *data_stages(paths, size, tasks, seed),
         *dagger_stages(paths, size, tasks, seed),
+        *world_data_stages(paths, size, tasks, seed),
         *(train_stage(model, paths, size, seed) for model in ("world", "policy", "mlp")),
         *(evaluate_stage(policy, paths, size, tasks, seed) for policy in POLICY_LABELS),
         *export_stages(paths),

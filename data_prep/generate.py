@@ -3,6 +3,7 @@
     vla-generate --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
     vla-generate --tasks lift can square --episodes 100 --out data/raw_play --keep-failures --perturb-prob lift=0.06 can=0.02 square=0.01 --seed 50000
     vla-generate --tasks lift can square --episodes 100 --out data/raw_dagger --policy runs/mlp_demos/best --handover-steps 150 --max-attempts 600 --seed 60000
+    vla-generate --tasks lift can square --episodes 100 --out data/raw_onpolicy --policy runs/mlp_bc/best --policy-rollouts --seed 70000
 
 For each task, attempt i runs the expert from the initial state of seed `--seed + i` (the
 expert's action noise uses the same seed), so a demo depends only on its seed, never on the
@@ -50,6 +51,11 @@ reaches, mistakes included, with labels that are always consistent: a scripted e
 watched a policy drive would label from its own plan, not the policy's progress (measured: 92 % of the
 cube-lifted steps of such Lift data were labelled "open the gripper"). Attempts in which the policy
 solves the task before the handover are counted (`learner_solved_seeds`) and yield no episode.
+
+Policy roll-outs (world-model data, Dyna-style): `--policy DIR --policy-rollouts` lets the policy drive whole
+episodes, records every step and keeps failures (`--episodes` counts attempts, as with `--keep-failures`), so a world
+model sees the states and mistakes of the policy it will dream with. The label (`expert_actions`) is the policy's own
+action: this data is for world models, never for training a policy.
 """
 
 from __future__ import annotations
@@ -152,13 +158,16 @@ class LearnerDriver:
         """How many steps the policy drives in the attempt of `seed`."""
         return int(np.random.default_rng([seed, DRIVER_STREAM]).integers(self.handover_steps + 1))
 
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """The policy's action for one observation (call `policy.reset(1)` at the start of an episode)."""
+        state = state_from_obs(obs, self.task)[0][None]
+        return np.asarray(self.policy.act(state, [self.instruction], np.ones(1, bool))[0], dtype=np.float64)
+
     def roll_in(self, sim, obs: dict[str, np.ndarray], steps: int) -> tuple[dict[str, np.ndarray], bool]:
         """Let the policy drive `steps` steps from `obs`; returns the last observation and whether it solved the task."""
         self.policy.reset(1)
         for _ in range(steps):
-            state = state_from_obs(obs, self.task)[0][None]
-            action = self.policy.act(state, [self.instruction], np.ones(1, bool))[0]
-            obs, _, _, _ = sim.env.step(np.asarray(action, dtype=np.float64))
+            obs, _, _, _ = sim.env.step(self.act(obs))
             if sim.success():
                 return obs, True
         return obs, False
@@ -176,6 +185,7 @@ class RolloutSettings:
     keep_failures: bool = False
     policy: str | None = None  # saved policy folder that drives the first steps (DAgger data)
     handover_steps: int = 100  # with a policy: it drives a uniform 0..handover_steps steps before the expert
+    policy_rollouts: bool = False  # with a policy: it drives whole episodes, all recorded, failures kept
 
     @property
     def play(self) -> bool:
@@ -225,11 +235,14 @@ def observation_arrays(obs: dict[str, np.ndarray], task: str) -> dict[str, np.nd
 def run_attempt(sim, expert, seed: int, settings: RolloutSettings, driver: LearnerDriver | None = None) -> Attempt:
     """Run the expert (with perturbation bursts, if any) from the initial state of `seed`, or, with a `driver`,
     from wherever the driving policy left the robot; record every expert step: the executed action and the
-    expert's noise-free label."""
+    expert's noise-free label. With `settings.policy_rollouts` the driver plays the whole episode instead and
+    every step is recorded with its own action as the label."""
     obs = sim.reset(seed)
     expert.reset(sim.env, seed=seed)
     handover = 0
-    if driver is not None:
+    if settings.policy_rollouts:
+        driver.policy.reset(1)
+    elif driver is not None:
         handover = driver.steps_for(seed)
         obs, solved = driver.roll_in(sim, obs, handover)
         if solved:  # nothing left for the expert to show from here
@@ -244,10 +257,14 @@ def run_attempt(sim, expert, seed: int, settings: RolloutSettings, driver: Learn
     for step in range(settings.horizon - handover):
         record["states"].append(np.array(sim.env.sim.get_state().flatten()))
         record["obs"].append(observation_arrays(obs, settings.task))
-        # The expert acts every step, also during a burst, so that it notices a dropped object or a stalled phase
-        # and its label is always the action it would take from here.
-        action = expert.act(obs)
-        record["expert_actions"].append(expert.clean_action.copy())
+        if settings.policy_rollouts:
+            action = driver.act(obs)
+            record["expert_actions"].append(action.copy())
+        else:
+            # The expert acts every step, also during a burst, so that it notices a dropped object or a stalled
+            # phase and its label is always the action it would take from here.
+            action = expert.act(obs)
+            record["expert_actions"].append(expert.clean_action.copy())
         if perturb is not None:
             action = perturb(action)
         obs, _, _, _ = sim.env.step(action)
@@ -261,7 +278,7 @@ def run_attempt(sim, expert, seed: int, settings: RolloutSettings, driver: Learn
             break
     length = len(record["actions"])
     episode = None
-    if success or settings.keep_failures:
+    if success or settings.keep_failures or settings.policy_rollouts:
         dones = np.zeros(length, dtype=np.int64)
         dones[-1] = int(success)
         episode = Episode(
@@ -329,7 +346,8 @@ def generate_task(
 
     With `settings.keep_failures`: exactly `episodes` attempts (seeds seed .. seed+episodes-1), all kept.
     """
-    max_attempts = episodes if settings.keep_failures else max_attempts or 2 * episodes
+    keep_all = settings.keep_failures or settings.policy_rollouts
+    max_attempts = episodes if keep_all else max_attempts or 2 * episodes
     kept: list[Episode] = []
     kept_seeds: list[int] = []
     failed: list[int] = []
@@ -337,7 +355,7 @@ def generate_task(
     handovers: list[int] = []
     successes = bursts = 0
     start = time.perf_counter()
-    bar = tqdm(total=episodes, desc=f"{settings.task}", unit="episode" if settings.keep_failures else "demo",
+    bar = tqdm(total=episodes, desc=f"{settings.task}", unit="episode" if keep_all else "demo",
                disable=not progress, dynamic_ncols=True)
     # closing(): stopping early must shut the pool down now, not whenever the generator is collected.
     with bar, closing(attempts(settings, iter(range(seed, seed + max_attempts)), workers)) as stream:
@@ -376,7 +394,7 @@ def generate_task(
         kept_seeds=kept_seeds,
         failed_seeds=failed,
         learner_solved_seeds=learner_solved,
-        handovers=handovers if settings.policy is not None else [],
+        handovers=handovers if settings.policy is not None and not settings.policy_rollouts else [],
     )
     return kept, report
 
@@ -400,7 +418,9 @@ def write_task_file(path: Path, episodes: list[Episode], settings: RolloutSettin
             "perturb_steps": [settings.perturbation.min_steps, settings.perturbation.max_steps],
             "perturb_arm_scale": PERTURB_ARM_SCALE.tolist(),
         }
-    if settings.policy is not None:
+    if settings.policy_rollouts:  # the whole episode is the policy's: no expert, no handover
+        attrs |= {"rollout_policy": str(settings.policy), "keep_failures": True, "failed_seeds": report.failed_seeds}
+    elif settings.policy is not None:
         attrs |= {"driver_policy": str(settings.policy), "handover_steps": settings.handover_steps,
                   "handovers": report.handovers}
     write_robomimic_hdf5(path, episodes, env_args, valid_fraction=0.1, seed=seed, attrs=attrs)
@@ -457,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "from there; only the expert's part is recorded")
     p.add_argument("--handover-steps", type=int, default=None,
                    help="with --policy: the policy drives a uniform random 0..N steps (default 100)")
+    p.add_argument("--policy-rollouts", action="store_true",
+                   help="with --policy: the policy drives whole episodes, every step is recorded and failures are "
+                        "kept (world-model data; --episodes counts attempts)")
     p.add_argument("--report", type=Path, default=None, help="write per-task statistics to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -506,7 +529,13 @@ def validate(args: argparse.Namespace) -> None:
     if args.policy is None:
         if args.handover_steps is not None:
             raise UserError("--handover-steps needs --policy DIR (the policy that drives before the expert)")
+        if args.policy_rollouts:
+            raise UserError("--policy-rollouts needs --policy DIR (the policy whose roll-outs are recorded)")
         return
+    if args.policy_rollouts and args.handover_steps is not None:
+        raise UserError("--handover-steps has no effect with --policy-rollouts (the policy drives whole episodes); drop it")
+    if args.policy_rollouts and args.max_attempts is not None:
+        raise UserError("--max-attempts has no effect with --policy-rollouts (--episodes counts attempts); drop it")
     if args.handover_steps is not None and args.handover_steps < 0:
         raise UserError(f"--handover-steps must be >= 0, got {args.handover_steps}")
     from evaluation.cli import POLICY_TYPES, check_model_config, read_model_config
@@ -515,8 +544,9 @@ def validate(args: argparse.Namespace) -> None:
     check_model_config(read_model_config(folder, "--policy"), folder, "--policy", POLICY_TYPES, list(args.tasks))
     if any(perturb_probs(args.perturb_prob, args.tasks).values()):
         raise UserError("--perturb-prob and --policy exclude each other: the bursts would replace the policy's actions")
-    if args.keep_failures:
-        raise UserError("--keep-failures and --policy exclude each other: DAgger data keeps the expert's successes")
+    if args.keep_failures and not args.policy_rollouts:
+        raise UserError("--keep-failures and --policy exclude each other: DAgger data keeps the expert's successes "
+                        "(--policy-rollouts keeps a policy's own failures)")
 
 
 def generate(argv: list[str] | None = None) -> list[TaskReport]:
@@ -537,6 +567,7 @@ def generate(argv: list[str] | None = None) -> list[TaskReport]:
             keep_failures=args.keep_failures,
             policy=args.policy,
             handover_steps=100 if args.handover_steps is None else args.handover_steps,
+            policy_rollouts=args.policy_rollouts,
         )
         episodes, report = generate_task(
             settings, args.episodes, args.seed, args.max_attempts, args.workers, progress=not args.no_progress

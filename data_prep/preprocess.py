@@ -387,7 +387,8 @@ def card_body(collected: Collected, counts: dict, seed: int) -> str:
         f"Converted with `vla-preprocess --seed {seed}` from these robomimic HDF5 files (`generated` = scripted-expert "
         "demos made by `vla-generate` in robosuite; `generated (play)` = its play data, `--keep-failures`; "
         "`generated (DAgger)` = its DAgger data, `--policy`: the expert finishing from where a trained policy left "
-        "the robot; `robomimic` = robomimic's published files, e.g. from `vla-download`). An episode not solved at its "
+        "the robot; `generated (policy)` = a trained policy's own roll-outs, `--policy-rollouts` (world-model data: their "
+        "labels are the policy's actions); `robomimic` = robomimic's published files, e.g. from `vla-download`). An episode not solved at its "
         "last step is a failure: its `done` is never set.",
         "",
         "| file | task | origin | train episodes | validation episodes | failed episodes |",

@@ -184,9 +184,12 @@ class RobomimicFile:
     @property
     def origin(self) -> str:
         """'generated' for files our writer made, 'robomimic' for robomimic's published (or any other) files;
-        generated files say how: 'generated (play)' for play data, 'generated (DAgger)' for DAgger data."""
+        generated files say how: 'generated (play)' for play data, 'generated (DAgger)' for DAgger data,
+        'generated (policy)' for a policy's own roll-outs."""
         if self.attrs.get(WRITER_ATTR) != WRITER_NAME:
             return "robomimic"
+        if "rollout_policy" in self.attrs:
+            return "generated (policy)"
         if "driver_policy" in self.attrs:
             return "generated (DAgger)"
         return "generated (play)" if self.attrs.get("keep_failures") or self.attrs.get("perturb_prob") else "generated"

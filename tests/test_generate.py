@@ -415,6 +415,33 @@ def test_policy_drives_then_the_expert_takes_over_from_its_state(random_policy: 
     sim.env.close()
 
 
+def test_policy_rollouts_record_the_policys_whole_episode_failures_kept(random_policy: Path, tmp_path: Path) -> None:
+    from evaluation.cli import load_model
+    from evaluation.policies import ChunkPolicy
+
+    horizon = 25
+    generate(["--tasks", "lift", "--episodes", "2", "--seed", "5", "--horizon", str(horizon), "--no-progress",
+              "--out", str(tmp_path), "--workers", "1", "--policy", str(random_policy), "--policy-rollouts"])
+    source = read_robomimic_hdf5(tmp_path / "lift" / OUTPUT_NAME)
+    assert source.origin == "generated (policy)" and source.attrs["rollout_policy"] == str(random_policy)
+    episodes = list(source)
+    assert len(episodes) == 2 and json.loads(source.attrs["demo_seeds"]) == [5, 6]
+    policy = ChunkPolicy(load_model(random_policy, "--policy", "cpu"))
+    sim = make_env("lift")
+    for seed, episode in zip([5, 6], episodes, strict=True):
+        # a random policy fails: the whole horizon is kept, with no done, and the label is the executed action
+        assert len(episode) == horizon and episode.dones.sum() == 0
+        np.testing.assert_array_equal(episode.expert_actions, episode.actions)
+        obs = sim.reset(seed)  # replaying the policy from the seed's reset reproduces the recorded states
+        np.testing.assert_allclose(episode.states[0], sim.env.sim.get_state().flatten(), atol=1e-9)
+        policy.reset(1)
+        for t in range(horizon):
+            action = policy.act(state_from_obs(obs, "lift")[0][None], [get_task("lift").instruction], np.ones(1, bool))
+            np.testing.assert_allclose(episode.actions[t], action[0], atol=1e-6)
+            obs, _, _, _ = sim.env.step(np.asarray(action[0], dtype=np.float64))
+    sim.env.close()
+
+
 def test_expert_resumes_a_grasp_it_did_not_make() -> None:
     sim = make_env("lift")
     obs = sim.reset(1)
@@ -439,6 +466,9 @@ def test_expert_resumes_a_grasp_it_did_not_make() -> None:
     (["--policy", "{policy}", "--handover-steps", "-1"], "--handover-steps must be >= 0, got -1"),
     (["--policy", "{policy}", "--perturb-prob", "0.1"], "--perturb-prob and --policy exclude each other"),
     (["--policy", "{policy}", "--keep-failures"], "--keep-failures and --policy exclude each other"),
+    (["--policy-rollouts"], "--policy-rollouts needs --policy DIR"),
+    (["--policy", "{policy}", "--policy-rollouts", "--handover-steps", "5"], "--handover-steps has no effect"),
+    (["--policy", "{policy}", "--policy-rollouts", "--max-attempts", "5"], "--max-attempts has no effect"),
     (["--policy", "{policy}", "--tasks", "can"], "tasks \\['lift'\\] do not include \\['can'\\]"),
 ])
 def test_bad_dagger_settings_are_one_line_errors(flags: list[str], message: str, random_policy: Path,

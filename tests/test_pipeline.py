@@ -155,7 +155,16 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     probs = play[play.index("--perturb-prob") + 1: play.index("--report")]
     assert [p.split("=")[0] for p in probs] == ["lift", "square"] and all(0 < float(p.split("=")[1]) < 1 for p in probs)
     world_inputs = list(stages["preprocess_world"].command)
-    assert world_inputs[world_inputs.index("--inputs") + 1: world_inputs.index("--out")] == [str(paths.raw), str(paths.raw_play)]
+    assert world_inputs[world_inputs.index("--inputs") + 1: world_inputs.index("--out")] == [
+        str(paths.raw), str(paths.raw_play), str(paths.raw_onpolicy)]
+    # the policy roll-outs: the first DAgger driver's whole episodes, failures kept, on seeds of their own
+    onpolicy = list(stages["generate_onpolicy"].command)
+    assert order.index("train_dagger_driver1") < order.index("generate_onpolicy") < order.index("preprocess_world")
+    assert "--policy-rollouts" in onpolicy and onpolicy[onpolicy.index("--out") + 1] == str(paths.raw_onpolicy)
+    assert onpolicy[onpolicy.index("--policy") + 1] == str(paths.best("dagger_driver1"))
+    onpolicy_seed = int(onpolicy[onpolicy.index("--seed") + 1])
+    dagger_seed = int(stages["generate_dagger1"].command[list(stages["generate_dagger1"].command).index("--seed") + 1])
+    assert onpolicy_seed > dagger_seed + 6 * SIZES["full"].dagger_episodes_per_task and onpolicy_seed + 100 < 100_000
     assert world_inputs[world_inputs.index("--out") + 1] == str(tmp_path / "hf_dataset_world")
 
     def dataset_of(stage: Stage) -> str:
@@ -166,6 +175,11 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     assert "local/dreaming-vla-dataset-world" in stages["export_world"].command
     assert {"export_dataset", "export_dataset_world"} <= set(order)
     assert 0 < SIZES["quick"].play_episodes_per_task < SIZES["full"].play_episodes_per_task == 100
+    # without DAgger rounds there is no driver, so no policy roll-outs either
+    no_dagger = build_stages(paths, dataclasses.replace(SIZES["quick"], dagger_rounds=0), ["lift"])
+    world = next(stage for stage in no_dagger if stage.name == "preprocess_world").command
+    assert "generate_onpolicy" not in {stage.name for stage in no_dagger}
+    assert list(world[list(world).index("--inputs") + 1: list(world).index("--out")]) == [str(paths.raw), str(paths.raw_play)]
 
 
 def test_each_dagger_round_is_driven_by_a_policy_trained_on_the_rounds_before(tmp_path: Path) -> None:
@@ -201,4 +215,5 @@ def test_each_dagger_round_is_driven_by_a_policy_trained_on_the_rounds_before(tm
     assert seeds[0] > int(arg("generate_play", "--seed")) + SIZES["full"].play_episodes_per_task
     assert seeds[0] + attempts <= seeds[1] and seeds[1] + attempts < 100_000
     assert "local/dreaming-vla-dataset" in stages["export_policy"].command
-    assert inputs("preprocess_world") == [str(paths.raw), str(paths.raw_play)]  # no DAgger data for the world model
+    # no DAgger data for the world model (measured: its Square dreams turned pessimistic, docs/RESULTS.md)
+    assert inputs("preprocess_world") == [str(paths.raw), str(paths.raw_play), str(paths.raw_onpolicy)]
