@@ -3,7 +3,7 @@
     vla-generate --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
     vla-generate --tasks lift can square --episodes 100 --out data/raw_play --keep-failures --perturb-prob lift=0.06 can=0.02 square=0.01 --seed 50000
     vla-generate --tasks lift can square --episodes 100 --out data/raw_dagger --policy runs/mlp_demos/best --handover-steps 150 --max-attempts 600 --seed 60000
-    vla-generate --tasks lift can square --episodes 100 --out data/raw_onpolicy --policy runs/mlp_bc/best --policy-rollouts --seed 70000
+    vla-generate --tasks lift can square --episodes 100 --out data/raw_onpolicy --policy runs/mlp_demos/best --policy-rollouts --seed 70000
 
 For each task, attempt i runs the expert from the initial state of seed `--seed + i` (the
 expert's action noise uses the same seed), so a demo depends only on its seed, never on the
@@ -54,7 +54,7 @@ solves the task before the handover are counted (`learner_solved_seeds`) and yie
 
 Policy roll-outs (world-model data, Dyna-style): `--policy DIR --policy-rollouts` lets the policy drive whole
 episodes, records every step and keeps failures (`--episodes` counts attempts, as with `--keep-failures`), so a world
-model sees the states and mistakes of the policy it will dream with. The label (`expert_actions`) is the policy's own
+model sees the states and mistakes of policies like the ones it will dream with. The label (`expert_actions`) is the policy's own
 action: this data is for world models, never for training a policy.
 """
 
@@ -159,13 +159,17 @@ class LearnerDriver:
         return int(np.random.default_rng([seed, DRIVER_STREAM]).integers(self.handover_steps + 1))
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        """The policy's action for one observation (call `policy.reset(1)` at the start of an episode)."""
+        """The policy's action for one observation (call `reset()` at the start of an episode)."""
         state = state_from_obs(obs, self.task)[0][None]
         return np.asarray(self.policy.act(state, [self.instruction], np.ones(1, bool))[0], dtype=np.float64)
 
+    def reset(self) -> None:
+        """A new episode: forget the action chunks of the last one."""
+        self.policy.reset(1)
+
     def roll_in(self, sim, obs: dict[str, np.ndarray], steps: int) -> tuple[dict[str, np.ndarray], bool]:
         """Let the policy drive `steps` steps from `obs`; returns the last observation and whether it solved the task."""
-        self.policy.reset(1)
+        self.reset()
         for _ in range(steps):
             obs, _, _, _ = sim.env.step(self.act(obs))
             if sim.success():
@@ -190,6 +194,16 @@ class RolloutSettings:
     @property
     def play(self) -> bool:
         return self.keep_failures or self.perturbation.prob > 0
+
+    @property
+    def keeps_every_attempt(self) -> bool:
+        """Failures are kept, so `episodes` counts attempts (play data, policy roll-outs)."""
+        return self.keep_failures or self.policy_rollouts
+
+    @property
+    def dagger(self) -> bool:
+        """A policy drives the first steps and the expert finishes (only the expert's part is recorded)."""
+        return self.policy is not None and not self.policy_rollouts
 
 
 @dataclass
@@ -241,7 +255,7 @@ def run_attempt(sim, expert, seed: int, settings: RolloutSettings, driver: Learn
     expert.reset(sim.env, seed=seed)
     handover = 0
     if settings.policy_rollouts:
-        driver.policy.reset(1)
+        driver.reset()
     elif driver is not None:
         handover = driver.steps_for(seed)
         obs, solved = driver.roll_in(sim, obs, handover)
@@ -278,7 +292,7 @@ def run_attempt(sim, expert, seed: int, settings: RolloutSettings, driver: Learn
             break
     length = len(record["actions"])
     episode = None
-    if success or settings.keep_failures or settings.policy_rollouts:
+    if success or settings.keeps_every_attempt:
         dones = np.zeros(length, dtype=np.int64)
         dones[-1] = int(success)
         episode = Episode(
@@ -346,8 +360,7 @@ def generate_task(
 
     With `settings.keep_failures`: exactly `episodes` attempts (seeds seed .. seed+episodes-1), all kept.
     """
-    keep_all = settings.keep_failures or settings.policy_rollouts
-    max_attempts = episodes if keep_all else max_attempts or 2 * episodes
+    max_attempts = episodes if settings.keeps_every_attempt else max_attempts or 2 * episodes
     kept: list[Episode] = []
     kept_seeds: list[int] = []
     failed: list[int] = []
@@ -355,7 +368,7 @@ def generate_task(
     handovers: list[int] = []
     successes = bursts = 0
     start = time.perf_counter()
-    bar = tqdm(total=episodes, desc=f"{settings.task}", unit="episode" if keep_all else "demo",
+    bar = tqdm(total=episodes, desc=f"{settings.task}", unit="episode" if settings.keeps_every_attempt else "demo",
                disable=not progress, dynamic_ncols=True)
     # closing(): stopping early must shut the pool down now, not whenever the generator is collected.
     with bar, closing(attempts(settings, iter(range(seed, seed + max_attempts)), workers)) as stream:
@@ -394,7 +407,7 @@ def generate_task(
         kept_seeds=kept_seeds,
         failed_seeds=failed,
         learner_solved_seeds=learner_solved,
-        handovers=handovers if settings.policy is not None and not settings.policy_rollouts else [],
+        handovers=handovers if settings.dagger else [],
     )
     return kept, report
 
@@ -420,7 +433,7 @@ def write_task_file(path: Path, episodes: list[Episode], settings: RolloutSettin
         }
     if settings.policy_rollouts:  # the whole episode is the policy's: no expert, no handover
         attrs |= {"rollout_policy": str(settings.policy), "keep_failures": True, "failed_seeds": report.failed_seeds}
-    elif settings.policy is not None:
+    elif settings.dagger:
         attrs |= {"driver_policy": str(settings.policy), "handover_steps": settings.handover_steps,
                   "handovers": report.handovers}
     write_robomimic_hdf5(path, episodes, env_args, valid_fraction=0.1, seed=seed, attrs=attrs)
