@@ -163,7 +163,7 @@ class WorldModelConfig(RobotModelConfig):
     # With velocity_input the model also reads v_t = (s_t - s_{t-1}) in normalised units divided by
     # velocity_scale (the train split's per-dim std of one-step changes, so v is O(1)); v = 0 at a reset.
     velocity_input: bool = False
-    velocity_scale: list[float] | None = None  # None -> ones; filled in by the trainer from the dataset (also read by scale_change)
+    velocity_scale: list[float] | None = None  # None -> ones; filled in by the trainer from the dataset (also read by scale_change, input_noise)
     # A linear path from [state, velocity, action] to the state change, next to the trunk: over one 50 ms
     # step the dynamics are mostly linear (a least-squares fit beats an undertrained net), so the trunk
     # only has to learn the contacts and the rest. Zero-initialised: training starts as without it.
@@ -175,6 +175,12 @@ class WorldModelConfig(RobotModelConfig):
     # the state's std: one-step changes are 10-100x smaller than the state's spread and differ by that much
     # between dims, so unscaled the outputs must be tiny and unevenly small (the targets-normalisation of PETS/MBPO).
     scale_change: bool = False
+    # Training only: Gaussian noise added to the normalised s_t and s_{t-1} of every training window, std =
+    # input_noise x each dim's velocity_scale (its typical one-step change). The targets stay the recorded future
+    # states, so the model learns to steer a slightly-off state back to the data instead of compounding the error:
+    # an open-loop dream feeds the model its own imperfect predictions ("training noise", Sanchez-Gonzalez et al.
+    # 2020, Learning to Simulate Complex Physics with Graph Networks). 0 turns it off.
+    input_noise: float = 0.0
 
     def validate_fields(self) -> None:
         _check_choice(self, "architecture", WORLD_MODEL_ARCHITECTURES)
@@ -190,7 +196,7 @@ class WorldModelConfig(RobotModelConfig):
         )
         _check_fraction(self, "dropout")
         _check_fraction(self, "ensemble_data_fraction", low_open=True)
-        _check_non_negative(self, "loss_one_step", "loss_multi_step", "loss_success", "loss_done")
+        _check_non_negative(self, "loss_one_step", "loss_multi_step", "loss_success", "loss_done", "input_noise")
         groups = DEFAULT_STATE_TOKEN_GROUPS if self.state_token_groups is None else self.state_token_groups
         if self.state_token_groups is None and self.state_dim != sum(groups):
             groups = [self.state_dim]  # a non-default state width gets a single state token unless told otherwise

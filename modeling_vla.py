@@ -524,8 +524,10 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         valid = valid_steps(step_mask[:, :horizon])  # [B, H]
         acts = self.normalize_action(actions[:, :horizon])  # [B, H, A]
         targets = self.normalize_state(next_states[:, :horizon], mask.unsqueeze(1))  # [B, H, D]
-        s0 = self.normalize_state(state, mask)
-        v0 = None if prev_state is None else self.velocity(s0, self.normalize_state(prev_state, mask))
+        s0 = self._perturb(self.normalize_state(state, mask), mask)
+        v0 = None
+        if prev_state is not None:
+            v0 = self.velocity(s0, self._perturb(self.normalize_state(prev_state, mask), mask))
         pred, success_logit, done_logit = self._open_loop(s0, acts, text, mask, v0)
 
         step_weight = self._member_weights(batch, state.device)[:, :, None] * valid  # [K, B, H]
@@ -551,6 +553,13 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         metrics["ensemble_std"] = pred[:, :, 0].detach().std(dim=0).mean().item() if cfg.num_ensemble > 1 else 0.0
         metrics["loss"] = loss.item()
         return RobotModelOutput(loss=loss, prediction=pred, metrics=metrics)
+
+    def _perturb(self, state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training noise on a normalised input state (config.input_noise); the identity in eval mode."""
+        if not self.training or self.config.input_noise <= 0:
+            return state
+        scale = self.config.input_noise * self._constants(state.device)["velocity_scale"]
+        return state + torch.randn_like(state) * scale * mask
 
     def _member_weights(self, batch: int, device: torch.device) -> torch.Tensor:
         """Bootstrap-style data split: each member sees its own random subset of the batch while training."""

@@ -440,7 +440,7 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     except ValueError as err:
         raise UserError(str(err)) from None
     config.tasks = data.tasks
-    if getattr(config, "velocity_input", False) or getattr(config, "scale_change", False):
+    if getattr(config, "velocity_input", False) or getattr(config, "scale_change", False) or getattr(config, "input_noise", 0):
         config.velocity_scale = velocity_scale(data.train, np.asarray(config.state_std, np.float32)).tolist()
     model_horizon = int(getattr(config, horizon_field))
     horizon = cfg.horizon or model_horizon

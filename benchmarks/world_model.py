@@ -131,6 +131,41 @@ def error_by_group(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, scale
     return groups
 
 
+# Physical units for the open-loop breakdown: positions in cm, orientations as the angle between rotations in degrees.
+PHYSICAL_BLOCKS = {"eef pos (cm)": "eef pos", "eef rot (deg)": "eef rot", "object pos (cm)": "object pos",
+                   "object rot (deg)": "object rot"}
+
+
+def rot6_to_matrix(rot6: np.ndarray) -> np.ndarray:
+    """[..., 6] first two rotation-matrix columns (data_prep.tasks.quat_to_rot6) -> [..., 3, 3], by Gram-Schmidt:
+    a predicted rot6 is only near a rotation, and the nearest-by-construction rotation is what the angle is of."""
+    a = rot6[..., :3] / np.maximum(np.linalg.norm(rot6[..., :3], axis=-1, keepdims=True), 1e-12)
+    b = rot6[..., 3:] - (a * rot6[..., 3:]).sum(-1, keepdims=True) * a
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return np.stack([a, b, np.cross(a, b)], axis=-1)
+
+
+def physical_error(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float | None]:
+    """Mean position error (cm) and rotation angle (degrees) per block, over rows where the block is real.
+
+    The normalised MSE weighs every dim by 1 / its std, so a near-constant dim (the gripper's tilt varies by ~1
+    degree in the data) counts as much as the arm's whole travel; these numbers say what the errors are in the world.
+    """
+    result: dict[str, float | None] = {}
+    for label, block in PHYSICAL_BLOCKS.items():
+        cols = STATE_SLICES[block]
+        rows = mask[:, cols].min(axis=1) > 0
+        if not rows.any():
+            result[label] = None
+        elif label.endswith("(cm)"):
+            result[label] = float(100 * np.linalg.norm(pred[rows, cols] - target[rows, cols], axis=-1).mean())
+        else:
+            relative = np.swapaxes(rot6_to_matrix(pred[rows, cols]), -1, -2) @ rot6_to_matrix(target[rows, cols])
+            cosine = np.clip((np.trace(relative, axis1=-2, axis2=-1) - 1) / 2, -1.0, 1.0)
+            result[label] = float(np.degrees(np.arccos(cosine)).mean())
+    return result
+
+
 def by_task(table: Any, rows: np.ndarray, value: Callable[[np.ndarray], float]) -> dict[str, float]:
     """value(positions) per task, where positions index `rows`."""
     tasks = table.task[rows]
@@ -284,10 +319,14 @@ def open_loop_curve(dynamics: Dynamics, data: Validation, starts: np.ndarray, ho
         error = squared_error(state, t.next_state[rows], t.state_mask[rows], data.scale)
         curve.append(error.mean())
         per_task.append(by_task(t, starts, error.mean))
+    last = starts + horizon - 1
     return {
         "open_loop_curve": curve,  # index k-1 = error after k steps
         "open_loop": {str(h): curve[h - 1] for h in REPORT_HORIZONS if h <= horizon},
         "open_loop_per_task": {str(h): per_task[h - 1] for h in REPORT_HORIZONS if h <= horizon},
+        # where the error after the full horizon sits: compounding shows up in other blocks than one-step error
+        "open_loop_final_by_state_group": error_by_group(state, t.next_state[last], t.state_mask[last], data.scale),
+        "open_loop_final_physical": physical_error(state, t.next_state[last], t.state_mask[last]),
     }
 
 
@@ -414,6 +453,18 @@ def fmt(value: float | None, spec: str = ".4g") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def block_table(models: dict[str, dict[str, Any]], key: str, title: str) -> list[str]:
+    """Markdown lines: each model's error per state block (its error_by_group result under `key`)."""
+    groups = list(STATE_SLICES)
+    lines = ["", f"{title} (share of the model's total squared error):", "",
+             "| model | " + " | ".join(groups) + " |", "| --- | " + " | ".join("---:" for _ in groups) + " |"]
+    for name, m in models.items():
+        cells = [m[key].get(g) for g in groups]
+        lines.append(f"| {name} | " + " | ".join(
+            "n/a" if c is None else f"{fmt(c['mse'])} ({c['share']:.0%})" for c in cells) + " |")
+    return lines
+
+
 def markdown_section(results: dict[str, Any]) -> str:
     models, v, speed = results["models"], results["validation"], results["robosuite"]
     g = results["goals"]
@@ -460,13 +511,14 @@ def markdown_section(results: dict[str, Any]) -> str:
               "| model | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
     for name, m in models.items():
         lines.append(f"| {name} | " + " | ".join(fmt(m["one_step_mse_per_task"].get(t)) for t in tasks) + " |")
-    groups = list(STATE_SLICES)
-    lines += ["", "One-step MSE per state block (share of the model's total squared error):", "",
-              "| model | " + " | ".join(groups) + " |", "| --- | " + " | ".join("---:" for _ in groups) + " |"]
+    lines += block_table(models, "one_step_by_state_group", "One-step MSE per state block")
+    lines += block_table(models, "open_loop_final_by_state_group", f"Open-loop MSE after {v['horizon']} steps per state block")
+    physical = list(PHYSICAL_BLOCKS)
+    lines += ["", f"Open-loop error after {v['horizon']} steps in physical units (mean over the starts; rotations: angle "
+              "between the predicted and the recorded orientation):", "",
+              "| model | " + " | ".join(physical) + " |", "| --- | " + " | ".join("---:" for _ in physical) + " |"]
     for name, m in models.items():
-        cells = [m["one_step_by_state_group"].get(g) for g in groups]
-        lines.append(f"| {name} | " + " | ".join(
-            "n/a" if c is None else f"{fmt(c['mse'])} ({c['share']:.0%})" for c in cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(m["open_loop_final_physical"][p], ".2f") for p in physical) + " |")
     lines += ["", f"Robosuite ({speed['task']}, {speed['action']} actions, one process, {speed['steps']} steps): "
               f"{speed['steps_per_s']:,.0f} steps/s."]
     for name, m in models.items():

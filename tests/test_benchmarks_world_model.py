@@ -37,6 +37,13 @@ wmb = load_benchmark_module()
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """wmb.main sets torch's thread count (--threads, default 2) for the whole process; bit-identical comparisons
+    with a fresh 1-thread process need it back at 1, whichever test ran before."""
+    torch.set_num_threads(1)
+
 INSTRUCTIONS = {"lift": "Lift the red cube", "can": "Pick up the coke can"}
 PADDED = 4  # lift-like episodes: the last 4 state dims are padding (mask 0, value 0)
 
@@ -156,6 +163,29 @@ def test_identity_open_loop_error_is_the_data_drift(dataset):
     assert np.all(np.diff(curve) > 0)  # drift makes "nothing moves" worse with every step
 
 
+def test_physical_error_reports_centimetres_and_the_rotation_angle():
+    from data_prep.tasks import quat_to_rot6
+
+    rows = 4
+    target = np.zeros((rows, STATE_DIM), np.float32)
+    target[:, 3:9] = target[:, 14:20] = quat_to_rot6(np.array([0.0, 0.0, 0.0, 1.0]))  # identity orientations
+    pred = target.copy()
+    pred[:, 0] += 0.03  # eef 3 cm off
+    half = np.radians(10.0) / 2  # eef turned 10 degrees about z, its rot6 scaled (not a rotation until projected)
+    pred[:, 3:9] = 1.7 * quat_to_rot6(np.array([0.0, 0.0, np.sin(half), np.cos(half)]))
+    pred[:, 11:14] += np.array([0.0, 0.06, 0.08])  # object 10 cm off
+    mask = np.ones((rows, STATE_DIM), np.float32)
+    mask[2:, 11:20] = 0.0  # object block absent in half the rows: averaged over the others only
+    pred[2:, 11:14] += 5.0
+    errors = wmb.physical_error(pred, target, mask)
+    assert errors["eef pos (cm)"] == pytest.approx(3.0, rel=1e-4)
+    assert errors["eef rot (deg)"] == pytest.approx(10.0, rel=1e-3)
+    assert errors["object pos (cm)"] == pytest.approx(10.0, rel=1e-4)
+    assert errors["object rot (deg)"] == pytest.approx(0.0, abs=1e-2)
+    mask[:, 11:20] = 0.0
+    assert wmb.physical_error(pred, target, mask)["object pos (cm)"] is None
+
+
 def test_oracle_model_has_zero_error_and_perfect_success_head(dataset):
     data = wmb.load_validation(dataset)
     dynamics = wmb.WorldModelDynamics("oracle", OracleWorldModel(dataset), data.table)
@@ -265,6 +295,7 @@ def test_benchmark_end_to_end_writes_json_png_and_markdown(dataset, tmp_path):
     assert "old numbers" not in text and "kept" in text and "also kept" in text
     assert text.count("## World model") == 1 and text.index("## World model") < text.index("## Evaluation")
     assert "python benchmarks/world_model.py --dataset" in text and "| identity | 0 |" in text
+    assert "Open-loop MSE after 25 steps per state block" in text and "| eef pos (cm) | eef rot (deg) |" in text
     assert (out / "world_model.md").read_text() in text
 
     wmb.main(argv)  # a second run replaces its own section instead of adding one

@@ -157,6 +157,7 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (WorldModelConfig, {"velocity_input": "yes"}, "velocity_input"),
         (WorldModelConfig, {"architecture": "mlp", "token_readout": True}, "token_readout"),
         (WorldModelConfig, {"scale_change": "yes"}, "scale_change"),
+        (WorldModelConfig, {"input_noise": -0.1}, "input_noise"),
         (VLAConfig, {"loss": "huber"}, "loss"),
         (VLAConfig, {"chunk_size": 0}, "chunk_size"),
         (VLAConfig, {"head_num_layers": 0}, "head_num_layers"),
@@ -237,6 +238,25 @@ def test_world_model_scale_change_outputs_the_change_in_units_of_velocity_scale(
     state, action = torch.randn(6, STATE_DIM), torch.rand(6, ACTION_DIM)
     base = plain.step(state, action, INSTRUCTIONS[0])[0] - state
     torch.testing.assert_close(scaled.step(state, action, INSTRUCTIONS[0])[0] - state, base * torch.tensor(scale))
+
+
+def test_world_model_input_noise_perturbs_training_inputs_only():
+    torch.manual_seed(0)
+    scale = [0.01 * (i + 1) for i in range(STATE_DIM)]
+    clean = WorldModel(tiny_world_config(ensemble_data_fraction=1.0, velocity_input=True, velocity_scale=scale))
+    noisy = WorldModel(tiny_world_config(ensemble_data_fraction=1.0, velocity_input=True, velocity_scale=scale,
+                                         input_noise=0.5))
+    noisy.load_state_dict(clean.state_dict())
+    batch = {**moving_batch(16), "state_mask": None}
+    clean.eval(), noisy.eval()
+    assert torch.equal(noisy(**batch).prediction, clean(**batch).prediction)  # dreams and evaluation: no noise
+    clean.train(), noisy.train()
+    reference = clean(**batch).prediction
+    assert torch.equal(clean(**batch).prediction, reference)
+    drift = (noisy(**batch).prediction - reference)[:, :, 0].abs()  # first step: the input noise passes through
+    assert drift.mean() > 0
+    # std input_noise x velocity_scale per dim, and s_{t-1} too: a dim with a 10x larger step gets ~10x the noise
+    assert drift[..., -1].mean() > 5 * drift[..., 0].mean()
 
 
 def test_world_model_step_reads_prev_state_only_with_velocity_input():
