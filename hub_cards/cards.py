@@ -60,7 +60,8 @@ KINDS: dict[str, ModelKind] = {
         "with `velocity_input`, the previous one), a 7-D action and a language instruction (frozen MiniLM sentence "
         "embedding). An ensemble of MLP-Mixers; the spread of its members is the uncertainty of every imagined step.",
         architecture_keys=("text_encoder", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers",
-                           "num_ensemble", "multi_step", "state_token_groups", "velocity_input", "linear_skip"),
+                           "num_ensemble", "multi_step", "state_token_groups", "velocity_input", "linear_skip",
+                           "input_noise"),
         usage="    next_state, std, p_success, p_done = model.step(state, torch.zeros(1, 7), [\"Lift the red cube\"],\n"
         "                                                    prev_state=state)  # s_{t-1}; state itself = at rest",
         intended_use="Imagining rollouts (\"dreams\") of a policy to estimate its success and to visualise what it "
@@ -70,7 +71,9 @@ KINDS: dict[str, ModelKind] = {
         "rollouts before trusting a dreamed success rate. The success head (the evaluation default) can fire on states "
         "that are not successes; judged by robosuite's rule on the imagined state instead (`--dream-success state`), "
         "tasks with cm tolerances (Square) are dreamed pessimistically.\n- Trained on expert demos plus perturbed \"play\" episodes "
-        "with failures; trained on successful demos alone, it dreams success for policies that fail.",
+        "with failures and a policy's own roll-outs; trained on successful demos alone, it dreams success for policies "
+        "that fail. Training noise on the input state (`input_noise`) keeps long dreams physically coherent, but the "
+        "dreamed Square success rate still moves by tens of points between training runs of one recipe.",
     ),
     "vla_policy": ModelKind(
         title="Dreaming VLA policy (pretrained transformer + LoRA)",
