@@ -34,7 +34,8 @@ def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vla", type=Path, help="saved VLAPolicy folder")
     p.add_argument("--mlp", type=Path, help="saved MLPPolicy folder")
-    p.add_argument("--world-model", type=Path, help="saved WorldModel folder (needed with --vla/--mlp)")
+    p.add_argument("--world-model", type=Path, nargs="+",
+                   help="saved WorldModel folder(s) (needed with --vla/--mlp); several: the spread over them is reported")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
@@ -54,7 +55,7 @@ def rollout_argv(args: argparse.Namespace, policy: str, name: str, env: str) -> 
     argv = ["--policy", policy, "--name", name, "--env", env, "--tasks", *args.tasks, "--episodes", str(args.episodes),
             "--workers", str(args.workers), "--seed", str(args.seed), "--out", str(args.out), "--no-progress"]
     if env != "real":
-        argv += ["--world-model", str(args.world_model), "--dream-success", args.dream_success]
+        argv += ["--world-model", *map(str, args.world_model or []), "--dream-success", args.dream_success]
     if args.horizon:
         argv += ["--horizon", str(args.horizon)]
     if args.video:

@@ -9,6 +9,8 @@ Initial states: real episode i of a task starts from `make_env` reset with seed 
 `--env dream`, dreams start from the first state of the held-out validation episodes of
 `--dataset` when given, else from seeded simulator resets. Every check (folders, state layouts,
 tasks) happens before the first rollout; the results folder appears atomically at the end.
+`--world-model A B C` (e.g. one dream model trained with three seeds) dreams every start in each model; the
+report then gives each model's dream - real gap and their mean and spread.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ POLICY_TYPES = ("vla_policy", "vla_mlp_policy")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vla-rollout", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="saved VLAPolicy / MLPPolicy folder, or 'expert'")
-    p.add_argument("--world-model", type=Path, help="saved WorldModel folder (needed for --env dream/both)")
+    p.add_argument("--world-model", type=Path, nargs="+",
+                   help="saved WorldModel folder (needed for --env dream/both); several (e.g. training seeds) dream the "
+                        "same starts one after the other, and the report adds the spread of their dream - real gaps")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to play (default: {' '.join(TASKS)})")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task and env")
     p.add_argument("--env", choices=("dream", "real", "both"), default="both")
@@ -109,7 +113,7 @@ class Plan:
 
     policy_name: str
     policy_dir: Path | None  # None = scripted expert
-    world_model_dir: Path | None
+    world_model_dirs: list[Path]  # empty without dreams
     tasks: list[str]
     envs: list[str]  # in play order: "real" before "dream" (dreams may start from real states)
 
@@ -134,24 +138,38 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if policy_dir is not None:
         config = read_model_config(policy_dir, "--policy")
         check_model_config(config, policy_dir, "--policy", POLICY_TYPES, tasks)
-    world_model_dir = None
+    world_model_dirs: list[Path] = []
     if "dream" in envs:
-        if args.world_model is None:
+        if not args.world_model:
             raise UserError(f"--env {args.env} needs --world-model DIR (a saved WorldModel folder)")
-        world_model_dir = args.world_model
-        world_config = read_model_config(world_model_dir, "--world-model")
-        if policy_dir is not None and world_config.get("state_layout") != config.get("state_layout"):
-            raise UserError(
-                f"--world-model {world_model_dir}: state_layout {world_config.get('state_layout')!r} differs from "
-                f"--policy {policy_dir}: state_layout {config.get('state_layout')!r}; both must be trained on one dataset layout"
-            )
-        check_model_config(world_config, world_model_dir, "--world-model", (WORLD_MODEL_TYPE,), tasks)
+        world_model_dirs = list(args.world_model)
+        for world_model_dir in world_model_dirs:
+            world_config = read_model_config(world_model_dir, "--world-model")
+            if policy_dir is not None and world_config.get("state_layout") != config.get("state_layout"):
+                raise UserError(
+                    f"--world-model {world_model_dir}: state_layout {world_config.get('state_layout')!r} differs from "
+                    f"--policy {policy_dir}: state_layout {config.get('state_layout')!r}; both must be trained on one dataset layout"
+                )
+            check_model_config(world_config, world_model_dir, "--world-model", (WORLD_MODEL_TYPE,), tasks)
+        world_model_labels(world_model_dirs)  # distinct names, checked now rather than after the real rollouts
     if args.dataset is not None:
         from data_prep.preprocess import load_normalization
 
         load_normalization(args.dataset)  # exists and has our state layout
     name = args.name or (EXPERT if expert else policy_dir.resolve().name)
-    return Plan(name, policy_dir, world_model_dir, tasks, envs)
+    return Plan(name, policy_dir, world_model_dirs, tasks, envs)
+
+
+def world_model_labels(folders: list[Path]) -> list[str]:
+    """Table labels of the dreaming world models: "" for a single one (plain "dream" rows), else each folder's run
+    name (the parent of a trainer's `best/`), which must then be distinct."""
+    if len(folders) < 2:
+        return [""] * len(folders)
+    labels = [(f.resolve().parent if f.resolve().name == "best" else f.resolve()).name for f in folders]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise UserError(f"--world-model: several folders are named {repeated[0]!r}; give each world model its own run name")
+    return labels
 
 
 def load_model(folder: Path, flag: str, device: str) -> Any:
@@ -217,7 +235,8 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
 
     torch.manual_seed(args.seed)
     model = load_model(plan.policy_dir, "--policy", args.device) if plan.policy_dir else None
-    world_model = load_model(plan.world_model_dir, "--world-model", args.device) if plan.world_model_dir else None
+    world_models = [load_model(folder, "--world-model", args.device) for folder in plan.world_model_dirs]
+    labels = world_model_labels(plan.world_model_dirs)
     execution = ChunkExecution(args.chunk_mode, args.execute, args.ensemble_decay)
     records: list[EpisodeRecord] = []
     messages: list[str] = []
@@ -239,9 +258,13 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
                 if not starts:
                     messages.append(f"{plan.policy_name} {task}: no dreams (every real episode failed before its first state)")
                     continue
-                env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold, args.dream_success)
-                policy = ChunkPolicy(model, plan.policy_name, execution)
-                records += rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
+                for world_model, label in zip(world_models, labels, strict=True):
+                    env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold, args.dream_success)
+                    policy = ChunkPolicy(model, plan.policy_name, execution)
+                    dreams = rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
+                    for dream in dreams:
+                        dream.world_model = label
+                    records += dreams
     if args.video and "real" not in plan.envs:
         messages.append("video skipped: videos are filmed from real rollouts (use --env real or both)")
     return records, messages
@@ -284,7 +307,10 @@ def evaluate(args: argparse.Namespace) -> Path:
 
 
 def settings_of(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
+
+    settings = {k: plain(v) for k, v in vars(args).items()}
     settings.update(policy_name=plan.policy_name, envs=plan.envs, state_layout=STATE_LAYOUT)
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in settings.items()}
 

@@ -49,9 +49,14 @@ class SuccessSummary:
     ci_high: float
     mean_return: float
     mean_length: float
+    world_model: str = ""  # the dreaming world model's label when several dreamed the same starts
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def source(self) -> str:
+        return f"{self.env}@{self.world_model}" if self.world_model else self.env
 
 
 def summarize(records: Sequence[EpisodeRecord]) -> SuccessSummary:
@@ -73,6 +78,7 @@ def summarize(records: Sequence[EpisodeRecord]) -> SuccessSummary:
         ci_high=high,
         mean_return=float(np.mean([r.episode_return for r in ok])) if ok else float("nan"),
         mean_length=float(np.mean([r.length for r in ok])) if ok else float("nan"),
+        world_model=records[0].world_model,
     )
 
 
@@ -99,6 +105,7 @@ class Agreement:
     eef_error: list[float]  # mean |eef_dream(t) - eef_real(t)| (m) for t = 0.., over pairs still running
     object_error: list[float]  # same for the object position
     error_support: list[int]  # number of pairs contributing at each t
+    world_model: str = ""  # the dreaming world model's label when several dreamed the same starts
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -147,4 +154,44 @@ def agreement(dream: Sequence[EpisodeRecord], real: Sequence[EpisodeRecord]) -> 
         eef_error=[float(x) for x in eef],
         object_error=[float(x) for x in obj],
         error_support=[int(x) for x in support],
+        world_model=dream[0].world_model if dream else "",
+    )
+
+
+@dataclass
+class DreamSpread:
+    """Dream vs real for one (policy, task) over several world models (e.g. training seeds) that dreamed the same
+    starts: one training run of a world model does not pin down a dreamed success rate, their spread does."""
+
+    policy: str
+    task: str
+    world_models: list[str]
+    real_success_rate: float
+    dream_success_rates: list[float]
+    gaps: list[float]  # dream - real, per world model
+    agreement_rates: list[float]
+    mean_gap: float
+    sd_gap: float  # sample standard deviation over world models
+    mean_agreement: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def dream_spread(policy: str, agreements: Sequence[Agreement]) -> DreamSpread:
+    """Summary of several world models' agreements with the same real episodes of one (policy, task)."""
+    if len(agreements) < 2:
+        raise ValueError("dream_spread needs the agreements of at least two world models")
+    gaps = np.array([a.success_gap for a in agreements])
+    return DreamSpread(
+        policy=policy,
+        task=agreements[0].task,
+        world_models=[a.world_model for a in agreements],
+        real_success_rate=float(np.mean([a.real_success_rate for a in agreements])),
+        dream_success_rates=[a.dream_success_rate for a in agreements],
+        gaps=[float(g) for g in gaps],
+        agreement_rates=[a.agreement_rate for a in agreements],
+        mean_gap=float(gaps.mean()),
+        sd_gap=float(gaps.std(ddof=1)),
+        mean_agreement=float(np.mean([a.agreement_rate for a in agreements])),
     )

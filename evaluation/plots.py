@@ -88,18 +88,18 @@ def plot_dream_vs_real(dream: EpisodeRecord, real: EpisodeRecord, path: Path) ->
 def plot_success_rates(summaries: Sequence[SuccessSummary], path: Path) -> Path:
     """Grouped bars: success rate per task for each (policy, env), with 95% Wilson intervals."""
     tasks = list(dict.fromkeys(s.task for s in summaries))
-    groups = list(dict.fromkeys((s.policy, s.env) for s in summaries))
+    groups = list(dict.fromkeys((s.policy, s.source) for s in summaries))
     width = 0.8 / max(len(groups), 1)
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(tasks) * max(1, len(groups) / 2)), 4))
     colors = {p: plt.get_cmap("tab10")(i) for i, p in enumerate(dict.fromkeys(p for p, _ in groups))}
-    for g, (policy, env) in enumerate(groups):
-        rows = {s.task: s for s in summaries if (s.policy, s.env) == (policy, env)}
+    for g, (policy, source) in enumerate(groups):
+        rows = {s.task: s for s in summaries if (s.policy, s.source) == (policy, source)}
         xs = [i + (g - (len(groups) - 1) / 2) * width for i, t in enumerate(tasks) if t in rows]
         rates = [rows[t].success_rate for t in tasks if t in rows]
         low = [max(0.0, rows[t].success_rate - rows[t].ci_low) for t in tasks if t in rows]
         high = [max(0.0, rows[t].ci_high - rows[t].success_rate) for t in tasks if t in rows]
-        ax.bar(xs, rates, width, yerr=[low, high], capsize=3, color=colors[policy], label=f"{policy} / {env}",
-               hatch="//" if env == "dream" else None, edgecolor="k", lw=0.5)
+        ax.bar(xs, rates, width, yerr=[low, high], capsize=3, color=colors[policy], label=f"{policy} / {source}",
+               hatch="//" if source.startswith("dream") else None, edgecolor="k", lw=0.5)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (95% Wilson CI)")
@@ -113,7 +113,8 @@ def plot_trajectory_error(agreements: Sequence[Agreement], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for agreement in agreements:
         for ax, errors in zip(axes, (agreement.eef_error, agreement.object_error), strict=True):
-            ax.plot(np.arange(len(errors)), errors, label=f"{agreement.task} ({agreement.pairs} pairs)")
+            where = f" @ {agreement.world_model}" if agreement.world_model else ""
+            ax.plot(np.arange(len(errors)), errors, label=f"{agreement.task}{where} ({agreement.pairs} pairs)")
     for ax, name in zip(axes, ("end effector", "object"), strict=True):
         ax.set_title(f"{name}: |dream - real|")
         ax.set_xlabel("step")

@@ -2,6 +2,7 @@
 
     episodes.jsonl       one JSON line per episode (no trajectories)
     trajectories.npz     states / actions / ensemble std per episode, keyed "<policy>__<task>__<env>__<index>__<field>"
+                         (env "dream@<world model>" when several world models dreamed the same starts)
 """
 
 from __future__ import annotations
@@ -30,16 +31,23 @@ class EpisodeRecord:
     actions: np.ndarray  # [length, 7]
     std: np.ndarray | None = None  # [length + 1, 29] world-model ensemble spread (dreams)
     success_step: int | None = None  # step (1-based) at which success was first reported
+    world_model: str = ""  # which world model dreamed it, when several did ("" for real episodes or a single one)
+
+    @property
+    def source(self) -> str:
+        """Where the episode was played: "real", "dream", or "dream@<world model>"."""
+        return f"{self.env}@{self.world_model}" if self.world_model else self.env
 
     @property
     def key(self) -> str:
-        return f"{self.policy}__{self.task}__{self.env}__{self.index}"
+        return f"{self.policy}__{self.task}__{self.source}__{self.index}"
 
     def to_json(self) -> dict:
         return {
             "policy": self.policy,
             "task": self.task,
             "env": self.env,
+            **({"world_model": self.world_model} if self.world_model else {}),
             "episode": self.index,
             "seed": self.seed,
             "instruction": self.instruction,

@@ -339,6 +339,62 @@ def edit_config(folder: Path, tmp_path: Path, **changes) -> Path:
     return copy
 
 
+def test_spread_of_several_world_models_dreaming_the_same_starts() -> None:
+    from evaluation.report import agreements_of, spread_markdown, spreads_of
+
+    real = [record(seed, "real", success) for seed, success in enumerate([True, True, False, False])]
+    dreams = {"wm_a": [True, True, True, False], "wm_b": [False, True, False, False], "wm_c": [True, True, False, True]}
+    records = list(real)
+    for name, outcomes in dreams.items():
+        for seed, success in enumerate(outcomes):
+            records.append(record(seed, "dream", success))
+            records[-1].world_model = name
+    agreements = agreements_of(records)
+    assert [(a.world_model, a.success_gap) for _, a in agreements] == [("wm_a", 0.25), ("wm_b", -0.25), ("wm_c", 0.25)]
+    (spread,) = spreads_of(agreements)
+    assert spread.world_models == ["wm_a", "wm_b", "wm_c"] and spread.real_success_rate == 0.5
+    assert spread.mean_gap == pytest.approx(0.25 / 3)
+    assert spread.sd_gap == pytest.approx(np.std([0.25, -0.25, 0.25], ddof=1))
+    assert spread.mean_agreement == pytest.approx((0.75 + 0.75 + 0.75) / 3)
+    assert "| p | lift | 50% | 75% / 25% / 75% | +25 / -25 / +25 | +8 pp | 29 pp | 75% |" in spread_markdown([spread])
+    assert spreads_of(agreements[:1]) == []  # one world model: no spread table
+
+
+def copy_run(folder: Path, run: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, run / "best")
+    return run / "best"
+
+
+def test_cli_dreams_each_start_in_every_world_model(tiny_models: dict[str, Path], tmp_path: Path, offline: None,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    worlds = [str(copy_run(tiny_models["world"], tmp_path / name)) for name in ("wm_s0", "wm_s1")]
+    out = tmp_path / "results"
+    code, err = run_rollout_cli(
+        ["--policy", str(tiny_models["mlp"]), "--world-model", *worlds, "--tasks", "lift", "--episodes", "2",
+         "--env", "both", "--out", str(out), "--workers", "1", "--horizon", "3", "--no-progress"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert sorted((e["env"], e.get("world_model", ""), e["seed"]) for e in lines) == [
+        ("dream", "wm_s0", 100_000), ("dream", "wm_s0", 100_001), ("dream", "wm_s1", 100_000), ("dream", "wm_s1", 100_001),
+        ("real", "", 100_000), ("real", "", 100_001)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [a["world_model"] for a in summary["agreement"]] == ["wm_s0", "wm_s1"]
+    (spread,) = summary["dream_spread"]
+    assert spread["world_models"] == ["wm_s0", "wm_s1"] and spread["sd_gap"] == 0.0  # the same weights twice
+    markdown = (out / "summary.md").read_text()
+    assert "| mlp | lift | dream@wm_s1 | 2 |" in markdown and "Dream vs real over 2 world models" in markdown
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"trajectories_mlp_lift_dream_wm_s0.png", "dream_vs_real_mlp_lift_seed100000_wm_s1.png"} <= figures
+    assert np.load(out / "trajectories.npz")["mlp__lift__dream@wm_s1__0__std"].shape == (4, STATE_DIM)
+
+    same_name = [str(copy_run(tiny_models["world"], tmp_path / "other" / "wm_s0"))]
+    code, err = run_rollout_cli(["--policy", str(tiny_models["mlp"]), "--world-model", worlds[0], *same_name,
+                                 "--tasks", "lift", "--env", "dream", "--out", str(tmp_path / "r2"), "--no-progress"], capsys)
+    assert code == 2 and "several folders are named 'wm_s0'" in err and not (tmp_path / "r2").exists()
+
+
 def test_cli_refuses_bad_setups_before_any_rollout(tiny_models: dict[str, Path], tmp_path: Path, offline: None,
                                                    capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "results"
