@@ -73,7 +73,8 @@ KINDS: dict[str, ModelKind] = {
         "tasks with cm tolerances (Square) are dreamed pessimistically.\n- Trained on expert demos plus perturbed \"play\" episodes "
         "with failures and a policy's own roll-outs; trained on successful demos alone, it dreams success for policies "
         "that fail. Training noise on the input state (`input_noise`) keeps long dreams physically coherent, but the "
-        "dreamed Square success rate still moves by tens of points between training runs of one recipe.",
+        "dreamed Square success rate still moves by tens of points between training runs of one recipe: train "
+        "several seeds (`--set seed=N`) and pass them all to `vla-rollout --world-model`, which reports the spread.",
     ),
     "vla_policy": ModelKind(
         title="Dreaming VLA policy (pretrained transformer + LoRA)",
