@@ -589,6 +589,36 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         target = target.to(logits.dtype).unsqueeze(0).expand_as(logits)
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
 
+    # ---- pooling ----------------------------------------------------------------------------------
+
+    # Config fields that may differ between runs pooled into one ensemble (everything else must match).
+    POOL_FREE_FIELDS = ("num_ensemble", "_name_or_path", "transformers_version", "_commit_hash")
+
+    @classmethod
+    def pool(cls, models: Sequence[WorldModel]) -> WorldModel:
+        """One ensemble made of the members of several trained world models (e.g. training seeds of one recipe).
+
+        Every parameter is stacked on a leading member dim, so pooling concatenates them. The dream then follows
+        the mean of all runs' members and its spread includes the differences between runs, which a single run's
+        members (same data order, same schedule) under-estimate. Architecture, data statistics and every other
+        config field must be identical.
+        """
+        if len(models) < 2:
+            raise ValueError(f"pool needs at least two world models, got {len(models)}")
+        reference = {k: v for k, v in models[0].config.to_dict().items() if k not in cls.POOL_FREE_FIELDS}
+        for i, model in enumerate(models[1:], start=1):
+            other = {k: v for k, v in model.config.to_dict().items() if k not in cls.POOL_FREE_FIELDS}
+            differing = sorted(k for k in reference.keys() | other.keys() if reference.get(k) != other.get(k))
+            if differing:
+                raise ValueError(f"world model {i} differs from world model 0 in config field {differing[0]!r}: "
+                                 f"{other.get(differing[0])!r} vs {reference.get(differing[0])!r}")
+        config = copy.deepcopy(models[0].config)
+        config.num_ensemble = sum(m.config.num_ensemble for m in models)
+        pooled = cls(config)
+        states = [m.state_dict() for m in models]
+        pooled.load_state_dict({name: torch.cat([state[name] for state in states]) for name in states[0]})
+        return pooled.to(models[0].device).eval()
+
     # ---- inference --------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -395,6 +395,42 @@ def test_cli_dreams_each_start_in_every_world_model(tiny_models: dict[str, Path]
     assert code == 2 and "several folders are named 'wm_s0'" in err and not (tmp_path / "r2").exists()
 
 
+def test_pooled_world_model_is_the_ensemble_of_its_inputs(tiny_models: dict[str, Path], tmp_path: Path, offline: None,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from configuration_vla import WorldModelConfig
+    from evaluation.pool import main as pool_main
+    from modeling_vla import WorldModel
+
+    def tiny_world(folder: Path, seed: int, **changes) -> Path:
+        torch.manual_seed(seed)
+        config = dict(hidden_dim=16, token_mlp_dim=8, channel_mlp_dim=16, num_layers=1, num_ensemble=3, tasks=["lift", "can"])
+        WorldModel(WorldModelConfig(**{**config, **changes})).save_pretrained(folder)
+        return folder
+
+    other = tiny_world(tmp_path / "other", seed=1)
+    out = tmp_path / "pool" / "best"
+    pool_main(["--inputs", str(tiny_models["world"]), str(other), "--out", str(out)])
+    a, b, pooled = load(tiny_models["world"]), load(other), load(out)
+    assert pooled.config.num_ensemble == 6 and not list(out.parent.glob(".tmp-*"))
+    rng = np.random.default_rng(0)
+    state = torch.tensor(rng.normal(size=(4, STATE_DIM)), dtype=torch.float32)
+    action = torch.tensor(rng.normal(size=(4, 7)), dtype=torch.float32)
+    (ma, sa, pa, da), (mb, sb, pb, db), (mp, sp, pp, dp) = (m.step(state, action, [INSTRUCTION] * 4) for m in (a, b, pooled))
+    torch.testing.assert_close(mp, (ma + mb) / 2, atol=1e-5, rtol=1e-5)  # equal member counts: the mean of the means
+    torch.testing.assert_close(sp ** 2, (sa ** 2 + ma ** 2 + sb ** 2 + mb ** 2) / 2 - mp ** 2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close((pp, dp), ((pa + pb) / 2, (da + db) / 2))
+
+    lift_only = tiny_world(tmp_path / "lift_only", seed=2, tasks=["lift"])
+    for inputs, message in [([other], "expected two or more"), ([other, lift_only], "config field 'tasks'")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            pool_main(["--inputs", *map(str, inputs), "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]  # (stderr also has load progress)
+        assert exit_.value.code == 2 and len(errors) == 1 and message in errors[0], err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_refuses_bad_setups_before_any_rollout(tiny_models: dict[str, Path], tmp_path: Path, offline: None,
                                                    capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "results"
