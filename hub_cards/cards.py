@@ -74,7 +74,9 @@ KINDS: dict[str, ModelKind] = {
         "with failures and a policy's own roll-outs; trained on successful demos alone, it dreams success for policies "
         "that fail. Training noise on the input state (`input_noise`) keeps long dreams physically coherent, but the "
         "dreamed Square success rate still moves by tens of points between training runs of one recipe: train "
-        "several seeds (`--set seed=N`) and pass them all to `vla-rollout --world-model`, which reports the spread.",
+        "several seeds (`--set seed=N`) and pass them all to `vla-rollout --world-model`, which reports the spread, "
+        "or pool them into one ensemble (`vla-pool-world-models`), which dreams with the mean of all "
+        "runs' members (the project's docs/RESULTS.md has the measurements).",
     ),
     "vla_policy": ModelKind(
         title="Dreaming VLA policy (pretrained transformer + LoRA)",
