@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data_prep.tasks import STATE_SLICES
-from evaluation.records import EpisodeRecord
+from evaluation.records import EpisodeRecord, source_label
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 EEF_POS = STATE_SLICES["eef pos"]
@@ -56,7 +56,7 @@ class SuccessSummary:
 
     @property
     def source(self) -> str:
-        return f"{self.env}@{self.world_model}" if self.world_model else self.env
+        return source_label(self.env, self.world_model)
 
 
 def summarize(records: Sequence[EpisodeRecord]) -> SuccessSummary:

@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 
 
+def source_label(env: str, world_model: str) -> str:
+    """Where episodes were played: "real", "dream", or "dream@<world model>" when several world models dreamed."""
+    return f"{env}@{world_model}" if world_model else env
+
+
 @dataclass
 class EpisodeRecord:
     policy: str
@@ -35,8 +40,7 @@ class EpisodeRecord:
 
     @property
     def source(self) -> str:
-        """Where the episode was played: "real", "dream", or "dream@<world model>"."""
-        return f"{self.env}@{self.world_model}" if self.world_model else self.env
+        return source_label(self.env, self.world_model)
 
     @property
     def key(self) -> str:
