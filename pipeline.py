@@ -1,5 +1,8 @@
 """`vla-pipeline`: generate → preprocess → DAgger → train (world, VLA, MLP) → dream + real evaluation → cards/export.
 
+The dream model is a pool of world models trained with different seeds (`PipelineSize.world_seeds`,
+`vla-pool-world-models`): one run's dreamed success can be tens of points off where another's is exact.
+
 The policies learn from expert demos (`<workdir>/dataset`) plus DAgger data: an MLP-BC trained on the
 demos drives the first steps of new attempts and the expert finishes each from wherever it left the
 robot (`vla-generate --policy`), so the final policies also learn to recover from a learner's mistakes
@@ -168,14 +171,19 @@ class PipelineSize:
     eval_episodes: int
     checkpoint_every: int | None = None  # eval/save interval override for short runs (None: the config's)
     workers: int = 2
+    # World models trained with seeds seed, seed + 1, ... and pooled into the one dream model (1: no pooling).
+    # Measured: single runs' dream - real gaps spread by up to 21 points (sd over 5 seeds), a pool of 5 was within
+    # 0 points on every task (docs/RESULTS.md "Dream success over world-model training seeds").
+    world_seeds: int = 1
 
 
 SIZES = {
     "quick": PipelineSize(episodes_per_task=10, play_episodes_per_task=4, dagger_episodes_per_task=4, dagger_rounds=1,
-                          train_steps={"world": 300, "policy": 150, "mlp": 300}, eval_episodes=2, checkpoint_every=100),
+                          train_steps={"world": 300, "policy": 150, "mlp": 300}, eval_episodes=2, checkpoint_every=100,
+                          world_seeds=2),
     "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, dagger_episodes_per_task=100,
                          dagger_rounds=DAGGER_ROUNDS, train_steps={"world": 3000, "policy": 12000, "mlp": 3000},
-                         eval_episodes=50),
+                         eval_episodes=50, world_seeds=5),
 }
 
 
@@ -216,8 +224,8 @@ class PipelinePaths:
         return self.dataset if rounds == 0 else self.workdir / f"dataset_dagger{rounds}"
 
     def training_dataset(self, model: str) -> Path:
-        """What `model` (world, policy, mlp, or dagger_driver<r>) learns from."""
-        if model == "world":
+        """What `model` (world, world_s<k>, policy, mlp, or dagger_driver<r>) learns from."""
+        if model == "world" or model.startswith(WORLD_SEED_RUN):
             return self.world_dataset
         if model.startswith(DAGGER_DRIVER):
             return self.dagger_dataset(int(model.removeprefix(DAGGER_DRIVER)) - 1)
@@ -247,6 +255,7 @@ class PipelinePaths:
 
 
 DAGGER_DRIVER = "dagger_driver"  # round r's driving policy is the MLP-BC trained as `dagger_driver<r>`
+WORLD_SEED_RUN = "world_s"  # with several world-model seeds, run k trains as `world_s<k>`; the pool is `world`
 CONFIGS = {"world": "configs/world_model.yaml", "policy": "configs/vla_minilm_cpu.yaml", "mlp": "configs/mlp_bc.yaml"}
 EXPORT_NAMES = {"world": "world-model", "policy": "vla-policy", "mlp": "mlp-policy"}
 POLICY_LABELS = {"policy": "vla", "mlp": "mlp"}  # policy names in the evaluation tables
@@ -364,6 +373,24 @@ def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[
     return stages
 
 
+def world_model_runs(size: PipelineSize) -> list[str]:
+    """The training runs whose world models make the dream model: `world` itself, or `world_s0..` to be pooled."""
+    return ["world"] if size.world_seeds == 1 else [f"{WORLD_SEED_RUN}{k}" for k in range(size.world_seeds)]
+
+
+def world_model_stages(paths: PipelinePaths, size: PipelineSize, seed: int) -> list[Stage]:
+    """Train the world model; with several seeds, train each and pool them into train_world/best (one ensemble)."""
+    runs = world_model_runs(size)
+    stages = [train_stage("world", paths, size, seed + k, name=run) for k, run in enumerate(runs)]
+    if len(runs) > 1:
+        stages.append(Stage(
+            "pool_world",
+            console("vla-pool-world-models", "--inputs", *(paths.best(run) for run in runs), "--out", paths.best("world")),
+            (paths.best("world") / "config.json",),
+        ))
+    return stages
+
+
 def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> Stage:
     return Stage(
         f"evaluate_{policy}",
@@ -375,10 +402,11 @@ def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks:
     )
 
 
-def export_stages(paths: PipelinePaths) -> list[Stage]:
+def export_stages(paths: PipelinePaths, size: PipelineSize) -> list[Stage]:
     stages = []
     for model, name in EXPORT_NAMES.items():
-        results = [paths.train_dir(model) / "train_summary.json"]
+        runs = world_model_runs(size) if model == "world" else [model]
+        results = [paths.train_dir(run) / "train_summary.json" for run in runs]
         # The world model's evaluation is the dream-vs-real agreement measured in both policies' rollouts.
         results += [paths.eval_dir(policy) / "summary.json" for policy in POLICY_LABELS if model in (policy, "world")]
         stages.append(Stage(
@@ -405,9 +433,10 @@ def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str],
         *data_stages(paths, size, tasks, seed),
         *dagger_stages(paths, size, tasks, seed),
         *world_data_stages(paths, size, tasks, seed),
-        *(train_stage(model, paths, size, seed) for model in ("world", "policy", "mlp")),
+        *world_model_stages(paths, size, seed),
+        *(train_stage(model, paths, size, seed) for model in ("policy", "mlp")),
         *(evaluate_stage(policy, paths, size, tasks, seed) for policy in POLICY_LABELS),
-        *export_stages(paths),
+        *export_stages(paths, size),
     ]
 
 

@@ -146,8 +146,8 @@ def agreement_rows(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 class Results:
     """The results files a card is written from; any of them may be missing."""
 
-    train_summary: dict[str, Any] | None = None
-    train_source: Path | None = None
+    # One training run, or several for a world model pooled from runs with different seeds (vla-pool-world-models).
+    train_summaries: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
     eval_summaries: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
@@ -157,7 +157,7 @@ class Results:
         for path in paths:
             data = read_json(path, "results file")
             if is_train_summary(data):
-                results.train_summary, results.train_source = data, Path(path)
+                results.train_summaries.append((Path(path), data))
             elif success_rows(data):
                 results.eval_summaries.append((Path(path), data))
             else:
@@ -194,6 +194,18 @@ def flatten(data: Mapping[str, Any], keys: Sequence[str]) -> list[tuple[str, str
         else:
             rows.append((key, format_value(value)))
     return rows
+
+
+def run_label(path: Path) -> str:
+    """A training run's name in the card: its output folder (where vla-train wrote train_summary.json)."""
+    return path.parent.name or path.name
+
+
+def training_table(results: Results, section: str | None, keys: Sequence[str]) -> list[list[str]]:
+    """Rows [name, value per run] of the runs' train_summary.json (`section`: a nested object such as "config")."""
+    per_run = [dict(flatten(data.get(section, {}) if section else data, keys)) for _, data in results.train_summaries]
+    names = list(dict.fromkeys(name for cells in per_run for name in cells))
+    return [[name, *(cells.get(name, "-") for cells in per_run)] for name in names]
 
 
 def evaluation_table(results: Results) -> tuple[list[str], list[list[str]]]:
@@ -267,8 +279,11 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
     tags = [*COMMON_TAGS, *kind.tags]
     if config.get("model_type") == "vla_policy" and not config.get("use_lora", True):
         tags.remove("lora")
-    train = results.train_summary
+    runs = results.train_summaries
     world_model = config.get("model_type") == "vla_world_model"
+    if len(runs) > 1 and not world_model:
+        raise UserError(f"{', '.join(str(path) for path, _ in runs)}: several training summaries for one "
+                        f"{config.get('model_type')} model; only a pooled world model comes from several runs")
     evals = eval_results(results, dataset_id, world_model)
     header, rows = evaluation_table(results)
     backbone = config.get("backbone") if config.get("model_type") == "vla_policy" else None
@@ -298,9 +313,11 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
         state_layout=config.get("state_layout", "?"),
         tasks=", ".join(config.get("tasks") or []) or "not recorded",
         architecture=flatten(config, kind.architecture_keys),
-        train_metrics=flatten(train, TRAIN_METRIC_KEYS) if train else [],
-        train_config=flatten(train.get("config", {}), TRAIN_CONFIG_KEYS) if train else [],
-        train_config_source=f"`{results.train_source.name}`" if results.train_source else "",
+        train_metrics=training_table(results, None, TRAIN_METRIC_KEYS),
+        train_config=training_table(results, "config", TRAIN_CONFIG_KEYS),
+        train_header=["value"] if len(runs) == 1 else [f"`{run_label(path)}`" for path, _ in runs],
+        train_runs=len(runs),
+        train_config_source=", ".join(f"`{path.name}`" for path, _ in runs[:1]),
         eval_rows=rows,
         agreement_rows=agreement_table(results),
         eval_header=header,

@@ -108,6 +108,20 @@ def test_world_model_card_reports_dream_real_agreement(tmp_path: Path) -> None:
     assert "Training results: not evaluated yet" in text
 
 
+def test_pooled_world_model_card_shows_each_training_run(tmp_path: Path) -> None:
+    config = json.loads((save_tiny_model("world", tmp_path / "world") / "config.json").read_text())
+    second = {**TRAIN_SUMMARY, "best_val_loss": 0.0654321, "config": {**TRAIN_SUMMARY["config"], "seed": 8}}
+    results = Results.from_files([write_json(tmp_path / "train_world_s0" / "train_summary.json", TRAIN_SUMMARY),
+                                  write_json(tmp_path / "train_world_s1" / "train_summary.json", second)])
+    text = model_card(config, "org/world", results).content
+    assert "pools the ensembles of 2 training runs" in text
+    assert "| metric | `train_world_s0` | `train_world_s1` |" in text
+    assert "| best_val_loss | 0.07319 | 0.06543 |" in text and "| seed | 7 | 8 |" in text
+    policy = json.loads((save_tiny_model("mlp", tmp_path / "mlp") / "config.json").read_text())
+    with pytest.raises(UserError, match="several training summaries"):
+        model_card(policy, "org/mlp", results)
+
+
 def test_card_without_results_says_not_evaluated_and_invents_nothing(tmp_path: Path) -> None:
     config = json.loads((save_tiny_model("world", tmp_path / "world") / "config.json").read_text())
     text = model_card(config, "org/world", Results()).content

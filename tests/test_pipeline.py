@@ -131,8 +131,8 @@ def test_real_stage_list_is_ordered_and_exports_every_model(tmp_path: Path) -> N
     paths = PipelinePaths(tmp_path)
     stages = build_stages(paths, SIZES["quick"], ["lift"])
     order = [stage.name for stage in stages]
-    assert order.index("generate") < order.index("preprocess") < order.index("train_world")
-    assert order.index("train_world") < order.index("evaluate_policy") < order.index("export_policy")
+    assert order.index("generate") < order.index("preprocess") < order.index("train_world_s0")
+    assert order.index("pool_world") < order.index("evaluate_policy") < order.index("export_policy")
     assert {"export_world", "export_policy", "export_mlp", "export_dataset"} <= set(order)
     assert len(set(order)) == len(order)
     training = [stage for stage in stages if stage.name.startswith("train_")]
@@ -143,7 +143,7 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     paths = PipelinePaths(tmp_path)
     stages = {stage.name: stage for stage in build_stages(paths, SIZES["quick"], ["lift", "square"], seed=2)}
     order = list(stages)
-    assert order.index("generate_play") < order.index("preprocess_world") < order.index("train_world")
+    assert order.index("generate_play") < order.index("preprocess_world") < order.index("train_world_s0")
     play = list(stages["generate_play"].command)
     assert "--keep-failures" in play and play[play.index("--out") + 1] == str(paths.raw_play)
     assert play[play.index("--episodes") + 1] == str(SIZES["quick"].play_episodes_per_task)
@@ -170,7 +170,7 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     def dataset_of(stage: Stage) -> str:
         return stage.command[list(stage.command).index("--dataset") + 1]
 
-    assert dataset_of(stages["train_world"]) == str(paths.world_dataset)
+    assert dataset_of(stages["train_world_s0"]) == dataset_of(stages["train_world_s1"]) == str(paths.world_dataset)
     assert dataset_of(stages["train_policy"]) == dataset_of(stages["train_mlp"]) == str(tmp_path / "dataset_dagger1")
     assert "local/dreaming-vla-dataset-world" in stages["export_world"].command
     assert {"export_dataset", "export_dataset_world"} <= set(order)
@@ -180,6 +180,35 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     world = next(stage for stage in no_dagger if stage.name == "preprocess_world").command
     assert "generate_onpolicy" not in {stage.name for stage in no_dagger}
     assert list(world[list(world).index("--inputs") + 1: list(world).index("--out")]) == [str(paths.raw), str(paths.raw_play)]
+
+
+def test_dream_model_pools_world_models_trained_with_consecutive_seeds(tmp_path: Path) -> None:
+    paths = PipelinePaths(tmp_path)
+    size = dataclasses.replace(SIZES["full"], world_seeds=3)
+    stages = {stage.name: stage for stage in build_stages(paths, size, ["lift"], seed=4)}
+    order = list(stages)
+
+    def arg(name: str, flag: str) -> str:
+        return stages[name].command[list(stages[name].command).index(flag) + 1]
+
+    runs = ["world_s0", "world_s1", "world_s2"]
+    assert "train_world" not in stages
+    assert [arg(f"train_{run}", "--output-dir") for run in runs] == [str(paths.train_dir(run)) for run in runs]
+    assert [arg(f"train_{run}", "--set") for run in runs] == ["max_steps=3000"] * 3
+    seeds = [next(a for a in stages[f"train_{run}"].command if a.startswith("seed=")) for run in runs]
+    assert seeds == ["seed=4", "seed=5", "seed=6"]
+    pool = list(stages["pool_world"].command)
+    assert pool[pool.index("--inputs") + 1: pool.index("--out")] == [str(paths.best(run)) for run in runs]
+    assert pool[pool.index("--out") + 1] == str(paths.best("world")) == arg("evaluate_policy", "--world-model")
+    assert max(order.index(f"train_{run}") for run in runs) < order.index("pool_world") < order.index("evaluate_mlp")
+    export = list(stages["export_world"].command)
+    card = export[export.index("--card-results") + 1: export.index("--dataset-repo-id")]
+    assert card == [*(str(paths.train_dir(run) / "train_summary.json") for run in runs),
+                    str(paths.eval_dir("policy") / "summary.json"), str(paths.eval_dir("mlp") / "summary.json")]
+    # one seed: the plain train_world run is the dream model, nothing to pool
+    single = [stage.name for stage in build_stages(paths, dataclasses.replace(size, world_seeds=1), ["lift"])]
+    assert "train_world" in single and "pool_world" not in single and "train_world_s0" not in single
+    assert SIZES["quick"].world_seeds >= 2  # the quick run exercises pooling too
 
 
 def test_each_dagger_round_is_driven_by_a_policy_trained_on_the_rounds_before(tmp_path: Path) -> None:
