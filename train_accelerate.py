@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 import yaml
 
+from data_prep.atomic import replace_dir
 from data_prep.errors import UserError, run_cli
 
 MODEL_KINDS = ("world", "policy", "mlp")
@@ -455,17 +455,6 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; a reader sees the old folder or the new one, never half of one."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

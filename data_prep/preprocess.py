@@ -30,6 +30,7 @@ from datasets import DatasetDict, DatasetInfo, Features, List, Value, load_datas
 from huggingface_hub import DatasetCard, DatasetCardData
 from tqdm.auto import tqdm
 
+from data_prep.atomic import replace_dir
 from data_prep.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, RobomimicFile, read_robomimic_hdf5, split_demo_names
 from data_prep.tasks import (
@@ -407,15 +408,6 @@ def card_body(collected: Collected, counts: dict, seed: int) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` is swapped aside first and removed after."""
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,7 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
 
 def write_results(out: Path, produce: Callable[[Path], str]) -> tuple[Path, str]:
     """Build a results folder in a temp dir with `produce(tmp) -> markdown`, then swap it in atomically."""
-    from data_prep.preprocess import replace_dir
+    from data_prep.atomic import replace_dir
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

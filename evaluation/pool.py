@@ -12,8 +12,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from data_prep.atomic import replace_dir
 from data_prep.errors import UserError, run_cli
-from data_prep.preprocess import replace_dir
 from data_prep.tasks import TASKS
 from evaluation.cli import WORLD_MODEL_TYPE, check_model_config, read_model_config
 

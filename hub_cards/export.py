@@ -136,7 +136,7 @@ def push(folder: Path, repo_id: str, repo_type: str, token: str) -> str:
 
 def publish(staging: Path, out: Path, repo_id: str, repo_type: str, token: str | None, cache_dir: Path | None) -> ExportResult:
     """Rename the finished folder into place, then cache it (and push it when given a token)."""
-    from data_prep.preprocess import replace_dir
+    from data_prep.atomic import replace_dir
 
     replace_dir(staging, out)
     snapshot = place_in_hub_cache(out, repo_id, repo_type=repo_type, cache_dir=cache_dir)
@@ -170,7 +170,7 @@ def prepare_datasets_cache(snapshot: Path, repo_id: str, cache_root: Path | None
     import datasets.config
     from datasets.load import dataset_module_factory, get_dataset_builder_class
 
-    from data_prep.preprocess import replace_dir
+    from data_prep.atomic import replace_dir
 
     namespace, name = repo_id.split("/")
     cache_root = Path(cache_root or datasets.config.HF_DATASETS_CACHE)
