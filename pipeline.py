@@ -172,8 +172,9 @@ class PipelineSize:
     checkpoint_every: int | None = None  # eval/save interval override for short runs (None: the config's)
     workers: int = 2
     # World models trained with seeds seed, seed + 1, ... and pooled into the one dream model (1: no pooling).
-    # Measured: single runs' dream - real gaps spread by up to 21 points (sd over 5 seeds), a pool of 5 was within
-    # 0 points on every task (docs/RESULTS.md "Dream success over world-model training seeds").
+    # Measured: single runs' dream - real gaps spread by up to 21 points (sd over 5 seeds); a pool of 5 dreamed the
+    # MLP-BC +0 / +0 / +0 but the VLA's Square +20 (docs/RESULTS.md "Dream success over world-model training seeds",
+    # "## Evaluation"): pooling removes the run-to-run draw, not a policy-dependent bias.
     world_seeds: int = 1
 
 
