@@ -317,7 +317,7 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
         train_config=training_table(results, "config", TRAIN_CONFIG_KEYS),
         train_header=["value"] if len(runs) == 1 else [f"`{run_label(path)}`" for path, _ in runs],
         train_runs=len(runs),
-        train_config_source=", ".join(f"`{path.name}`" for path, _ in runs[:1]),
+        train_config_source=", ".join(f"`{path.name}`" if len(runs) == 1 else f"`{run_label(path)}/{path.name}`" for path, _ in runs),
         eval_rows=rows,
         agreement_rows=agreement_table(results),
         eval_header=header,

@@ -117,6 +117,7 @@ def test_pooled_world_model_card_shows_each_training_run(tmp_path: Path) -> None
     assert "pools the ensembles of 2 training runs" in text
     assert "| metric | `train_world_s0` | `train_world_s1` |" in text
     assert "| best_val_loss | 0.07319 | 0.06543 |" in text and "| seed | 7 | 8 |" in text
+    assert "`train_world_s0/train_summary.json`, `train_world_s1/train_summary.json`" in text
     policy = json.loads((save_tiny_model("mlp", tmp_path / "mlp") / "config.json").read_text())
     with pytest.raises(UserError, match="several training summaries"):
         model_card(policy, "org/mlp", results)
