@@ -50,6 +50,8 @@ class SuccessSummary:
     mean_return: float
     mean_length: float
     world_model: str = ""  # the dreaming world model's label when several dreamed the same starts
+    wall_seconds: float = float("nan")  # the batch's wall time (policy + environment)
+    steps_per_second: float = float("nan")  # executed env steps of all its episodes per wall-clock second
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +68,7 @@ def summarize(records: Sequence[EpisodeRecord]) -> SuccessSummary:
     ok = [r for r in records if r.error is None]
     successes = sum(r.success for r in ok)
     low, high = wilson_interval(successes, len(ok))
+    seconds = records[0].batch_seconds
     return SuccessSummary(
         policy=records[0].policy,
         task=records[0].task,
@@ -79,6 +82,8 @@ def summarize(records: Sequence[EpisodeRecord]) -> SuccessSummary:
         mean_return=float(np.mean([r.episode_return for r in ok])) if ok else float("nan"),
         mean_length=float(np.mean([r.length for r in ok])) if ok else float("nan"),
         world_model=records[0].world_model,
+        wall_seconds=seconds,
+        steps_per_second=sum(r.length for r in records) / seconds if seconds > 0 else float("nan"),
     )
 
 

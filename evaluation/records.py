@@ -37,6 +37,7 @@ class EpisodeRecord:
     std: np.ndarray | None = None  # [length + 1, 29] world-model ensemble spread (dreams)
     success_step: int | None = None  # step (1-based) at which success was first reported
     world_model: str = ""  # which world model dreamed it, when several did ("" for real episodes or a single one)
+    batch_seconds: float = float("nan")  # wall time of the whole batch of episodes it was played in
 
     @property
     def source(self) -> str:

@@ -78,13 +78,14 @@ def spread_markdown(spreads: Sequence[DreamSpread]) -> list[str]:
 
 def summary_markdown(summaries: Sequence[SuccessSummary], agreements: Sequence[tuple[str, Agreement]]) -> str:
     lines = [
-        "| policy | task | env | episodes | success | 95% CI (Wilson) | mean return | mean length | errors |",
-        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| policy | task | env | episodes | success | 95% CI (Wilson) | mean return | mean length | errors | wall s | steps/s |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         lines.append(
             f"| {s.policy} | {s.task} | {s.source} | {s.episodes} | {s.successes}/{s.episodes} = {_pct(s.success_rate)} "
-            f"| [{_pct(s.ci_low)}, {_pct(s.ci_high)}] | {_num(s.mean_return, 2)} | {_num(s.mean_length)} | {s.errors} |"
+            f"| [{_pct(s.ci_low)}, {_pct(s.ci_high)}] | {_num(s.mean_return, 2)} | {_num(s.mean_length)} | {s.errors} "
+            f"| {_num(s.wall_seconds, 0)} | {_num(s.steps_per_second, 0)} |"
         )
     if agreements:
         cols = " | ".join(f"eef / obj err t={t} (cm)" for t in ERROR_STEPS)

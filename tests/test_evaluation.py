@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def test_summary_leaves_errors_out_of_the_rate() -> None:
     assert (s.episodes, s.successes, s.errors) == (2, 1, 1)
     assert s.success_rate == 0.5
     assert (s.ci_low, s.ci_high) == pytest.approx(wilson_interval(1, 2))
+    assert math.isnan(s.wall_seconds) and math.isnan(s.steps_per_second)  # an untimed batch says so
+    for r in records:
+        r.batch_seconds = 2.0
+    assert summarize(records).steps_per_second == 9 / 2.0  # every executed step, errored episode included
 
 
 def test_agreement_pairs_by_seed_and_measures_trajectory_error() -> None:
@@ -319,6 +324,9 @@ def test_cli_writes_results_folder(tiny_models: dict[str, Path], tmp_path: Path,
     assert by_key[("dream", 100_000)]["initial_state"] == by_key[("real", 100_000)]["initial_state"]  # same start
     summary = json.loads((out / "summary.json").read_text())
     assert {(r["env"], r["episodes"]) for r in summary["results"]} == {("real", 2), ("dream", 2)}
+    for row in summary["results"]:  # each batch is timed: steps/s = executed steps / its wall time
+        steps = sum(e["length"] for e in lines if e["env"] == row["env"])
+        assert row["wall_seconds"] > 0 and row["steps_per_second"] == pytest.approx(steps / row["wall_seconds"])
     assert summary["agreement"][0]["pairs"] == 2 and len(summary["agreement"][0]["eef_error"]) == 5
     assert "| mlp | lift | real | 2 |" in (out / "summary.md").read_text()
     figures = {p.name for p in (out / "figures").iterdir()}
