@@ -20,8 +20,7 @@ import json
 import math
 import os
 import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,13 +229,6 @@ def dream_starts(args: argparse.Namespace, task: str, real: list[EpisodeRecord] 
 # --------------------------------------------------------------------------------------------------
 
 
-def stamp_wall_time(records: Sequence[EpisodeRecord], start_time: float) -> None:
-    """Give every record of one batch the batch's wall time since `start_time` (the summary's wall s, steps/s)."""
-    seconds = time.perf_counter() - start_time
-    for record in records:
-        record.batch_seconds = seconds
-
-
 def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[EpisodeRecord], list[str]]:
     """Run every (task, env) of a checked plan; videos go under `folder`. Returns records and notes."""
     import torch
@@ -258,9 +250,7 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
                 with RobosuiteEnv(task, workers=args.workers, video=video) as env:
                     policy: Policy = ExpertPolicy(env) if model is None else ChunkPolicy(model, plan.policy_name, execution)
                     starts = seeded_starts(args.seed, args.episodes)
-                    start_time = time.perf_counter()
                     real = rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
-                    stamp_wall_time(real, start_time)
                     messages += [f"{plan.policy_name} {task}: {m}" for m in env.finish()]
                 records += real
             else:
@@ -271,9 +261,7 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
                 for world_model, label in zip(world_models, labels, strict=True):
                     env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold, args.dream_success)
                     policy = ChunkPolicy(model, plan.policy_name, execution)
-                    start_time = time.perf_counter()
                     dreams = rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
-                    stamp_wall_time(dreams, start_time)
                     for dream in dreams:
                         dream.world_model = label
                     records += dreams

@@ -8,6 +8,7 @@ ends at its first success, a `done`, an error, or the horizon.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ def rollout(
     if len(instructions) != n:
         raise ValueError(f"got {len(instructions)} instructions for {n} episodes")
     instructions = list(instructions)
+    start_time = time.perf_counter()
     first = env.reset(starts, instructions)
     policy.reset(n)
     states = np.zeros((n, horizon + 1, STATE_DIM), np.float32)
@@ -69,6 +71,7 @@ def rollout(
         bar.update()
         bar.set_postfix(running=int(active.sum()), success=int(success.sum()))
     bar.close()
+    seconds = time.perf_counter() - start_time
     dream = env.kind == "dream"
     return [
         EpisodeRecord(
@@ -86,6 +89,7 @@ def rollout(
             actions=actions[i, : lengths[i]].copy(),
             std=stds[i, : lengths[i] + 1].copy() if dream else None,
             success_step=success_step[i],
+            batch_seconds=seconds,
         )
         for i in range(n)
     ]
