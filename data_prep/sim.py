@@ -8,7 +8,9 @@ a file always records exactly how its environment was made.
 
 from __future__ import annotations
 
+import copy as _copy
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,10 +106,70 @@ def reseed(env: Any, seed: int) -> None:
         samplers.extend(getattr(sampler, "samplers", {}).values())
 
 
+class CompiledModels:
+    """Compile each distinct MJCF once per process: robosuite recompiles on every construction and reset.
+
+    A robosuite env compiles two MuJoCo models when it is built and again on every (hard) reset: the
+    robot alone (`RobotModel.set_mujoco_model`) and the whole scene (`MjSim.from_xml_string`), at
+    ~0.1 s each. Their XML repeats: the robot's always, Can/Square's scene for every seed, Lift's
+    scene between building and resetting with the same seed (its cube size is drawn per seed).
+    Compiling is deterministic, so a stored model is the model a fresh compile would give.
+
+    `copy=True` hands out copies (~30 ms; the meshes make a scene ~70 MB) because robosuite edits
+    the scene's model in place (timestep, site colours). The robot-only model is shared: robosuite
+    1.5 stores it in `robot_model.mujoco_model` and never reads or writes it afterwards.
+    """
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self.models: OrderedDict[str, Any] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, xml: str, copy: bool = True) -> Any:
+        import mujoco
+
+        model = self.models.get(xml)
+        if model is None:
+            self.misses += 1
+            model = self.models[xml] = mujoco.MjModel.from_xml_string(xml)
+            if len(self.models) > self.capacity:
+                self.models.popitem(last=False)
+        else:
+            self.hits += 1
+            self.models.move_to_end(xml)
+        return _copy.copy(model) if copy else model
+
+
+COMPILED = CompiledModels()
+
+
+def compile_models_once() -> None:
+    """Route robosuite's two model compilations through `COMPILED` (idempotent)."""
+    from robosuite.models.base import MujocoXML
+    from robosuite.utils.binding_utils import MjSim
+
+    if getattr(MjSim, "_compiled_once", False):
+        return
+
+    def sim_from_xml_string(cls: type, xml: str) -> Any:
+        return cls(COMPILED(xml))
+
+    def get_model(self: Any, mode: str = "mujoco") -> Any:
+        if mode != "mujoco":
+            raise ValueError(f"Unknown model mode: {mode}. Available options are: mujoco")
+        return COMPILED(self.get_xml(), copy=False)
+
+    MjSim.from_xml_string = classmethod(sim_from_xml_string)
+    MujocoXML.get_model = get_model
+    MjSim._compiled_once = True
+
+
 def make_env(task: str, seed: int = 0) -> SimEnv:
     """Build the standard robosuite env for `task` (see module docstring), seeded with `seed`."""
     quiet_robosuite()
     import robosuite
+
+    compile_models_once()
 
     kwargs = standard_env_kwargs(task)
     env = robosuite.make(get_task(task).env_name, seed=seed, **kwargs)
