@@ -118,6 +118,10 @@ class CompiledModels:
     `copy=True` hands out copies (~30 ms; the meshes make a scene ~70 MB) because robosuite edits
     the scene's model in place (timestep, site colours). The robot-only model is shared: robosuite
     1.5 stores it in `robot_model.mujoco_model` and never reads or writes it afterwards.
+
+    One MuJoCo global depends on parsing: `mj_saveLastXML` (robosuite's `MjModel.get_xml`, which
+    robomimic stores as each demo's `model_file`) writes the last XML *parsed*, whichever env that
+    was. `compile_models_once` therefore has `get_xml` parse the env's own XML again first.
     """
 
     def __init__(self, capacity: int = 4):
@@ -151,16 +155,30 @@ def compile_models_once() -> None:
     if getattr(MjSim, "_compiled_once", False):
         return
 
+    import mujoco
+    from robosuite.utils.binding_utils import MjModel
+
+    save_last_xml = MjModel.get_xml
+
     def sim_from_xml_string(cls: type, xml: str) -> Any:
-        return cls(COMPILED(xml))
+        sim = cls(COMPILED(xml))
+        sim.model.source_xml = xml
+        return sim
 
     def get_model(self: Any, mode: str = "mujoco") -> Any:
         if mode != "mujoco":
             raise ValueError(f"Unknown model mode: {mode}. Available options are: mujoco")
         return COMPILED(self.get_xml(), copy=False)
 
+    def get_xml(self: Any) -> str:
+        source = getattr(self, "source_xml", None)
+        if source is not None:
+            mujoco.MjModel.from_xml_string(source)  # make this env's XML the last one parsed (~0.1 s)
+        return save_last_xml(self)
+
     MjSim.from_xml_string = classmethod(sim_from_xml_string)
     MujocoXML.get_model = get_model
+    MjModel.get_xml = get_xml
     MjSim._compiled_once = True
 
 

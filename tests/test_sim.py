@@ -43,3 +43,19 @@ def test_every_env_gets_its_own_model_copy() -> None:
     a.env.sim.model._model.opt.timestep = 0.5
     assert b.env.sim.model._model.opt.timestep == pytest.approx(0.002)
     assert all(m.opt.timestep == pytest.approx(0.002) for m in COMPILED.models.values())
+
+
+def test_saved_xml_is_the_envs_own_scene_even_after_a_cache_hit() -> None:
+    """MuJoCo's `mj_saveLastXML` writes the last *parsed* XML; a reused model must still save its own scene.
+
+    robomimic stores `env.sim.model.get_xml()` as each demo's `model_file`, and
+    `reset_from_xml_string(model_file)` must rebuild that very scene, not whichever one was compiled last.
+    """
+    make_env("lift", seed=0)
+    lift = make_env("lift", seed=0)  # every compilation of this env is a hit
+    COMPILED.models.clear()
+    make_env("can", seed=0)  # the last XML MuJoCo parsed is now Can's scene
+    saved = lift.env.sim.model.get_xml()
+    assert 'name="cube_g0_vis"' in saved and 'name="Can_g0"' not in saved
+    lift.env.reset_from_xml_string(saved)
+    assert lift.env.sim.model.geom_name2id("cube_g0_vis") >= 0
