@@ -23,6 +23,7 @@ with --results-md, replaces (or appends) that file's "## World model" section.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -394,6 +395,27 @@ def parameter_count(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+def overrides_against(train_config: str, used: dict[str, Any]) -> list[str]:
+    """The `--set key=value` items that turn the YAML's settings into the ones a run recorded (its summary's config).
+
+    Without them the report's training command would silently describe a different run than the one measured.
+    """
+    from train_accelerate import load_config  # the trainer's own reading of the YAML, defaults included
+
+    if not used or not Path(train_config).is_file():
+        return []
+    base = dataclasses.asdict(load_config(train_config))
+    items = []
+    for key, value in used.items():
+        if key in ("model", "dataset", "output_dir", "model_config") or base.get(key) == value:
+            continue
+        items.append(f"{key}={json.dumps(value)}")
+    for key, value in (used.get("model_config") or {}).items():
+        if base["model_config"].get(key) != value:
+            items.append(f"model_config.{key}={json.dumps(value)}")
+    return sorted(items)
+
+
 def training_record(folder: Path, train_config: str) -> dict[str, Any]:
     """What train_summary.json (next to best/ and final/) says about the run, and its training command."""
     summary_path = folder.parent / "train_summary.json"
@@ -401,6 +423,9 @@ def training_record(folder: Path, train_config: str) -> dict[str, Any]:
     config = summary.get("config", {})
     command = (f"vla-train --model world --config {train_config} --dataset {config.get('dataset', '<dataset>')} "
                f"--output-dir {config.get('output_dir', folder.parent)}")
+    overrides = overrides_against(train_config, config)
+    if overrides:
+        command += " --set " + " ".join(shlex.quote(item) for item in overrides)
     keys = ("steps", "wall_time_s", "best_val_loss", "train_windows", "validation_windows")
     return {"command": command, "summary": str(summary_path) if summary else None, **{k: summary.get(k) for k in keys}}
 

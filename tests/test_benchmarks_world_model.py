@@ -6,6 +6,7 @@ CLI with two tiny saved models (mixer + MLP) and a short robosuite timing.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -245,6 +246,20 @@ def test_classification_metrics_on_a_known_confusion_matrix():
     assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 4 / 6) / 2)
     assert m["f1"] == pytest.approx(2 / (2 + 2 + 1))
     assert wmb.classification(np.zeros(4, bool), np.zeros(4, bool))["balanced_accuracy"] is None
+
+
+def test_reported_training_command_reproduces_the_runs_settings(tmp_path):
+    """The report's command = YAML + the --set items the run used; read back by the trainer it is the same config."""
+    yaml_path = REPO / "configs" / "world_model_velocity.yaml"
+    used = ta.load_config(yaml_path, ["model_config.multi_step=8", "horizon=8", "seed=2", "lr=3e-4"])
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "train_summary.json").write_text(json.dumps({"config": dataclasses.asdict(used)}))
+    command = wmb.training_record(run / "best", str(yaml_path))["command"]
+    overrides = command.partition(" --set ")[2].split()
+    assert sorted(overrides) == ["horizon=8", "lr=0.0003", "model_config.multi_step=8", "seed=2"]
+    assert ta.load_config(yaml_path, overrides) == used
+    assert wmb.overrides_against(str(yaml_path), dataclasses.asdict(ta.load_config(yaml_path))) == []
 
 
 # ---------------------------------------------------------------------------------------------
