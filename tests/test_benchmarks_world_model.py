@@ -251,13 +251,13 @@ def test_classification_metrics_on_a_known_confusion_matrix():
 def test_reported_training_command_reproduces_the_runs_settings(tmp_path):
     """The report's command = YAML + the --set items the run used; read back by the trainer it is the same config."""
     yaml_path = REPO / "configs" / "world_model_velocity.yaml"
-    used = ta.load_config(yaml_path, ["model_config.multi_step=8", "horizon=8", "seed=2", "lr=3e-4"])
+    used = ta.load_config(yaml_path, ["model_config.multi_step=3", "horizon=3", "seed=2", "lr=3e-4"])
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     (run / "train_summary.json").write_text(json.dumps({"config": dataclasses.asdict(used)}))
     command = wmb.training_record(run / "best", str(yaml_path))["command"]
     overrides = command.partition(" --set ")[2].split()
-    assert sorted(overrides) == ["horizon=8", "lr=0.0003", "model_config.multi_step=8", "seed=2"]
+    assert sorted(overrides) == ["horizon=3", "lr=0.0003", "model_config.multi_step=3", "seed=2"]
     assert ta.load_config(yaml_path, overrides) == used
     assert wmb.overrides_against(str(yaml_path), dataclasses.asdict(ta.load_config(yaml_path))) == []
 
