@@ -23,7 +23,6 @@ with --results-md, replaces (or appends) that file's "## World model" section.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -404,16 +403,21 @@ def overrides_against(train_config: str, used: dict[str, Any]) -> list[str]:
 
     if not used or not Path(train_config).is_file():
         return []
-    base = dataclasses.asdict(load_config(train_config))
+    base = asdict(load_config(train_config))
     items = []
     for key, value in used.items():
         if key in ("model", "dataset", "output_dir", "model_config") or base.get(key) == value:
             continue
-        items.append(f"{key}={json.dumps(value)}")
+        items.append(f"{key}={as_set_value(value)}")
     for key, value in (used.get("model_config") or {}).items():
         if base["model_config"].get(key) != value:
-            items.append(f"model_config.{key}={json.dumps(value)}")
+            items.append(f"model_config.{key}={as_set_value(value)}")
     return sorted(items)
+
+
+def as_set_value(value: Any) -> str:
+    """How --set reads a value back: text as typed for strings (JSON quotes would stay in), YAML/JSON otherwise."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def training_record(folder: Path, train_config: str) -> dict[str, Any]:
