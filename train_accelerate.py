@@ -521,6 +521,9 @@ class TrainerState:
     evals_since_best: int = 0
     first_train_loss: float | None = None  # mean over the first log window: the "before" of the summary
     last_train_loss: float | None = None
+    # Wall time of all processes of this run up to this checkpoint, so a resumed run reports its whole cost
+    # (the work redone after a kill, from the last checkpoint on, counts once).
+    wall_time_s: float = 0.0
 
 
 @dataclass
@@ -658,6 +661,7 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
         )
     elif resume:
         accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting from step 0")
+    earlier_processes_s = state.wall_time_s
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         for folder in (output_dir, output_dir / "checkpoints"):
@@ -733,6 +737,7 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
             if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
                 run_evaluation()
             if state.step % cfg.save_every == 0:
+                state.wall_time_s = earlier_processes_s + time.time() - started
                 save_checkpoint(accelerator, output_dir, dataclasses.asdict(state), cfg.keep_checkpoints)
             window.excluded_s += time.time() - pause
             run.excluded_s += time.time() - pause
@@ -767,7 +772,7 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
         "train_samples_per_s": run.logs()["train/samples_per_s"] if run.batches else None,
         "params_total": total_params,
         "params_trainable": trainable_params,
-        "wall_time_s": time.time() - started,
+        "wall_time_s": earlier_processes_s + time.time() - started,
         "horizon": horizon,
         "tasks": data.tasks,
         "train_windows": len(data.train),

@@ -382,6 +382,11 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     monkeypatch.setattr(ta, "save_checkpoint", real_save)
     assert [p.name for p in ta.list_checkpoints(crashed_dir)] == ["step_3", "step_6"]
     assert not (crashed_dir / "final").exists()
+    # The summary's wall time covers every process of the run: pretend the crashed one ran for 1000 s.
+    crashed_state = crashed_dir / "checkpoints" / "step_6" / ta.TRAINER_STATE
+    recorded = json.loads(crashed_state.read_text())
+    assert recorded["wall_time_s"] > 0
+    crashed_state.write_text(json.dumps({**recorded, "wall_time_s": 1000.0}))
 
     resumed = ta.train(tiny_config(dataset, crashed_dir, save_every=3, grad_accum_steps=accumulation), resume=True)
     assert resumed["steps"] == 10
@@ -390,6 +395,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
     assert resumed["best_val_loss"] == straight["best_val_loss"]
+    assert resumed["wall_time_s"] > 1000.0
 
 
 @pytest.mark.parametrize("kind", ["mlp", "policy"])
