@@ -88,12 +88,26 @@ FEATURE_DOCS = {
 # --------------------------------------------------------------------------------------------- reading
 
 
+def hdf5_files_under(folder: Path) -> list[Path]:
+    """*.hdf5 below `folder`, through linked folders too (Path.rglob skips those before Python 3.13, so a task
+    folder linked in from another build, e.g. raw_v2/lift -> ../raw/lift, would silently drop out)."""
+    matches, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link cycle
+            dirs.clear()
+            continue
+        seen.add(real)
+        matches += [Path(root) / name for name in files if name.endswith(".hdf5")]
+    return sorted(matches)
+
+
 def find_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given, directories searched recursively for *.hdf5; duplicates dropped, order kept."""
     found: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            matches = sorted(path.rglob("*.hdf5"))
+            matches = hdf5_files_under(path)
             if not matches:
                 raise UserError(f"{path}: directory holds no *.hdf5 files")
             found.extend(matches)

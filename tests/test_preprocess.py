@@ -324,3 +324,15 @@ def test_demos_and_play_data_merge_into_one_dataset(tmp_path):
     assert lines["raw/lift/low_dim_generated.hdf5"].startswith("| `raw/lift/low_dim_generated.hdf5` | lift | generated |")
     assert lines["raw/lift/low_dim_generated.hdf5"].endswith("| 0 |")  # failed episodes
     assert lines["raw_play/lift/low_dim_generated.hdf5"].endswith("| 2 |")
+
+
+def test_linked_task_folders_are_searched(tmp_path):
+    # a build that reuses another build's task folders by linking them must not silently lose those tasks
+    (tmp_path / "raw" / "lift").mkdir(parents=True)
+    shutil.copy(FIXTURES / "tiny_lift.hdf5", tmp_path / "raw" / "lift" / "low_dim_generated.hdf5")
+    (tmp_path / "raw_v2" / "square").mkdir(parents=True)
+    shutil.copy(FIXTURES / "tiny_square.hdf5", tmp_path / "raw_v2" / "square" / "low_dim_generated.hdf5")
+    os.symlink("../raw/lift", tmp_path / "raw_v2" / "lift")
+    os.symlink("..", tmp_path / "raw_v2" / "square" / "loop")  # a cycle ends the walk instead of recursing forever
+    found = pp.find_inputs([tmp_path / "raw_v2"])
+    assert sorted(p.parent.name for p in found) == ["lift", "square"]
