@@ -39,8 +39,6 @@ SETTLE_MIN_STEPS = 4  # steps the fingers get to start moving
 SETTLE_TIMEOUT = 15  # steps; fingers count as settled after this long anyway
 MAX_YAW_STEP = 0.8  # rad
 PHASE_TIMEOUT = 80  # steps; a phase that takes longer restarts the script
-# Square's descent funnel: allowed height above the grasp point = slope x (xy error - tol), at most the approach height.
-FUNNEL_SLOPE, FUNNEL_TOL, FUNNEL_HEIGHT = 5.0, 0.005, 0.05
 
 
 @dataclass(frozen=True)
@@ -377,17 +375,6 @@ class SquareExpert(ScriptedExpert):
         """Small corrections that keep the held nut square to the peg once it has been turned."""
         return self.eef_yaw + wrap_angle(-self.body_yaw(self.nut_id()), np.pi / 2)
 
-    def funnel(self, grasp_point: np.ndarray) -> np.ndarray:
-        """The descent target: the grasp point once the gripper is over it, higher the further off it is in xy.
-
-        Without it the gripper dropped to handle height while still up to 2 cm off and slid sideways there. Policies
-        copied that and got stuck at handle height, 1-3 cm off, commanding a sideways move the arm no longer made
-        (docs/RESULTS.md "Square descent funnel"). With it, "low and off to the side" is labelled "go back up".
-        """
-        xy_error = float(np.linalg.norm(grasp_point[:2] - self.eef_pos[:2]))
-        height = np.clip(FUNNEL_SLOPE * (xy_error - FUNNEL_TOL), 0.0, FUNNEL_HEIGHT)
-        return grasp_point + [0.0, 0.0, height]
-
     def nut_goal(self, nut_target: np.ndarray) -> np.ndarray:
         """Gripper position that puts the held nut's centre at `nut_target`."""
         return self.eef_pos + (nut_target - self.nut_pos())
@@ -401,7 +388,7 @@ class SquareExpert(ScriptedExpert):
             return Goal(self.object_pos() + [0, 0, 0.05], self.handle_yaw(), GRIPPER_OPEN, tol=0.02, yaw_tol=0.1)
 
         def descend() -> Goal:
-            return Goal(self.funnel(self.object_pos() + [0, 0, -0.005]), self.handle_yaw(), GRIPPER_OPEN, tol=0.008)
+            return Goal(self.object_pos() + [0, 0, -0.005], self.handle_yaw(), GRIPPER_OPEN, tol=0.008)
 
         def grasp() -> Goal:
             return Goal(self.object_pos() + [0, 0, -0.005], self.handle_yaw(), GRIPPER_CLOSED, tol=0.02, wait=2, settle=True)

@@ -197,22 +197,6 @@ def test_expert_acts_as_a_policy_on_a_fresh_env() -> None:
         sim.env.close()
 
 
-def test_square_descent_target_rises_with_the_sideways_error() -> None:
-    # the funnel: straight down onto the handle when over it, back up to the approach height when centimetres off
-    expert = make_expert("square")
-    grasp = np.array([0.10, 0.20, 0.83])
-
-    def target(dx: float, dy: float = 0.0) -> np.ndarray:
-        expert.eef_pos = grasp + [dx, dy, 0.02]  # the gripper's own height does not matter
-        return expert.funnel(grasp)
-
-    for dx in (0.0, 0.004):
-        np.testing.assert_array_equal(target(dx), grasp)
-    np.testing.assert_allclose(target(0.006, 0.008), grasp + [0, 0, 5.0 * (0.010 - 0.005)])
-    np.testing.assert_allclose(target(-0.03), grasp + [0, 0, 0.05])  # capped at the approach height
-    np.testing.assert_array_equal(target(0.03)[:2], grasp[:2])  # only the height changes
-
-
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_committed_fixture_is_a_valid_generated_file(task: str) -> None:
     path = FIXTURES / f"tiny_{task}.hdf5"
