@@ -89,7 +89,7 @@ FEATURE_DOCS = {
 
 
 def hdf5_files_under(folder: Path) -> list[Path]:
-    """*.hdf5 below `folder`, through linked folders too (Path.rglob skips those before Python 3.13, so a task
+    """*.hdf5 below `folder`, through linked folders too (Path.rglob does not descend into those by default, so a task
     folder linked in from another build, e.g. raw_v2/lift -> ../raw/lift, would silently drop out)."""
     matches, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
