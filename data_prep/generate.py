@@ -2,7 +2,7 @@
 
     vla-generate --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
     vla-generate --tasks lift can square --episodes 100 --out data/raw_play --keep-failures --perturb-prob lift=0.06 can=0.02 square=0.01 --seed 50000
-    vla-generate --tasks lift can square --episodes 100 --out data/raw_dagger --policy runs/mlp_demos/best --handover-steps 150 --max-attempts 600 --seed 60000
+    vla-generate --tasks square --episodes 100 --out data/raw_dagger --policy runs/mlp_demos_square/best --handover-steps 150 --max-attempts 600 --seed 60000
     vla-generate --tasks lift can square --episodes 100 --out data/raw_onpolicy --policy runs/mlp_demos/best --policy-rollouts --seed 70000
 
 For each task, attempt i runs the expert from the initial state of seed `--seed + i` (the

@@ -143,6 +143,10 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     paths = PipelinePaths(tmp_path)
     stages = {stage.name: stage for stage in build_stages(paths, SIZES["quick"], ["lift", "square"], seed=2)}
     order = list(stages)
+
+    def dataset_of(stage: Stage) -> str:
+        return stage.command[list(stage.command).index("--dataset") + 1]
+
     assert order.index("generate_play") < order.index("preprocess_world") < order.index("train_world_s0")
     play = list(stages["generate_play"].command)
     assert "--keep-failures" in play and play[play.index("--out") + 1] == str(paths.raw_play)
@@ -157,29 +161,30 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     world_inputs = list(stages["preprocess_world"].command)
     assert world_inputs[world_inputs.index("--inputs") + 1: world_inputs.index("--out")] == [
         str(paths.raw), str(paths.raw_play), str(paths.raw_onpolicy)]
-    # the policy roll-outs: the first DAgger driver's whole episodes, failures kept, on seeds of their own
+    # the policy roll-outs: whole episodes of a three-task MLP-BC on the demos, failures kept, on seeds of their own
     onpolicy = list(stages["generate_onpolicy"].command)
-    assert order.index("train_dagger_driver1") < order.index("generate_onpolicy") < order.index("preprocess_world")
+    assert order.index("train_mlp_demos") < order.index("generate_onpolicy") < order.index("preprocess_world")
+    assert dataset_of(stages["train_mlp_demos"]) == str(paths.dataset)
     assert "--policy-rollouts" in onpolicy and onpolicy[onpolicy.index("--out") + 1] == str(paths.raw_onpolicy)
-    assert onpolicy[onpolicy.index("--policy") + 1] == str(paths.best("dagger_driver1"))
+    assert onpolicy[onpolicy.index("--policy") + 1] == str(paths.best("mlp_demos"))
+    assert onpolicy[onpolicy.index("--tasks") + 1: onpolicy.index("--episodes")] == ["lift", "square"]
     onpolicy_seed = int(onpolicy[onpolicy.index("--seed") + 1])
-    dagger_seed = int(stages["generate_dagger1"].command[list(stages["generate_dagger1"].command).index("--seed") + 1])
+    dagger = list(stages["generate_dagger1_square"].command)
+    dagger_seed = int(dagger[dagger.index("--seed") + 1])
     assert onpolicy_seed > dagger_seed + 6 * SIZES["full"].dagger_episodes_per_task and onpolicy_seed + 100 < 100_000
     assert world_inputs[world_inputs.index("--out") + 1] == str(tmp_path / "hf_dataset_world")
 
-    def dataset_of(stage: Stage) -> str:
-        return stage.command[list(stage.command).index("--dataset") + 1]
 
     assert dataset_of(stages["train_world_s0"]) == dataset_of(stages["train_world_s1"]) == str(paths.world_dataset)
     assert dataset_of(stages["train_policy"]) == dataset_of(stages["train_mlp"]) == str(tmp_path / "dataset_dagger1")
     assert "local/dreaming-vla-dataset-world" in stages["export_world"].command
     assert {"export_dataset", "export_dataset_world"} <= set(order)
     assert 0 < SIZES["quick"].play_episodes_per_task < SIZES["full"].play_episodes_per_task == 100
-    # without DAgger rounds there is no driver, so no policy roll-outs either
-    no_dagger = build_stages(paths, dataclasses.replace(SIZES["quick"], dagger_rounds=0), ["lift"])
-    world = next(stage for stage in no_dagger if stage.name == "preprocess_world").command
-    assert "generate_onpolicy" not in {stage.name for stage in no_dagger}
-    assert list(world[list(world).index("--inputs") + 1: list(world).index("--out")]) == [str(paths.raw), str(paths.raw_play)]
+    # without DAgger rounds the world model still learns from the demos MLP-BC's roll-outs; the policies from demos
+    no_dagger = {stage.name: stage for stage in
+                 build_stages(paths, dataclasses.replace(SIZES["quick"], dagger_rounds=0), ["lift"])}
+    assert "generate_onpolicy" in no_dagger and not any(name.startswith("train_dagger") for name in no_dagger)
+    assert dataset_of(no_dagger["train_policy"]) == str(paths.dataset)
 
 
 def test_dream_model_pools_world_models_trained_with_consecutive_seeds(tmp_path: Path) -> None:
@@ -211,7 +216,7 @@ def test_dream_model_pools_world_models_trained_with_consecutive_seeds(tmp_path:
     assert SIZES["quick"].world_seeds >= 2  # the quick run exercises pooling too
 
 
-def test_each_dagger_round_is_driven_by_a_policy_trained_on_the_rounds_before(tmp_path: Path) -> None:
+def test_each_dagger_round_is_driven_per_task_by_a_policy_trained_on_that_tasks_rounds_before(tmp_path: Path) -> None:
     paths = PipelinePaths(tmp_path)
     assert SIZES["quick"].dagger_rounds == SIZES["full"].dagger_rounds == 1  # the measured choice; here two rounds
     two_rounds = dataclasses.replace(SIZES["full"], dagger_rounds=2)
@@ -226,21 +231,26 @@ def test_each_dagger_round_is_driven_by_a_policy_trained_on_the_rounds_before(tm
         command = list(stages[stage].command)
         return command[command.index("--inputs") + 1: command.index("--out")]
 
-    assert arg("train_dagger_driver1", "--model") == arg("train_dagger_driver2", "--model") == "mlp"
-    assert arg("train_dagger_driver1", "--dataset") == str(paths.dataset)  # round 1: a driver that saw demos only
     for round_ in (1, 2):
-        assert order.index(f"train_dagger_driver{round_}") < order.index(f"generate_dagger{round_}")
-        assert order.index(f"generate_dagger{round_}") < order.index(f"preprocess_dagger{round_}")
-        assert arg(f"generate_dagger{round_}", "--policy") == str(tmp_path / f"train_dagger_driver{round_}" / "best")
-        assert arg(f"generate_dagger{round_}", "--out") == str(tmp_path / f"raw_dagger{round_}")
+        for task in ("lift", "can"):
+            driver = f"dagger_driver{round_}_{task}"
+            generate = f"generate_dagger{round_}_{task}"
+            assert arg(f"train_{driver}", "--model") == "mlp"
+            assert arg(f"train_{driver}", "--dataset") == arg(f"preprocess_{driver}", "--out")
+            assert order.index(f"preprocess_{driver}") < order.index(f"train_{driver}") < order.index(generate)
+            assert order.index(generate) < order.index(f"preprocess_dagger{round_}")
+            assert arg(generate, "--policy") == str(tmp_path / f"train_{driver}" / "best")
+            assert arg(generate, "--tasks") == task and arg(generate, "--out") == str(tmp_path / f"raw_dagger{round_}")
         assert arg(f"preprocess_dagger{round_}", "--out") == str(tmp_path / f"dataset_dagger{round_}")
-    assert arg("train_dagger_driver2", "--dataset") == str(tmp_path / "dataset_dagger1")
+    # a driver learns from its own task only: round 1 from the demos, round 2 from the demos + round 1
+    assert inputs("preprocess_dagger_driver1_can") == [str(paths.raw / "can")]
+    assert inputs("preprocess_dagger_driver2_can") == [str(paths.raw / "can"), str(tmp_path / "raw_dagger1" / "can")]
     assert inputs("preprocess_dagger2") == [str(paths.raw), str(tmp_path / "raw_dagger1"), str(tmp_path / "raw_dagger2")]
     assert arg("train_policy", "--dataset") == arg("train_mlp", "--dataset") == str(tmp_path / "dataset_dagger2")
     assert order.index("preprocess_dagger2") < order.index("train_policy")
     # DAgger seeds: apart from each other, from the demos' (seed ..) and play (50000+), below evaluation's (100000+)
-    seeds = [int(arg(f"generate_dagger{r}", "--seed")) for r in (1, 2)]
-    attempts = int(arg("generate_dagger1", "--max-attempts"))
+    seeds = [int(arg(f"generate_dagger{r}_can", "--seed")) for r in (1, 2)]
+    attempts = int(arg("generate_dagger1_can", "--max-attempts"))
     assert seeds[0] > int(arg("generate_play", "--seed")) + SIZES["full"].play_episodes_per_task
     assert seeds[0] + attempts <= seeds[1] and seeds[1] + attempts < 100_000
     assert "local/dreaming-vla-dataset" in stages["export_policy"].command
