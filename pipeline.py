@@ -343,15 +343,15 @@ def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str]
         raw = paths.raw_dagger(round_)
         episodes = size.dagger_episodes_per_task
         for task in tasks:
-            driver = driver_name(round_, task)
+            driver, driver_data = driver_name(round_, task), paths.driver_dataset(round_, task)
             report = raw / f"generate_report_{task}.json"
             stages += [
                 Stage(
                     f"preprocess_{driver}",
                     console("vla-preprocess", "--inputs", paths.raw / task,
                             *(paths.raw_dagger(r) / task for r in range(1, round_)),
-                            "--out", paths.driver_dataset(round_, task), "--seed", seed, "--overwrite"),
-                    (paths.driver_dataset(round_, task) / "normalization.json",),
+                            "--out", driver_data, "--seed", seed, "--overwrite"),
+                    (driver_data / "normalization.json",),
                     env=paths.private_env,
                 ),
                 train_stage("mlp", paths, size, seed, name=driver),

@@ -173,8 +173,6 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     dagger_seed = int(dagger[dagger.index("--seed") + 1])
     assert onpolicy_seed > dagger_seed + 6 * SIZES["full"].dagger_episodes_per_task and onpolicy_seed + 100 < 100_000
     assert world_inputs[world_inputs.index("--out") + 1] == str(tmp_path / "hf_dataset_world")
-
-
     assert dataset_of(stages["train_world_s0"]) == dataset_of(stages["train_world_s1"]) == str(paths.world_dataset)
     assert dataset_of(stages["train_policy"]) == dataset_of(stages["train_mlp"]) == str(tmp_path / "dataset_dagger1")
     assert "local/dreaming-vla-dataset-world" in stages["export_world"].command
