@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import UserError
+
 
 def source_label(env: str, world_model: str) -> str:
     """Where episodes were played: "real", "dream", or "dream@<world model>" when several world models dreamed."""
@@ -78,6 +80,34 @@ def write_episodes(records: Iterable[EpisodeRecord], folder: Path) -> None:
         if record.std is not None:
             arrays[f"{record.key}__std"] = record.std.astype(np.float32)
     np.savez_compressed(folder / "trajectories.npz", **arrays)
+
+
+def read_episodes(folder: Path) -> list[EpisodeRecord]:
+    """The records `write_episodes` stored in `folder` (batch wall times are not stored: NaN)."""
+    lines_path, arrays_path = folder / "episodes.jsonl", folder / "trajectories.npz"
+    for path in (lines_path, arrays_path):
+        if not path.is_file():
+            raise UserError(f"{path}: not found (expected a results folder written by vla-rollout)")
+    records = []
+    with np.load(arrays_path) as arrays, open(lines_path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                record = EpisodeRecord(
+                    policy=row["policy"], task=row["task"], env=row["env"], index=row["episode"], seed=row["seed"],
+                    instruction=row["instruction"], success=row["success"], episode_return=row["return"],
+                    length=row["length"], error=row["error"], states=np.empty((0, 0)), actions=np.empty((0, 0)),
+                    success_step=row["success_step"], world_model=row.get("world_model", ""),
+                )
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise UserError(f"{lines_path}:{number}: not an episode record ({type(err).__name__}: {err})") from None
+            key = record.key
+            if f"{key}__states" not in arrays:
+                raise UserError(f"{arrays_path}: no arrays for episode {key!r} of {lines_path.name}")
+            record.states, record.actions = arrays[f"{key}__states"], arrays[f"{key}__actions"]
+            record.std = arrays[f"{key}__std"] if f"{key}__std" in arrays else None
+            records.append(record)
+    return records
 
 
 def select(records: Sequence[EpisodeRecord], **match: str) -> list[EpisodeRecord]:

@@ -1,0 +1,168 @@
+"""Where a policy's failed real episodes stall, and what holds the gripper there.
+
+    .venv/bin/python benchmarks/stalls.py results/eval_vla12k_pertask --task square --replay 20
+
+Reads a `vla-rollout --env real` results folder. A failed episode *stalls* at the first step from which the end
+effector moves less than `STALL_MOVE` in every `STALL_WINDOW` steps until the episode ends, at least `STALL_STEPS`
+steps later: the policy keeps commanding moves that do not happen, or commands none.
+
+`--replay N` rebuilds the first N stalled episodes in robosuite from their seeds and recorded actions (robosuite is
+deterministic: the replayed state must match the recorded one, or the episode is reported as diverged), and from the
+stall step asks the simulator:
+* what the fingers touch (the table, the task object) after `PROBE_STEPS` of the recorded steps;
+* how far the gripper moves in `PROBE_STEPS` steps when the recorded actions go on with their downward component
+  removed ("no push down") or replaced by a lift of `LIFT_ACTION` ("lift"), against the recorded steps themselves;
+* whether the scripted expert, taking over there as in DAgger (`ScriptedExpert.resume`), still solves the task.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.errors import UserError, run_cli
+from data_prep.tasks import STATE_SLICES, TASKS, state_from_obs
+from evaluation.records import EpisodeRecord, read_episodes, select
+
+STALL_MOVE, STALL_WINDOW = 0.01, 20  # m per control steps: 0.5 mm a step, a tenth of a servo's approach speed
+STALL_STEPS = 50  # control steps (2.5 s): shorter stops are pauses, e.g. waiting for the fingers to close
+PROBE_STEPS = 20  # steps each branch runs from the stall (1 s): long enough for the arm to cover centimetres
+LIFT_ACTION = 0.2  # dz action of the "lift" branch: a 1 cm goal offset, what the expert commands near a target
+REPLAY_TOLERANCE = 1e-4  # max |replayed - recorded| state entry; the records are float32
+TABLE_GEOM = "table_collision"  # robosuite's TableArena, every task here
+
+
+def stall_step(eef: np.ndarray, move: float = STALL_MOVE, window: int = STALL_WINDOW,
+               min_steps: int = STALL_STEPS) -> int | None:
+    """First step t from which the eef moves less than `move` in every `window` steps until the end, at least
+    `min_steps` steps later."""
+    if len(eef) <= window:
+        return None
+    moving = np.linalg.norm(eef[window:] - eef[:-window], axis=1) >= move  # moving[s]: from s to s + window
+    last_moving = np.flatnonzero(moving)
+    t = int(last_moving[-1]) + 1 if len(last_moving) else 0
+    return t if len(eef) - 1 - t >= min_steps else None
+
+
+@dataclass
+class Probe:
+    """What robosuite says about one stalled episode, replayed to its stall step."""
+
+    replay_error: float
+    fingers_on_table: bool = False
+    fingers_on_object: bool = False
+    moved: dict[str, float] | None = None  # branch -> eef displacement (m) over PROBE_STEPS
+    expert_success: bool = False
+    expert_steps: int = 0
+
+
+def _replayed(record: EpisodeRecord, steps: int):
+    """A fresh simulator driven by the episode's first `steps` recorded actions, and its last observation."""
+    from data_prep.sim import make_env
+
+    sim = make_env(record.task, record.seed)
+    obs = sim.reset(record.seed)
+    for action in record.actions[:steps]:
+        obs, *_ = sim.env.step(np.asarray(action, dtype=np.float64))
+    return sim, obs
+
+
+def _eef(obs: dict) -> np.ndarray:
+    return np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+
+
+BRANCHES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "recorded": lambda a: a,
+    "no push down": lambda a: np.r_[a[:2], max(a[2], 0.0), a[3:]],
+    "lift": lambda a: np.r_[a[:2], LIFT_ACTION, a[3:]],
+}
+
+
+def probe(record: EpisodeRecord, t: int) -> Probe:
+    from data_prep.experts import make_expert
+
+    sim, obs = _replayed(record, t)
+    error = float(np.abs(state_from_obs(obs, record.task)[0] - record.states[t]).max())
+    result = Probe(replay_error=error)
+    if error > REPLAY_TOLERANCE:
+        return result
+    expert = make_expert(record.task, seed=record.seed)
+    expert.reset(sim.env)
+    result.moved = {}
+    for name, change in BRANCHES.items():
+        if name != "recorded":
+            sim, obs = _replayed(record, t)
+        start = _eef(obs)
+        for action in record.actions[t:t + PROBE_STEPS]:
+            obs, *_ = sim.env.step(change(np.asarray(action, dtype=np.float64)))
+        result.moved[name] = float(np.linalg.norm(_eef(obs) - start))
+        if name == "recorded":  # contacts once the stall has set in (the last millimetres of a descent are slow)
+            gripper = sim.env.robots[0].gripper["right"]
+            result.fingers_on_table = bool(sim.env.check_contact(gripper, TABLE_GEOM))
+            result.fingers_on_object = bool(sim.env.check_contact(gripper, expert.grasp_object()))
+    sim, obs = _replayed(record, t)
+    expert.reset(sim.env)
+    expert.resume(obs)
+    for step in range(t, TASKS[record.task].horizon):
+        obs, *_ = sim.env.step(expert.act(obs))
+        if sim.success():
+            result.expert_success, result.expert_steps = True, step + 1 - t
+            break
+    return result
+
+
+def failed_episodes(folder: Path, task: str, policy: str | None) -> list[EpisodeRecord]:
+    records = select(read_episodes(folder), task=task, env="real")
+    policies = sorted({r.policy for r in records})
+    if not records:
+        raise UserError(f"{folder}: no real {task} episodes (expected a vla-rollout --env real results folder)")
+    if policy is None and len(policies) > 1:
+        raise UserError(f"{folder}: episodes of several policies ({', '.join(policies)}); choose one with --policy")
+    if policy is not None and policy not in policies:
+        raise UserError(f"{folder}: no episodes of policy {policy!r} (found {', '.join(policies)})")
+    return [r for r in records if (policy is None or r.policy == policy) and not r.success and r.error is None]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path, help="a vla-rollout results folder with real episodes")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--policy", help="policy name in the folder (needed when it holds several)")
+    p.add_argument("--replay", type=int, default=0, help="replay this many stalled episodes in robosuite")
+    args = p.parse_args(argv)
+    failed = failed_episodes(args.results, args.task, args.policy)
+    stalls = {r.seed: stall_step(r.states[:, STATE_SLICES["eef pos"]]) for r in failed}
+    stalled = [r for r in failed if stalls[r.seed] is not None]
+    print(f"{args.task}: {len(failed)} failed episodes, {len(stalled)} stall "
+          f"(eef moving < {STALL_MOVE * 100:.0f} cm per {STALL_WINDOW} steps for the last >= {STALL_STEPS} steps)")
+    if not args.replay:
+        return
+    header = ["seed", "stall step", "replay error", "fingers on table", "fingers on object",
+              *(f"moved in {PROBE_STEPS} steps: {b} (cm)" for b in BRANCHES), "expert takes over"]
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    probes = []
+    for record in stalled[:args.replay]:
+        t = stalls[record.seed]
+        result = probe(record, t)
+        probes.append(result)
+        if result.moved is None:
+            print(f"| {record.seed} | {t} | {result.replay_error:.1e} (diverged) |" + " |" * (len(header) - 3))
+            continue
+        moved = " | ".join(f"{result.moved[b] * 100:.1f}" for b in BRANCHES)
+        expert = f"solved in {result.expert_steps} steps" if result.expert_success else "fails"
+        print(f"| {record.seed} | {t} | {result.replay_error:.0e} | {'yes' if result.fingers_on_table else 'no'} | "
+              f"{'yes' if result.fingers_on_object else 'no'} | {moved} | {expert} |")
+    replayed = [r for r in probes if r.moved is not None]
+    if replayed:
+        medians = ", ".join(f"{b} {np.median([r.moved[b] for r in replayed]) * 100:.1f}" for b in BRANCHES)
+        print(f"\nreplayed {len(replayed)} of {len(probes)}: fingers on the table in "
+              f"{sum(r.fingers_on_table for r in replayed)}, on the object in {sum(r.fingers_on_object for r in replayed)}; "
+              f"median cm moved: {medians}; the expert solves {sum(r.expert_success for r in replayed)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,96 @@
+"""benchmarks/stalls.py: finding the step a failed episode stalls at, reading results folders back, and replaying a
+real Lift episode whose gripper was driven into the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.errors import UserError
+from data_prep.tasks import state_from_obs
+from evaluation.records import EpisodeRecord, read_episodes, write_episodes
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("benchmarks_stalls", REPO / "benchmarks" / "stalls.py")
+bs = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(bs)
+
+
+def still_after(moving_steps: int, still_steps: int, speed: float = 0.005) -> np.ndarray:
+    """eef positions: `moving_steps` steps along x at `speed` m per step, then `still_steps` steps in place."""
+    x = np.r_[np.arange(moving_steps + 1) * speed, np.full(still_steps, moving_steps * speed)]
+    return np.stack([x, np.zeros_like(x), np.zeros_like(x)], axis=1)
+
+
+def test_the_stall_starts_where_the_gripper_stops_moving() -> None:
+    # 4 mm a step until step 30: from step 28 on, less than 1 cm of motion is left in any 20 steps
+    assert bs.stall_step(still_after(30, 100, speed=0.004)) == 28
+    # a crawl below 1 cm per 20 steps is a stall from the first step
+    assert bs.stall_step(still_after(100, 0, speed=0.0004)) == 0
+
+
+def test_short_pauses_and_steady_motion_are_not_stalls() -> None:
+    assert bs.stall_step(still_after(300, bs.STALL_STEPS - 15)) is None
+    assert bs.stall_step(still_after(300, 0)) is None
+    assert bs.stall_step(still_after(3, 0)) is None
+
+
+def record(index: int, success: bool, policy: str = "mlp", length: int = 4) -> EpisodeRecord:
+    rng = np.random.default_rng(index)
+    return EpisodeRecord(policy=policy, task="lift", env="real", index=index, seed=100 + index,
+                         instruction="Lift the red cube", success=success, episode_return=float(success),
+                         length=length, error=None, states=rng.normal(size=(length + 1, 29)).astype(np.float32),
+                         actions=rng.normal(size=(length, 7)).astype(np.float32), success_step=length if success else None)
+
+
+def test_results_folders_read_back_as_written(tmp_path: Path) -> None:
+    written = [record(0, True), record(1, False, length=6)]
+    write_episodes(written, tmp_path)
+    read = read_episodes(tmp_path)
+    for a, b in zip(written, read, strict=True):
+        assert (a.key, a.seed, a.success, a.length, a.success_step) == (b.key, b.seed, b.success, b.length, b.success_step)
+        np.testing.assert_array_equal(a.states, b.states)
+        np.testing.assert_array_equal(a.actions, b.actions)
+
+
+def test_bad_results_folders_get_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"episodes.jsonl: not found"):
+        read_episodes(tmp_path)
+    write_episodes([record(0, False)], tmp_path)
+    with open(tmp_path / "episodes.jsonl", "a") as f:
+        f.write(json.dumps({"policy": "mlp"}) + "\n")
+    with pytest.raises(UserError, match=r"episodes.jsonl:2: not an episode record \(KeyError"):
+        read_episodes(tmp_path)
+    write_episodes([record(0, False), record(1, False, policy="vla")], tmp_path)
+    with pytest.raises(UserError, match="several policies \\(mlp, vla\\); choose one with --policy"):
+        bs.failed_episodes(tmp_path, "lift", None)
+    with pytest.raises(UserError, match="no real square episodes"):
+        bs.failed_episodes(tmp_path, "square", None)
+    assert [r.policy for r in bs.failed_episodes(tmp_path, "lift", "vla")] == ["vla"]
+
+
+def test_a_gripper_pressed_into_the_table_is_found_there_and_freed_by_lifting() -> None:
+    """Drive Lift's open gripper straight down for 60 steps: it stalls on the table, and the replay agrees."""
+    from data_prep.sim import make_env
+
+    seed, push_down = 3, np.array([0.0, 0.3, -1.0, 0.0, 0.0, 0.0, -1.0])
+    sim = make_env("lift", seed)
+    states = [state_from_obs(sim.reset(seed), "lift")[0]]
+    for _ in range(60 + bs.STALL_STEPS):
+        obs, *_ = sim.env.step(push_down)
+        states.append(state_from_obs(obs, "lift")[0])
+    episode = EpisodeRecord(policy="scripted", task="lift", env="real", index=0, seed=seed, instruction="Lift the red cube",
+                            success=False, episode_return=0.0, length=len(states) - 1, error=None,
+                            states=np.asarray(states, np.float32), actions=np.tile(push_down, (len(states) - 1, 1)))
+    t = bs.stall_step(episode.states[:, :3])
+    assert t is not None and 10 < t < 60
+    result = bs.probe(episode, t)
+    assert result.replay_error <= bs.REPLAY_TOLERANCE
+    assert result.fingers_on_table and not result.fingers_on_object
+    assert result.moved["recorded"] < 0.01 < result.moved["lift"]
+    assert result.expert_success
