@@ -13,6 +13,9 @@ stall step asks the simulator:
 * how far the gripper moves in `PROBE_STEPS` steps when the recorded actions go on with their downward component
   removed ("no push down") or replaced by a lift of `LIFT_ACTION` ("lift"), against the recorded steps themselves;
 * whether the scripted expert, taking over there as in DAgger (`ScriptedExpert.resume`), still solves the task.
+
+When the folder also holds dreams (`--env both`), it reports how the dreams from the stalled episodes' initial states
+ended: a world model that never learned the contact that holds the gripper dreams them as successes.
 """
 
 from __future__ import annotations
@@ -127,6 +130,16 @@ def failed_episodes(folder: Path, task: str, policy: str | None) -> list[Episode
     return [r for r in records if (policy is None or r.policy == policy) and not r.success and r.error is None]
 
 
+def dream_twins(records: list[EpisodeRecord], stalled: list[EpisodeRecord]) -> dict[str, list[EpisodeRecord]]:
+    """Per dream source, the dreams played from the stalled episodes' initial states (same policy, task and seed)."""
+    wanted = {(r.policy, r.task, r.seed) for r in stalled}
+    twins: dict[str, list[EpisodeRecord]] = {}
+    for r in records:
+        if r.env == "dream" and r.error is None and (r.policy, r.task, r.seed) in wanted:
+            twins.setdefault(r.source, []).append(r)
+    return twins
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help="a vla-rollout results folder with real episodes")
@@ -139,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     stalled = [r for r in failed if stalls[r.seed] is not None]
     print(f"{args.task}: {len(failed)} failed episodes, {len(stalled)} stall "
           f"(eef moving < {STALL_MOVE * 100:.0f} cm per {STALL_WINDOW} steps for the last >= {STALL_STEPS} steps)")
+    for source, twins in dream_twins(read_episodes(args.results), stalled).items():
+        dream_stalls = sum(stall_step(r.states[:, STATE_SLICES["eef pos"]]) is not None for r in twins)
+        print(f"{source} from the same {len(twins)} starts: {sum(r.success for r in twins)} succeed, "
+              f"{dream_stalls} stall")
     if not args.replay:
         return
     header = ["seed", "stall step", "replay error", "fingers on table", "fingers on object",

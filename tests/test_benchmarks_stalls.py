@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,16 @@ def test_bad_results_folders_get_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no real square episodes"):
         bs.failed_episodes(tmp_path, "square", None)
     assert [r.policy for r in bs.failed_episodes(tmp_path, "lift", "vla")] == ["vla"]
+
+
+def test_dreams_from_stalled_starts_are_matched_by_policy_and_seed() -> None:
+    stalled = [record(0, False), record(1, False)]
+    dream = replace(record(0, True), env="dream")
+    others = [replace(record(0, True), env="dream", policy="vla"), replace(record(2, True), env="dream"),
+              replace(record(1, True), env="dream", error="worker died")]
+    pooled = replace(record(1, False), env="dream", world_model="wm_b")
+    twins = bs.dream_twins([*stalled, dream, *others, pooled], stalled)
+    assert {source: [r.seed for r in rs] for source, rs in twins.items()} == {"dream": [100], "dream@wm_b": [101]}
 
 
 def test_a_gripper_pressed_into_the_table_is_found_there_and_freed_by_lifting() -> None:
