@@ -87,6 +87,12 @@ class RobotModelConfig(PretrainedConfig):
     action_mean: list[float] | None = None
     action_std: list[float] | None = None
     tasks: list[str] | None = None  # task names trained on (informative; the model cards list them)
+    # The 29-D state holds poses but no velocities. With velocity_input the model also reads v_t = s_t - s_{t-1}
+    # in normalised units divided by velocity_scale (the train split's per-dim std of one-step changes, so v is
+    # O(1)); v = 0 at a reset. The world model needs it for dynamics; a policy for telling a gripper held still
+    # by a contact from one passing through the same pose.
+    velocity_input: bool = False
+    velocity_scale: list[float] | None = None  # None -> ones; filled in by the trainer from the dataset
 
     def __post_init__(self, **kwargs: Any) -> None:
         _check_positive_int(self, "state_dim", "action_dim")
@@ -97,6 +103,9 @@ class RobotModelConfig(PretrainedConfig):
         self.action_mean = _vector(self, "action_mean", "action_dim", 0.0)
         self.action_std = _vector(self, "action_std", "action_dim", 1.0, positive=True)
         self.tasks = list(self.tasks) if self.tasks is not None else []
+        if not isinstance(self.velocity_input, bool):
+            _fail(self, "velocity_input", "true or false", self.velocity_input)
+        self.velocity_scale = _vector(self, "velocity_scale", "state_dim", 1.0, positive=True)
         self.validate_fields()
         super().__post_init__(**kwargs)
 
@@ -159,11 +168,8 @@ class WorldModelConfig(RobotModelConfig):
     loss_success: float = 0.1
     loss_done: float = 0.1
     state_mask: list[float] | None = None  # dims this model ever predicts (None -> all); ANDed with batch masks
-    # The 29-D state holds poses but no velocities, and the arm's next pose depends on how fast it moves.
-    # With velocity_input the model also reads v_t = (s_t - s_{t-1}) in normalised units divided by
-    # velocity_scale (the train split's per-dim std of one-step changes, so v is O(1)); v = 0 at a reset.
-    velocity_input: bool = False
-    velocity_scale: list[float] | None = None  # None -> ones; filled in by the trainer from the dataset (also read by scale_change, input_noise)
+    # velocity_input / velocity_scale (RobotModelConfig): the arm's next pose depends on how fast it moves.
+    # velocity_scale is also read by scale_change and input_noise.
     # A linear path from [state, velocity, action] to the state change, next to the trunk: over one 50 ms
     # step the dynamics are mostly linear (a least-squares fit beats an undertrained net), so the trunk
     # only has to learn the contacts and the rest. Zero-initialised: training starts as without it.
@@ -184,12 +190,11 @@ class WorldModelConfig(RobotModelConfig):
 
     def validate_fields(self) -> None:
         _check_choice(self, "architecture", WORLD_MODEL_ARCHITECTURES)
-        for flag in ("velocity_input", "linear_skip", "token_readout", "scale_change"):
+        for flag in ("linear_skip", "token_readout", "scale_change"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(self, flag, "true or false", getattr(self, flag))
         if self.token_readout and self.architecture != "mixer":
             _fail(self, "token_readout", "false with architecture 'mlp' (it reads out the mixer's tokens)", True)
-        self.velocity_scale = _vector(self, "velocity_scale", "state_dim", 1.0, positive=True)
         _check_positive_int(
             self, "text_embed_dim", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers", "num_ensemble",
             "multi_step",

@@ -145,11 +145,13 @@ class NormalizedModelMixin:
             cfg = self.config
             std = torch.tensor(cfg.state_std, dtype=torch.float32, device=device)
             action_std = torch.tensor(cfg.action_std, dtype=torch.float32, device=device)
+            velocity_scale = torch.tensor(cfg.velocity_scale, dtype=torch.float32, device=device)
             cache[device] = {
                 "state_mean": torch.tensor(cfg.state_mean, dtype=torch.float32, device=device),
                 "state_std": torch.where(std < MIN_STD, torch.ones_like(std), std),
                 "action_mean": torch.tensor(cfg.action_mean, dtype=torch.float32, device=device),
                 "action_std": torch.where(action_std < MIN_STD, torch.ones_like(action_std), action_std),
+                "velocity_scale": torch.where(velocity_scale < MIN_STD, torch.ones_like(velocity_scale), velocity_scale),
                 **self._extra_constants(device),
             }
         return cache[device]
@@ -170,6 +172,10 @@ class NormalizedModelMixin:
     def normalize_state(self, state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c = self._constants(state.device)
         return (state - c["state_mean"]) / c["state_std"] * mask
+
+    def velocity(self, state: torch.Tensor, prev_state: torch.Tensor) -> torch.Tensor:
+        """Normalised states s_t, s_{t-1} -> the velocity input v_t (O(1) per dim; see config.velocity_input)."""
+        return (state - prev_state) / self._constants(state.device)["velocity_scale"]
 
     def denormalize_state(self, state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c = self._constants(state.device)
@@ -390,7 +396,6 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
     def _extra_constants(self, device: torch.device) -> dict[str, torch.Tensor]:
         groups = self.config.state_token_groups
         width = max(groups)
-        scale = torch.tensor(self.config.velocity_scale, dtype=torch.float32, device=device)
         index = torch.zeros(len(groups), width, dtype=torch.long)
         valid = torch.zeros(len(groups), width)
         start = 0
@@ -403,7 +408,6 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             "state_positions": torch.nonzero(valid.flatten()).flatten().to(device),  # state dim -> (token, slot)
             "group_valid": valid.to(device),
             "model_mask": torch.tensor(self.config.state_mask, dtype=torch.float32, device=device),
-            "velocity_scale": torch.where(scale < MIN_STD, torch.ones_like(scale), scale),
         }
 
     # ---- text -------------------------------------------------------------------------------------
@@ -438,10 +442,6 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         if state_mask is None:
             return model_mask.expand(state.shape[0], -1)
         return torch.as_tensor(state_mask, dtype=torch.float32, device=state.device) * model_mask
-
-    def velocity(self, state: torch.Tensor, prev_state: torch.Tensor) -> torch.Tensor:
-        """Normalised states s_t, s_{t-1} -> the velocity input v_t (O(1) per dim; see config.velocity_input)."""
-        return (state - prev_state) / self._constants(state.device)["velocity_scale"]
 
     def predict_normalized(
         self, state: torch.Tensor, action: torch.Tensor, text_emb: torch.Tensor, mask: torch.Tensor,
@@ -678,10 +678,25 @@ class ChunkPolicyMixin(NormalizedModelMixin):
     def predict_normalized(self, state: torch.Tensor, instruction: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _state_input(self, state: torch.Tensor, state_mask: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def input_dim(self) -> int:
+        """Width of the policy's state input: the normalised state, then its velocity with config.velocity_input."""
+        return self.config.state_dim * (2 if self.config.velocity_input else 1)
+
+    def _state_input(
+        self, state: torch.Tensor, state_mask: torch.Tensor | None, prev_state: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[normalised s_t] or, with config.velocity_input, [normalised s_t, v_t]; prev_state None = at rest."""
         self._check_layout(state)
         mask = torch.ones_like(state) if state_mask is None else torch.as_tensor(state_mask, dtype=state.dtype, device=state.device)
-        return self.normalize_state(state, mask)
+        normalized = self.normalize_state(state, mask)
+        if not self.config.velocity_input:
+            return normalized
+        if prev_state is None:
+            return torch.cat([normalized, torch.zeros_like(normalized)], -1)
+        if prev_state.shape != state.shape:
+            raise ValueError(f"prev_state: expected shape {list(state.shape)} like state, got {list(prev_state.shape)}")
+        return torch.cat([normalized, self.velocity(normalized, self.normalize_state(prev_state, mask))], -1)
 
     def forward(
         self,
@@ -694,13 +709,13 @@ class ChunkPolicyMixin(NormalizedModelMixin):
         success: torch.Tensor | None = None,
         done: torch.Tensor | None = None,
         task: Sequence[str] | None = None,
-        prev_state: torch.Tensor | None = None,  # read by the world model only; policies act on s_t
+        prev_state: torch.Tensor | None = None,  # s_{t-1}: read with config.velocity_input
     ) -> RobotModelOutput:
         horizon = self.config.chunk_size
         if actions.shape[1] < horizon:
             raise ValueError(f"actions: expected at least chunk_size={horizon} steps per row, got {actions.shape[1]}")
         instruction = check_instructions(instruction, state.shape[0])
-        pred = self.predict_normalized(self._state_input(state, state_mask), instruction)
+        pred = self.predict_normalized(self._state_input(state, state_mask, prev_state), instruction)
         target = self.normalize_action(actions[:, :horizon])
         weight = valid_steps(step_mask[:, :horizon]).unsqueeze(-1)
         error = (pred - target).abs() if self.config.loss == "l1" else (pred - target) ** 2
@@ -716,15 +731,22 @@ class ChunkPolicyMixin(NormalizedModelMixin):
 
     @torch.no_grad()
     def predict_actions(
-        self, state: torch.Tensor, instruction: str | Sequence[str], state_mask: torch.Tensor | None = None
+        self,
+        state: torch.Tensor,
+        instruction: str | Sequence[str],
+        state_mask: torch.Tensor | None = None,
+        prev_state: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw action chunk [B, H, A], clamped to the controller's [-1, 1] range.
 
+        prev_state: s_{t-1} [B, D], read with config.velocity_input (None: at rest, as right after a reset).
         Uses the current train/eval mode: call .eval() first (from_pretrained already does) so dropout is off.
         """
         state = self._as_tensor(state, self.config.state_dim, "state")
+        if prev_state is not None:
+            prev_state = self._as_tensor(prev_state, self.config.state_dim, "prev_state")
         instruction = check_instructions(instruction, state.shape[0])
-        pred = self.predict_normalized(self._state_input(state, state_mask), instruction)
+        pred = self.predict_normalized(self._state_input(state, state_mask, prev_state), instruction)
         return self.denormalize_action(pred).clamp(-1.0, 1.0)
 
 
@@ -771,7 +793,10 @@ def default_lora_targets(backbone: nn.Module) -> list[str]:
 
 
 class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
-    """[state tokens + instruction tokens] -> pretrained transformer (+LoRA) -> pooled -> MLP -> H x A actions."""
+    """[state tokens + instruction tokens] -> pretrained transformer (+LoRA) -> pooled -> MLP -> H x A actions.
+
+    The state tokens (and the head's skip input) read the normalised state, and its velocity with config.velocity_input.
+    """
 
     config_class = VLAConfig
     config: VLAConfig
@@ -788,13 +813,13 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
             config.backbone_config = backbone.config.to_dict()
         hidden = int(backbone.config.hidden_size)
         self.state_encoder = nn.Sequential(
-            nn.Linear(config.state_dim, config.state_hidden_dim),
+            nn.Linear(self.input_dim, config.state_hidden_dim),
             nn.GELU(),
             nn.Linear(config.state_hidden_dim, config.num_state_tokens * hidden),
         )
         self.readout_norm = nn.LayerNorm(hidden)
         head: list[nn.Module] = []
-        width = hidden + (config.state_dim if config.state_skip else 0)
+        width = hidden + (self.input_dim if config.state_skip else 0)
         for _ in range(config.head_num_layers):
             head += [nn.Linear(width, config.head_hidden_dim), nn.GELU(), nn.Dropout(config.head_dropout)]
             width = config.head_hidden_dim
@@ -962,7 +987,7 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
 
 
 class MLPPolicy(ChunkPolicyMixin, PreTrainedModel):
-    """[normalised state, MiniLM instruction embedding] -> MLP -> H x A actions."""
+    """[normalised state (+ velocity), MiniLM instruction embedding] -> MLP -> H x A actions."""
 
     config_class = MLPPolicyConfig
     config: MLPPolicyConfig
@@ -971,7 +996,7 @@ class MLPPolicy(ChunkPolicyMixin, PreTrainedModel):
     def __init__(self, config: MLPPolicyConfig) -> None:
         super().__init__(config)
         layers: list[nn.Module] = []
-        width = config.state_dim + config.text_embed_dim
+        width = self.input_dim + config.text_embed_dim
         for _ in range(config.num_layers):
             layers += [nn.Linear(width, config.hidden_dim), nn.LayerNorm(config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout)]
             width = config.hidden_dim

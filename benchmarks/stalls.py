@@ -118,8 +118,13 @@ def probe(record: EpisodeRecord, t: int) -> Probe:
     return result
 
 
-def failed_episodes(folder: Path, task: str, policy: str | None) -> list[EpisodeRecord]:
-    records = select(read_episodes(folder), task=task, env="real")
+def failed_episodes(folder: Path, task: str, policy: str | None,
+                    episodes: list[EpisodeRecord] | None = None) -> list[EpisodeRecord]:
+    """The real episodes of `task` (and `policy`) in `folder` that failed without an error.
+
+    episodes: the folder's episodes when the caller has read them already (read_episodes(folder)).
+    """
+    records = select(read_episodes(folder) if episodes is None else episodes, task=task, env="real")
     policies = sorted({r.policy for r in records})
     if not records:
         raise UserError(f"{folder}: no real {task} episodes (expected a vla-rollout --env real results folder)")
@@ -147,12 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy", help="policy name in the folder (needed when it holds several)")
     p.add_argument("--replay", type=int, default=0, help="replay this many stalled episodes in robosuite")
     args = p.parse_args(argv)
-    failed = failed_episodes(args.results, args.task, args.policy)
+    episodes = read_episodes(args.results)
+    failed = failed_episodes(args.results, args.task, args.policy, episodes)
     stalls = {r.seed: stall_step(r.states[:, STATE_SLICES["eef pos"]]) for r in failed}
     stalled = [r for r in failed if stalls[r.seed] is not None]
     print(f"{args.task}: {len(failed)} failed episodes, {len(stalled)} stall "
           f"(eef moving < {STALL_MOVE * 100:.0f} cm per {STALL_WINDOW} steps for the last >= {STALL_STEPS} steps)")
-    for source, twins in dream_twins(read_episodes(args.results), stalled).items():
+    for source, twins in dream_twins(episodes, stalled).items():
         dream_stalls = sum(stall_step(r.states[:, STATE_SLICES["eef pos"]]) is not None for r in twins)
         print(f"{source} from the same {len(twins)} starts: {sum(r.success for r in twins)} succeed, "
               f"{dream_stalls} stall")

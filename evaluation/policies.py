@@ -8,6 +8,8 @@ control step, after `reset(n)` at the start of a batch of episodes.
 * "ensemble" (default, ACT's temporal ensembling): query every step; the action for step t is the
   average of every chunk's prediction for t, weighted exp(-decay * i) with i = 0 the oldest chunk, or
 * "receding": query every `execute` steps and play the first `execute` actions of each chunk.
+A model whose config has `velocity_input` also gets the previous step's states (`prev_state`; none
+right after `reset`, i.e. at rest, as an episode's first row in training).
 
 `ExpertPolicy` is the scripted expert. It reads ground-truth object poses that exist only inside
 the simulator, so it runs only with a `RobosuiteEnv` (never in a dream).
@@ -61,11 +63,14 @@ class ChunkPolicy(Policy):
             raise UserError(f"--execute must be >= 1, got {self.execution.execute}")
         self.t = 0
         self.chunks: deque[tuple[int, np.ndarray]] = deque()
+        self.reads_velocity = bool(getattr(getattr(model, "config", None), "velocity_input", False))
+        self.prev_states: np.ndarray | None = None
 
     def reset(self, n: int) -> None:
         super().reset(n)
         self.t = 0
         self.chunks.clear()
+        self.prev_states = None
 
     def predict(self, states: np.ndarray, instructions: Sequence[str], active: np.ndarray) -> np.ndarray:
         """Chunks [N, H, 7] for the active rows (zeros elsewhere: those episodes are over)."""
@@ -73,10 +78,14 @@ class ChunkPolicy(Policy):
 
         rows = np.flatnonzero(active)
         device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else "cpu"
+        extra = {}
+        if self.reads_velocity and self.prev_states is not None:
+            extra["prev_state"] = torch.as_tensor(self.prev_states[rows], dtype=torch.float32, device=device)
         with torch.no_grad():
             chunk = to_numpy(
                 self.model.predict_actions(
-                    torch.as_tensor(states[rows], dtype=torch.float32, device=device), [instructions[i] for i in rows]
+                    torch.as_tensor(states[rows], dtype=torch.float32, device=device), [instructions[i] for i in rows],
+                    **extra,
                 )
             )
         if chunk.ndim != 3 or chunk.shape[0] != len(rows) or chunk.shape[2] != ACTION_DIM:
@@ -86,6 +95,12 @@ class ChunkPolicy(Policy):
         return full
 
     def act(self, states: np.ndarray, instructions: Sequence[str], active: np.ndarray) -> np.ndarray:
+        try:
+            return self._act(states, instructions, active)
+        finally:
+            self.prev_states = np.array(states, dtype=np.float32)  # every step, also those that reuse a chunk
+
+    def _act(self, states: np.ndarray, instructions: Sequence[str], active: np.ndarray) -> np.ndarray:
         t, ex = self.t, self.execution
         self.t += 1
         if ex.mode == "receding":

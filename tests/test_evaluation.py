@@ -148,6 +148,37 @@ def test_receding_horizon_replans_every_k_steps() -> None:
     assert play(policy, 5) == [0, 1, 10, 11, 20]
 
 
+class VelocityModel(ChunkModel):
+    """A ChunkModel whose config reads velocities: records the prev_state of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"velocity_input": True})()
+        self.seen: list[np.ndarray | None] = []
+
+    def predict_actions(self, state, instruction, prev_state=None):
+        self.seen.append(None if prev_state is None else prev_state[:, 0].numpy().copy())
+        return super().predict_actions(state, instruction)
+
+
+@pytest.mark.parametrize("mode", ["ensemble", "receding"])
+def test_chunk_policy_hands_velocity_models_the_previous_step(mode: str) -> None:
+    model = VelocityModel()
+    policy = ChunkPolicy(model, execution=ChunkExecution(mode, execute=2))
+    for episode in range(2):
+        policy.reset(2)
+        for t in range(5):
+            states = np.full((2, STATE_DIM), 10.0 * episode + t, np.float32)
+            policy.act(states, [INSTRUCTION] * 2, np.array([True, t < 3]))  # row 1 ends after step 2
+    # first step of each episode: at rest (no prev_state); then the states of the step before, even when a receding
+    # policy played the previous step from its chunk without a call
+    steps = [0, 1, 2, 3, 4] if mode == "ensemble" else [0, 2, 4]
+    expected = [None if t == 0 else 10.0 * episode + t - 1 for episode in range(2) for t in steps]
+    seen = [None if s is None else float(s[0]) for s in model.seen]
+    assert seen == expected
+    assert [None if s is None else len(s) for s in model.seen][-1] == 1  # only the active rows
+
+
 def test_temporal_ensembling_averages_overlapping_chunks_like_act() -> None:
     decay = 0.5
     policy = ChunkPolicy(ChunkModel(), execution=ChunkExecution("ensemble", decay=decay))

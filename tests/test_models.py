@@ -90,7 +90,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
         outputs = model.step(inputs["state"], inputs["action"], instruction, prev_state=inputs.get("prev_state"))
         outputs = dict(zip(("mean", "std", "p_success", "p_done"), outputs, strict=True))
     else:
-        outputs = {"actions": model.predict_actions(inputs["state"], instruction)}
+        outputs = {"actions": model.predict_actions(inputs["state"], instruction, prev_state=inputs.get("prev_state"))}
     save_file({k: v.contiguous() for k, v in outputs.items()}, outputs_path)
     """
 )
@@ -162,6 +162,8 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (VLAConfig, {"chunk_size": 0}, "chunk_size"),
         (VLAConfig, {"head_num_layers": 0}, "head_num_layers"),
         (MLPPolicyConfig, {"action_mean": [0.0] * 6}, "action_mean"),
+        (MLPPolicyConfig, {"velocity_input": 1}, "velocity_input"),
+        (VLAConfig, {"velocity_scale": [1.0] * 28}, "velocity_scale"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(config_class, overrides, field):
@@ -403,6 +405,69 @@ def test_mlp_policy_learns_and_round_trips(tmp_path):
     expected = model.predict_actions(batch["state"], batch["instruction"])
     model.save_pretrained(tmp_path / "mlp")
     loaded = outputs_in_fresh_process(tmp_path / "mlp", {"state": batch["state"]}, batch["instruction"], tmp_path)
+    assert torch.equal(loaded["actions"], expected)
+
+
+def held_or_moving_batch(batch: int = 256, seed: int = 0) -> dict:
+    """Same poses, opposite labels: a gripper held still (v = 0) should lift (+1), one moving down should go on (-1).
+
+    This is a Square stall in miniature: pressed against the table the gripper sits where a passing one would be.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state = torch.randn(batch, STATE_DIM, generator=gen)
+    moving = torch.arange(batch) % 2 == 1
+    prev_state = state.clone()
+    prev_state[moving, 2] += 1.0  # the moving half came from above
+    actions = torch.zeros(batch, 4, ACTION_DIM)
+    actions[..., 2] = torch.where(moving, -1.0, 1.0).view(-1, 1)
+    return {
+        "instruction": [INSTRUCTIONS[0]] * batch, "state": state, "prev_state": prev_state, "actions": actions,
+        "step_mask": torch.ones(batch, 4),
+    }
+
+
+@pytest.mark.parametrize("policy", ["mlp", "vla"])
+def test_policy_velocity_input_tells_a_held_gripper_from_a_moving_one(policy, tiny_llama):
+    batch = held_or_moving_batch()
+    errors = {}
+    for velocity_input in (False, True):
+        torch.manual_seed(0)
+        if policy == "mlp":
+            model = MLPPolicy(MLPPolicyConfig(hidden_dim=64, num_layers=2, dropout=0.0, chunk_size=4,
+                                              velocity_input=velocity_input))
+        else:
+            model = VLAPolicy(tiny_vla_config(tiny_llama, velocity_input=velocity_input))
+        train_losses(model, batch, steps=40, lr=1e-2)
+        unseen = held_or_moving_batch(seed=1)  # new poses
+        chunks = model.predict_actions(unseen["state"], unseen["instruction"], prev_state=unseen["prev_state"])
+        errors[velocity_input] = (chunks[..., 2] - unseen["actions"][..., 2]).abs().mean().item()
+    assert errors[False] > 0.7 and errors[True] < 0.4, errors  # without v: no better than guessing
+
+
+def test_policy_prev_state_defaults_to_rest_and_is_checked():
+    torch.manual_seed(0)
+    model = MLPPolicy(MLPPolicyConfig(hidden_dim=32, num_layers=1, chunk_size=4, velocity_input=True)).eval()
+    state = torch.randn(3, STATE_DIM)
+    at_rest = model.predict_actions(state, INSTRUCTIONS[0])
+    assert torch.equal(model.predict_actions(state, INSTRUCTIONS[0], prev_state=state), at_rest)
+    assert not torch.equal(model.predict_actions(state, INSTRUCTIONS[0], prev_state=state + 1.0), at_rest)
+    with pytest.raises(ValueError, match=r"prev_state: expected shape \[B, 29\]"):
+        model.predict_actions(state, INSTRUCTIONS[0], prev_state=state[:, :5])
+    with pytest.raises(ValueError, match=r"prev_state: expected shape \[3, 29\] like state"):
+        model(instruction=[INSTRUCTIONS[0]] * 3, state=state, prev_state=state[:2],
+              actions=torch.zeros(3, 4, ACTION_DIM), step_mask=torch.ones(3, 4))
+
+
+def test_mlp_policy_with_velocity_input_round_trips(tmp_path):
+    torch.manual_seed(0)
+    config = MLPPolicyConfig(hidden_dim=32, num_layers=2, dropout=0.0, chunk_size=4, velocity_input=True,
+                             velocity_scale=[0.05 + 0.01 * i for i in range(STATE_DIM)])
+    model = MLPPolicy(config)
+    train_losses(model, held_or_moving_batch(16), steps=3)
+    model.save_pretrained(tmp_path / "mlp")
+    inputs = {"state": torch.randn(5, STATE_DIM), "prev_state": torch.randn(5, STATE_DIM)}
+    expected = model.predict_actions(inputs["state"], INSTRUCTIONS[0], prev_state=inputs["prev_state"])
+    loaded = outputs_in_fresh_process(tmp_path / "mlp", inputs, [INSTRUCTIONS[0]] * 5, tmp_path)
     assert torch.equal(loaded["actions"], expected)
 
 

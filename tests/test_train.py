@@ -398,13 +398,16 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     assert resumed["wall_time_s"] > 1000.0
 
 
-@pytest.mark.parametrize("kind", ["mlp", "policy"])
-def test_policies_train_and_load_with_auto_model(kind: str, dataset: Path, tiny_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "velocity_input"), [("mlp", False), ("policy", False), ("mlp", True), ("policy", True)])
+def test_policies_train_and_load_with_auto_model(
+    kind: str, velocity_input: bool, dataset: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
     from transformers import AutoModel
 
     cfg = tiny_config(dataset, tmp_path / kind, model=kind, max_steps=12, eval_every=6, save_every=6, lr=1e-2)
     if kind == "policy":
         cfg.model_config["backbone"] = str(tiny_llama)
+    cfg.model_config["velocity_input"] = velocity_input
     summary = ta.train(cfg)
     assert summary["model_class"] == {"mlp": "MLPPolicy", "policy": "VLAPolicy"}[kind]
     assert summary["horizon"] == 4 and summary["steps"] == 12
@@ -417,3 +420,7 @@ def test_policies_train_and_load_with_auto_model(kind: str, dataset: Path, tiny_
     states = torch.as_tensor(ta.load_training_data(dataset).validation.state[:3])
     chunk = model.predict_actions(states, "Lift the red cube")
     assert chunk.shape == (3, 4, ACTION_DIM) and torch.isfinite(chunk).all()
+    moved = model.predict_actions(states, "Lift the red cube", prev_state=states - 0.05)
+    assert torch.equal(moved, chunk) != velocity_input  # s_{t-1} is read only with velocity_input
+    # the trainer sizes the velocity input by the data's one-step changes (ones when the model does not read it)
+    assert (model.config.velocity_scale != [1.0] * STATE_DIM) == velocity_input
