@@ -173,6 +173,15 @@ class NormalizedModelMixin:
         c = self._constants(state.device)
         return (state - c["state_mean"]) / c["state_std"] * mask
 
+    def _prev_state(self, state: torch.Tensor, prev_state: torch.Tensor | Sequence | None) -> torch.Tensor:
+        """s_{t-1} as a tensor like state; None -> state itself, i.e. at rest (v = 0), as right after a reset."""
+        if prev_state is None:
+            return state
+        prev = self._as_tensor(prev_state, self.config.state_dim, "prev_state")
+        if prev.shape != state.shape:
+            raise ValueError(f"prev_state: expected shape {list(state.shape)} like state, got {list(prev.shape)}")
+        return prev
+
     def velocity(self, state: torch.Tensor, prev_state: torch.Tensor) -> torch.Tensor:
         """Normalised states s_t, s_{t-1} -> the velocity input v_t (O(1) per dim; see config.velocity_input)."""
         return (state - prev_state) / self._constants(state.device)["velocity_scale"]
@@ -641,9 +650,7 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         action = self._as_tensor(action, self.config.action_dim, "action")
         if action.shape[0] != state.shape[0]:
             raise ValueError(f"action: expected {state.shape[0]} rows like state, got {action.shape[0]}")
-        prev = state if prev_state is None else self._as_tensor(prev_state, self.config.state_dim, "prev_state")
-        if prev.shape != state.shape:
-            raise ValueError(f"prev_state: expected shape {list(state.shape)} like state, got {list(prev.shape)}")
+        prev = self._prev_state(state, prev_state)
         mask = self._mask(state_mask, state)
         text = self._text(instruction, text_emb, state.shape[0])
         # Row chunks keep the [K, rows, T, C] activations cache-sized; thousands of dreams otherwise go memory-bound.
@@ -690,13 +697,10 @@ class ChunkPolicyMixin(NormalizedModelMixin):
         self._check_layout(state)
         mask = torch.ones_like(state) if state_mask is None else torch.as_tensor(state_mask, dtype=state.dtype, device=state.device)
         normalized = self.normalize_state(state, mask)
+        prev = self._prev_state(state, prev_state)  # checked even when unread: a wrong shape is a caller's bug
         if not self.config.velocity_input:
             return normalized
-        if prev_state is None:
-            return torch.cat([normalized, torch.zeros_like(normalized)], -1)
-        if prev_state.shape != state.shape:
-            raise ValueError(f"prev_state: expected shape {list(state.shape)} like state, got {list(prev_state.shape)}")
-        return torch.cat([normalized, self.velocity(normalized, self.normalize_state(prev_state, mask))], -1)
+        return torch.cat([normalized, self.velocity(normalized, self.normalize_state(prev, mask))], -1)
 
     def forward(
         self,
@@ -743,8 +747,6 @@ class ChunkPolicyMixin(NormalizedModelMixin):
         Uses the current train/eval mode: call .eval() first (from_pretrained already does) so dropout is off.
         """
         state = self._as_tensor(state, self.config.state_dim, "state")
-        if prev_state is not None:
-            prev_state = self._as_tensor(prev_state, self.config.state_dim, "prev_state")
         instruction = check_instructions(instruction, state.shape[0])
         pred = self.predict_normalized(self._state_input(state, state_mask, prev_state), instruction)
         return self.denormalize_action(pred).clamp(-1.0, 1.0)
