@@ -1,13 +1,16 @@
 """Reference GPU numbers for docs/SCALING.md: the Llama-3-8B VLA and the world model on one GPU.
 
     python benchmarks/gpu_reference.py                      # a CUDA GPU with ~40 GB free; writes the JSON below
+    python benchmarks/gpu_reference.py --memory-cap-gib 32  # ... as if the card had 32 GiB (the design card's claim)
+    python benchmarks/gpu_reference.py --micro-batch auto   # the largest micro-batch that fits, fewer accumulations
+    python benchmarks/gpu_reference.py --backbone minilm    # the default VLA (MiniLM, configs/vla_minilm_cpu.yaml)
     python benchmarks/gpu_reference.py --tiny               # CPU smoke test of the same code path (seconds)
 
 Measures, with random weights (speed and memory do not depend on the values):
-* VLA policy = Meta-Llama-3-8B-shaped backbone (bf16, built directly on the GPU) + the LoRA / head settings of
-  configs/vla_llama3_8b_lora.yaml (r=32 on q/k/v/o) + gradient checkpointing (`modeling_vla.VLAPolicy`):
-  peak GPU memory, training samples/s and tokens/s at an effective batch of 128 (the largest micro-batch
-  that fits, with gradient accumulation up to 128), and predict_actions latency at batch 1;
+* VLA policy = a backbone of Meta-Llama-3-8B's shape (bf16, built directly on the GPU) + the LoRA / head /
+  checkpointing / mixed-precision settings of its trainer YAML (configs/vla_llama3_8b_lora.yaml: r=32 on q/k/v/o,
+  gradient checkpointing, bf16 autocast): peak GPU memory, training samples/s and tokens/s at the YAML's batch
+  (batch_size per step x grad_accum_steps = 16 x 8 = 128), and predict_actions latency at batch 1;
 * world model (`modeling_vla.WorldModel`, configs/world_model.yaml): imagined steps/s for 65,536 parallel dreams.
 
 Prints a markdown table and writes JSON (settings, device, versions, numbers).
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +47,7 @@ from data_prep.tasks import ACTION_DIM, STATE_DIM, TASKS, instructions_for  # no
 # transformers.LlamaConfig of meta-llama/Meta-Llama-3-8B(-Instruct): 8.03 B parameters with the LM head,
 # 7.50 B in the LlamaModel the VLA uses (it reads hidden states; no LM head).
 LLAMA3_8B = {
+    "model_type": "llama",
     "hidden_size": 4096,
     "intermediate_size": 14336,
     "num_hidden_layers": 32,
@@ -55,11 +60,38 @@ LLAMA3_8B = {
     "hidden_act": "silu",
     "tie_word_embeddings": False,
 }
+# transformers.BertConfig of sentence-transformers/all-MiniLM-L6-v2, the default VLA's backbone (22.7 M parameters).
+MINILM_L6 = {
+    "model_type": "bert",
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "vocab_size": 30522,
+    "max_position_embeddings": 512,
+    "hidden_act": "gelu",
+}
 REFERENCE_CONFIG = REPO_ROOT / "configs" / "vla_llama3_8b_lora.yaml"
 WORLD_MODEL_CONFIG = REPO_ROOT / "configs" / "world_model.yaml"
-# Same architecture family, small enough for a CPU test.
+# Same architecture families, small enough for a CPU test (--tiny).
 LLAMA_TINY = {**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256}
+MINILM_TINY = {**MINILM_L6, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "vocab_size": 512, "max_position_embeddings": 256}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    shape: dict[str, Any]
+    tiny_shape: dict[str, Any]
+    trainer_yaml: Path  # the YAML the VLA on this backbone is trained with
+
+
+# --backbone NAME
+BACKBONES = {
+    "llama3-8b": Backbone(LLAMA3_8B, LLAMA_TINY, REFERENCE_CONFIG),
+    "minilm": Backbone(MINILM_L6, MINILM_TINY, REPO_ROOT / "configs" / "vla_minilm_cpu.yaml"),
+}
 
 
 @dataclass
@@ -67,6 +99,9 @@ class Settings:
     backbone: dict[str, Any] = field(default_factory=lambda: dict(LLAMA3_8B))
     model_config: dict[str, Any] = field(default_factory=dict)  # VLAConfig fields (LoRA, head, dtype)
     batch_size: int = 128  # effective batch of one optimizer step
+    micro_batch: int | None = 16  # samples per forward/backward; None: the largest power of two that fits
+    mixed_precision: str | None = "bf16"  # the trainer YAML's: bf16 runs the forward under bf16 autocast
+    memory_cap_gib: float | None = None  # behave as a card of this size (torch's per-process memory fraction)
     train_warmup_steps: int = 2
     train_steps: int = 5  # timed optimizer steps
     latency_warmup: int = 5
@@ -76,9 +111,17 @@ class Settings:
     seed: int = 0
 
     @classmethod
-    def tiny(cls) -> Settings:
-        return cls(backbone=dict(LLAMA_TINY), batch_size=8, train_warmup_steps=1, train_steps=2,
+    def tiny(cls, backbone: dict[str, Any] = LLAMA_TINY) -> Settings:
+        return cls(backbone=dict(backbone), batch_size=8, micro_batch=4, train_warmup_steps=1, train_steps=2,
                    latency_warmup=1, latency_iters=3, dreams=64, dream_steps=2)
+
+    def apply_trainer_yaml(self, path: Path) -> None:
+        """Model fields, batch and mixed precision as the trainer reads them from its YAML."""
+        trainer = read_trainer_yaml(path)
+        self.model_config = trainer["model_config"]
+        self.micro_batch = int(trainer.get("batch_size", self.micro_batch))
+        self.batch_size = self.micro_batch * int(trainer.get("grad_accum_steps", 1))
+        self.mixed_precision = trainer.get("mixed_precision")
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -120,15 +163,16 @@ def all_instructions() -> list[str]:
 
 
 def write_backbone_folder(folder: Path, backbone: dict[str, Any]) -> Path:
-    """A config-only Llama folder (no weights) plus a word-level tokenizer over the project's instructions.
+    """A config-only backbone folder (no weights) plus a word-level tokenizer over the project's instructions.
 
     The Llama-3 tokenizer is gated and not needed for speed: instructions tokenise to a similar handful of
     tokens per phrase (the count actually fed to the model is reported).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoConfig, PreTrainedTokenizerFast
 
-    LlamaConfig(**backbone).save_pretrained(folder)
+    fields = dict(backbone)
+    AutoConfig.for_model(fields.pop("model_type"), **fields).save_pretrained(folder)
     words = sorted({w for text in all_instructions() for w in text.lower().replace(",", " ").split()})
     vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     if len(vocab) > backbone["vocab_size"]:
@@ -139,14 +183,18 @@ def write_backbone_folder(folder: Path, backbone: dict[str, Any]) -> Path:
     return folder
 
 
-def reference_model_config(path: Path) -> dict[str, Any]:
-    """The `model_config` block of a trainer YAML (e.g. the reference VLA's LoRA rank, targets, head, dtype)."""
+def read_trainer_yaml(path: Path) -> dict[str, Any]:
+    """A trainer YAML with its `model_config` block (e.g. the reference VLA's LoRA rank, targets, head, dtype)."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (expected a trainer YAML with a model_config block)")
-    model_config = (yaml.safe_load(path.read_text()) or {}).get("model_config")
-    if not isinstance(model_config, dict):
+    trainer = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("model_config"), dict):
         raise UserError(f"{path}: expected a `model_config` mapping of model config fields")
-    return model_config
+    return trainer
+
+
+def reference_model_config(path: Path) -> dict[str, Any]:
+    return read_trainer_yaml(path)["model_config"]
 
 
 def build_policy(settings: Settings, folder: Path, device: torch.device):
@@ -157,8 +205,6 @@ def build_policy(settings: Settings, folder: Path, device: torch.device):
     from modeling_vla import VLAPolicy
 
     fields = dict(settings.model_config)
-    # Enabled on the built model below, as the trainer's `gradient_checkpointing: true` does.
-    fields.pop("gradient_checkpointing", None)
     fields.update(
         backbone=str(folder),
         # Setting backbone_config makes load_backbone build random weights (from_config) instead of loading.
@@ -166,12 +212,13 @@ def build_policy(settings: Settings, folder: Path, device: torch.device):
     )
     config = VLAConfig(**fields)
     # Under a device context every parameter is allocated on the GPU at creation: no CPU fp32 copy of 8B weights.
+    # The YAML's `gradient_checkpointing: true` is applied by VLAPolicy itself, as in training.
     with torch.device(device):
         policy = VLAPolicy(config)
-    # The trainer's `gradient_checkpointing: true` path: recompute each decoder layer in the backward pass.
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not any(getattr(m, "gradient_checkpointing", False) for m in policy.base_backbone.modules()):
-        raise RuntimeError("gradient checkpointing did not reach the backbone's decoder layers")
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in policy.base_backbone.modules())
+    if checkpointed != bool(config.gradient_checkpointing):
+        raise RuntimeError(f"gradient checkpointing is {checkpointed} in the backbone's layers, "
+                           f"expected {config.gradient_checkpointing}")
     wrong = {(p.device.type, p.dtype) for p in policy.base_backbone.parameters() if p.device.type != device.type}
     if wrong:
         raise RuntimeError(f"backbone parameters landed on {wrong}, expected {device}")
@@ -210,9 +257,13 @@ def is_out_of_memory(err: BaseException) -> bool:
 def time_optimizer_steps(policy, optimizer, batches: list[dict[str, Any]], settings: Settings, device: torch.device) -> float:
     """Seconds for `train_steps` optimizer steps, each accumulating gradients over all of `batches`."""
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.mixed_precision == "bf16")
+
     def optimizer_step() -> None:
         for batch in batches:
-            (policy(**batch).loss / len(batches)).backward()
+            with autocast:  # what accelerate's mixed_precision=bf16 wraps the forward in
+                loss = policy(**batch).loss
+            (loss / len(batches)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -222,11 +273,12 @@ def time_optimizer_steps(policy, optimizer, batches: list[dict[str, Any]], setti
 
 
 def measure_training(policy, settings: Settings, device: torch.device) -> dict[str, Any]:
-    """Optimizer steps of `batch_size` samples: the largest power-of-two micro-batch that fits, accumulated."""
+    """Optimizer steps of `batch_size` samples in micro-batches of `micro_batch` (None: the largest power of two
+    that fits), accumulated."""
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(settings.seed)
     chunk = policy.config.chunk_size
-    micro = settings.batch_size
+    micro = settings.micro_batch or settings.batch_size
     while True:
         batches = [policy_batch(micro, chunk, device, generator) for _ in range(settings.batch_size // micro)]
         reset_peak(device)
@@ -234,8 +286,12 @@ def measure_training(policy, settings: Settings, device: torch.device) -> dict[s
             seconds = time_optimizer_steps(policy, optimizer, batches, settings, device)
             break
         except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not is_out_of_memory(err) or micro == 1:
+            if not is_out_of_memory(err):
                 raise
+            if settings.micro_batch is not None or micro == 1:
+                raise UserError(f"micro-batch {micro} does not fit in GPU memory"
+                                + (f" capped at {settings.memory_cap_gib} GiB" if settings.memory_cap_gib else "")
+                                + "; try --micro-batch auto") from None
         del batches
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -282,9 +338,9 @@ def measure_dreams(settings: Settings, device: torch.device) -> dict[str, Any]:
         world = WorldModel(WorldModelConfig(**reference_model_config(WORLD_MODEL_CONFIG))).eval()
     generator = torch.Generator().manual_seed(settings.seed + 2)
     n = settings.dreams
-    texts = all_instructions()
-    instructions = [texts[i % len(texts)] for i in range(n)]
-    text_emb = world.embed_instructions(instructions)  # once per rollout, as the dream env does
+    # The instruction embedding is computed once per rollout (not timed) and its values do not change the speed:
+    # random unit vectors stand in, so no text-encoder weights are needed on the GPU machine.
+    text_emb = F.normalize(torch.randn(n, world.config.text_embed_dim, generator=generator), dim=-1).to(device)
     state = torch.randn(n, STATE_DIM, generator=generator).to(device)
     actions = (torch.rand(settings.dream_steps, n, ACTION_DIM, generator=generator) * 2 - 1).to(device)
 
@@ -309,7 +365,14 @@ def measure_dreams(settings: Settings, device: torch.device) -> dict[str, Any]:
 def run_benchmark(settings: Settings, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="llama-config-") as tmp:
+    if settings.memory_cap_gib is not None and device.type == "cuda":
+        # torch's caching allocator then raises OutOfMemoryError beyond the cap (the CUDA context, ~0.5 GiB, is
+        # outside it), as on a card of that size.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.memory_cap_gib * 2**30 / total), index)
+        results["memory_cap_gib"] = settings.memory_cap_gib
+    with tempfile.TemporaryDirectory(prefix="backbone-config-") as tmp:
         folder = write_backbone_folder(Path(tmp), settings.backbone)
         reset_peak(device)
         build_seconds = timed(lambda: results.update(policy=build_policy(settings, folder, device)), device)
@@ -353,7 +416,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 ROWS = [
     ("VLA parameters (total / trainable)", lambda r: f"{count(r['params_total'])} / {count(r['params_trainable'])}"),
     ("peak GPU memory while building the model", lambda r: gib(r["weights_gpu_gib"])),
-    ("peak GPU memory, training", lambda r: gib(r["train_peak_gpu_gib"])),
+    ("peak GPU memory, training", lambda r: gib(r["train_peak_gpu_gib"])
+     + (f" (capped at {r['memory_cap_gib']} GiB)" if r.get("memory_cap_gib") else "")),
     ("micro-batch x accumulation", lambda r: f"{r['micro_batch']} x {r['grad_accumulation']}"),
     ("training samples/s", lambda r: f"{r['train_samples_per_s']:.1f}"),
     ("training tokens/s", lambda r: f"{r['train_tokens_per_s']:.0f} ({r['tokens_per_sample']} tokens/sample)"),
@@ -394,23 +458,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda, or cpu with --tiny)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: runs/benchmarks/gpu_reference[_tiny].json)")
-    parser.add_argument("--config", type=Path, default=REFERENCE_CONFIG,
-                        help="trainer YAML whose model_config sets LoRA and head (default: the 8B reference)")
-    parser.add_argument("--batch-size", type=int, default=None, help="effective training batch (default 128)")
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="llama3-8b",
+                        help="backbone shape (random weights) and its trainer YAML (default: llama3-8b)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="trainer YAML: model_config (LoRA, head, checkpointing), batch_size, grad_accum_steps, "
+                             "mixed_precision (default: the backbone's, e.g. configs/vla_llama3_8b_lora.yaml)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="effective training batch (default: the YAML's batch_size x grad_accum_steps)")
+    parser.add_argument("--micro-batch", default=None,
+                        help="samples per forward/backward, or 'auto' for the largest power of two that fits "
+                             "(default: the YAML's batch_size)")
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default=None,
+                        help="override the YAML's model_config.gradient_checkpointing")
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="fail allocations beyond this many GiB, as on a smaller card (e.g. 32)")
     parser.add_argument("--dreams", type=int, default=None, help="parallel world-model rollouts (default 65536)")
     return parser.parse_args(argv)
+
+
+def positive_power_of_two(text: str) -> int:
+    if not text.isdigit() or int(text) < 1 or int(text) & (int(text) - 1):
+        raise UserError(f"--micro-batch {text}: expected 'auto' or a power of two")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
 
     def run() -> dict[str, Any]:
-        settings = Settings.tiny() if args.tiny else Settings()
-        settings.model_config = reference_model_config(args.config)
+        backbone = BACKBONES[args.backbone]
+        yaml_path = args.config or backbone.trainer_yaml
+        if args.tiny:  # the YAML's model, on a tiny backbone and batch
+            settings = Settings.tiny(backbone.tiny_shape)
+            settings.model_config = reference_model_config(yaml_path)
+        else:
+            settings = Settings(backbone=dict(backbone.shape))
+            settings.apply_trainer_yaml(yaml_path)
+        if args.gradient_checkpointing is not None:
+            settings.model_config = {**settings.model_config, "gradient_checkpointing": args.gradient_checkpointing == "on"}
         if args.batch_size is not None:
             if args.batch_size < 1 or args.batch_size & (args.batch_size - 1):
                 raise UserError(f"--batch-size {args.batch_size}: expected a power of two (micro-batches halve it)")
             settings.batch_size = args.batch_size
+            settings.micro_batch = min(settings.micro_batch or args.batch_size, args.batch_size)
+        if args.micro_batch is not None:
+            settings.micro_batch = None if args.micro_batch == "auto" else positive_power_of_two(args.micro_batch)
+        if settings.micro_batch is not None and settings.batch_size % settings.micro_batch:
+            raise UserError(f"micro-batch {settings.micro_batch} does not divide the batch {settings.batch_size}")
+        if args.memory_cap_gib is not None:
+            if args.memory_cap_gib <= 0:
+                raise UserError(f"--memory-cap-gib {args.memory_cap_gib}: expected a positive number of GiB")
+            settings.memory_cap_gib = args.memory_cap_gib
         if args.dreams is not None:
             if args.dreams < 1:
                 raise UserError(f"--dreams {args.dreams}: expected a positive number")
@@ -422,8 +520,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise UserError("the full-size benchmark (Llama-3-8B shapes) needs a GPU; pass --tiny on CPU")
         out = args.out or REPO_ROOT / "runs" / "benchmarks" / f"gpu_reference{'_tiny' if args.tiny else ''}.json"
         env = environment(device)
-        print(f"benchmark on {env['device']}: backbone {settings.backbone['num_hidden_layers']} layers x "
-              f"{settings.backbone['hidden_size']}, batch {settings.batch_size}, {settings.dreams:,} dreams", flush=True)
+        print(f"benchmark on {env['device']}: {settings.backbone['model_type']} backbone "
+              f"{settings.backbone['num_hidden_layers']} layers x {settings.backbone['hidden_size']}, batch "
+              f"{settings.batch_size} (micro-batch {settings.micro_batch or 'auto'}), {settings.dreams:,} dreams",
+              flush=True)
         results = run_benchmark(settings, device)
         payload = {"command": " ".join(["python", "benchmarks/gpu_reference.py", *(argv or [])]),
                    "environment": env, "settings": dataclasses.asdict(settings), "results": results}

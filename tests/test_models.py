@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
+import modeling_vla
 from configuration_vla import MINILM_NAME, MLPPolicyConfig, VLAConfig, WorldModelConfig
 from modeling_vla import MLPPolicy, VLAPolicy, WorldModel, resolve_pretrained_path
 
@@ -276,7 +277,7 @@ def test_world_model_step_reads_prev_state_only_with_velocity_input():
         with_velocity.step(state, action, INSTRUCTIONS[0], prev_state=moved[:2])
 
 
-def test_world_model_step_batches_std_and_padding():
+def test_world_model_step_batches_std_and_padding(monkeypatch):
     torch.manual_seed(0)
     model = WorldModel(tiny_world_config()).eval()
     batch = 1500  # more rows than one internal chunk
@@ -292,6 +293,12 @@ def test_world_model_step_batches_std_and_padding():
     assert torch.all((p_success >= 0) & (p_success <= 1)) and torch.all((p_done >= 0) & (p_done <= 1))
     by_string = model.step(state, action, INSTRUCTIONS[0], state_mask=mask)
     assert torch.allclose(by_string[0], mean)
+    # rows per pass (512 on CPU, 32,768 on a GPU) change the speed, not the result
+    for rows_per_pass in (7, 4096):
+        monkeypatch.setitem(modeling_vla.STEP_CHUNK_ROWS, "cpu", rows_per_pass)
+        again = model.step(state, action, text_emb=text[0], state_mask=mask)
+        for got, want in zip(again, (mean, std, p_success, p_done), strict=True):
+            torch.testing.assert_close(got, want)
     # the config mask zeroes a dim for every row
     masked = WorldModel(tiny_world_config(state_mask=[1.0] * (STATE_DIM - 3) + [0.0] * 3)).eval()
     assert torch.all(masked.step(state, action, INSTRUCTIONS[0])[0][:, -3:] == 0)

@@ -343,14 +343,16 @@ def assert_flags_known(argv: list[str], cli: str) -> None:
 # ----------------------------------------------------------------------------- GPU benchmark, CPU mode
 
 
-def test_gpu_reference_runs_tiny_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
+@pytest.fixture
+def gpu_reference(monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/gpu_reference.py as a module, offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    try:
-        import gpu_reference
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from benchmarks import gpu_reference
 
+    return gpu_reference
+
+
+def test_gpu_reference_runs_tiny_on_cpu(tmp_path: Path, gpu_reference) -> None:
     out = tmp_path / "tiny.json"
     payload = gpu_reference.main(["--tiny", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
@@ -361,6 +363,48 @@ def test_gpu_reference_runs_tiny_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
         assert results[key] > 0, key
     assert results["train_tokens_per_s"] == pytest.approx(results["train_samples_per_s"] * results["tokens_per_sample"])
     assert results["train_peak_gpu_gib"] is None  # no GPU numbers are invented on CPU
+
+
+def test_gpu_reference_reads_the_trainer_yaml_and_tiny_bert(tmp_path: Path, gpu_reference) -> None:
+    reference = gpu_reference.Settings()
+    reference.apply_trainer_yaml(REPO / "configs" / "vla_llama3_8b_lora.yaml")
+    assert (reference.batch_size, reference.micro_batch, reference.mixed_precision) == (128, 128, "bf16")
+    assert reference.model_config["gradient_checkpointing"] is True
+    minilm = gpu_reference.Settings()
+    minilm.apply_trainer_yaml(REPO / "configs" / "vla_minilm_cpu.yaml")
+    assert (minilm.batch_size, minilm.micro_batch, minilm.mixed_precision) == (64, 64, None)
+
+    # the MiniLM (BERT) path, without checkpointing, the largest micro-batch that fits
+    payload = gpu_reference.main(["--tiny", "--backbone", "minilm", "--micro-batch", "auto",
+                                  "--gradient-checkpointing", "off", "--out", str(tmp_path / "bert.json")])
+    assert payload["settings"]["backbone"]["model_type"] == "bert"
+    assert payload["settings"]["model_config"]["gradient_checkpointing"] is False
+    assert (payload["results"]["micro_batch"], payload["results"]["grad_accumulation"]) == (8, 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-batch", "3"], "--micro-batch 3: expected 'auto' or a power of two"),
+    (["--batch-size", "8", "--micro-batch", "16"], "micro-batch 16 does not divide the batch 8"),
+    (["--memory-cap-gib", "0"], "--memory-cap-gib 0.0: expected a positive number of GiB"),
+])
+def test_gpu_reference_rejects_bad_batch_flags(flags: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_reference.py"), "--tiny", *flags],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+
+
+def test_dream_throughput_runs_on_cpu_and_restores_the_pass_size(tmp_path: Path) -> None:
+    import modeling_vla
+    from benchmarks import dream_throughput
+
+    before = dict(modeling_vla.STEP_CHUNK_ROWS)
+    rows = dream_throughput.main(["--device", "cpu", "--dreams", "6", "--chunks", "4", "64", "--steps", "1",
+                                  "--out", str(tmp_path / "dreams.json")])
+    assert [(r["dreams"], r["rows_per_pass"]) for r in rows] == [(6, 4), (6, 64)]
+    assert all(r["imagined_steps_per_s"] > 0 and r["peak_gpu_gib"] is None for r in rows)
+    assert json.loads((tmp_path / "dreams.json").read_text())["rows"] == rows
+    assert modeling_vla.STEP_CHUNK_ROWS == before
 
 
 def test_gpu_reference_refuses_the_full_size_without_a_gpu() -> None:
