@@ -28,27 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError, run_cli
+from data_prep.stalls import STALL_MOVE, STALL_STEPS, STALL_WINDOW, stall_step
 from data_prep.tasks import STATE_SLICES, TASKS, state_from_obs
 from evaluation.records import EpisodeRecord, read_episodes, select
 
-STALL_MOVE, STALL_WINDOW = 0.01, 20  # m per control steps: 0.5 mm a step, a tenth of a servo's approach speed
-STALL_STEPS = 50  # control steps (2.5 s): shorter stops are pauses, e.g. waiting for the fingers to close
 PROBE_STEPS = 20  # steps each branch runs from the stall (1 s): long enough for the arm to cover centimetres
 LIFT_ACTION = 0.2  # dz action of the "lift" branch: a 1 cm goal offset, what the expert commands near a target
 REPLAY_TOLERANCE = 1e-4  # max |replayed - recorded| state entry; the records are float32
 TABLE_GEOM = "table_collision"  # robosuite's TableArena, every task here
-
-
-def stall_step(eef: np.ndarray, move: float = STALL_MOVE, window: int = STALL_WINDOW,
-               min_steps: int = STALL_STEPS) -> int | None:
-    """First step t from which the eef moves less than `move` in every `window` steps until the end, at least
-    `min_steps` steps later."""
-    if len(eef) <= window:
-        return None
-    moving = np.linalg.norm(eef[window:] - eef[:-window], axis=1) >= move  # moving[s]: from s to s + window
-    last_moving = np.flatnonzero(moving)
-    t = int(last_moving[-1]) + 1 if len(last_moving) else 0
-    return t if len(eef) - 1 - t >= min_steps else None
 
 
 @dataclass

@@ -51,6 +51,9 @@ reaches, mistakes included, with labels that are always consistent: a scripted e
 watched a policy drive would label from its own plan, not the policy's progress (measured: 92 % of the
 cube-lifted steps of such Lift data were labelled "open the gripper"). Attempts in which the policy
 solves the task before the handover are counted (`learner_solved_seeds`) and yield no episode.
+With `--handover-on-stall` the policy instead drives until its gripper stalls (`data_prep.stalls`: it moved less
+than 1 cm in every 20 steps for the last 20 steps) or for `--handover-steps` steps, whichever comes first, so the
+expert's part starts where the policy gets stuck and shows the way out (lift, re-align, descend again).
 
 Policy roll-outs (world-model data, Dyna-style): `--policy DIR --policy-rollouts` lets the policy drive whole
 episodes, records every step and keeps failures (`--episodes` counts attempts, as with `--keep-failures`), so a world
@@ -79,6 +82,7 @@ from tqdm import tqdm
 
 from data_prep.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, write_robomimic_hdf5
+from data_prep.stalls import STALL_WINDOW, stalled_for
 from data_prep.tasks import OBJECT_KEY, TASKS, get_task, object_obs, state_from_obs
 
 OUTPUT_NAME = "low_dim_generated.hdf5"
@@ -103,6 +107,9 @@ PERTURB_ARM_SCALE = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
 PLAY_PERTURB_PROB = {"lift": 0.06, "can": 0.02, "square": 0.01}
 PERTURB_STREAM = 1  # second entropy word of the bursts' generator: independent of the expert's (seeded by the seed alone)
 DRIVER_STREAM = 2  # likewise for the length of a driving policy's roll-in
+# --handover-on-stall: the expert takes over once the gripper has moved < 1 cm in every 20-step window of the last
+# 20 steps (~2 s nearly still): past a grasp's pause, and the arm stands where it would stay (docs/RESULTS.md).
+STALL_HANDOVER_STEPS = STALL_WINDOW
 
 
 @dataclass(frozen=True)
@@ -142,10 +149,11 @@ class LearnerDriver:
     re-plans from wherever the policy left the robot and finishes the task (the roll-out, which is recorded).
 
     The number of steps the policy drives is uniform in 0..`handover_steps`, drawn from a generator seeded by the
-    attempt seed, so the recorded starts cover the whole of the policy's typical path, mistakes included.
+    attempt seed, so the recorded starts cover the whole of the policy's typical path, mistakes included. With
+    `on_stall` it drives until its gripper stalls, or `handover_steps` steps.
     """
 
-    def __init__(self, folder: str, task: str, handover_steps: int):
+    def __init__(self, folder: str, task: str, handover_steps: int, on_stall: bool = False):
         from evaluation.cli import load_model
         from evaluation.policies import ChunkPolicy
 
@@ -153,9 +161,12 @@ class LearnerDriver:
         self.task = task
         self.instruction = get_task(task).instruction
         self.handover_steps = handover_steps
+        self.on_stall = on_stall
 
     def steps_for(self, seed: int) -> int:
-        """How many steps the policy drives in the attempt of `seed`."""
+        """How many steps the policy drives at most in the attempt of `seed`."""
+        if self.on_stall:
+            return self.handover_steps
         return int(np.random.default_rng([seed, DRIVER_STREAM]).integers(self.handover_steps + 1))
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -167,14 +178,19 @@ class LearnerDriver:
         """A new episode: forget the action chunks of the last one."""
         self.policy.reset(1)
 
-    def roll_in(self, sim, obs: dict[str, np.ndarray], steps: int) -> tuple[dict[str, np.ndarray], bool]:
-        """Let the policy drive `steps` steps from `obs`; returns the last observation and whether it solved the task."""
+    def roll_in(self, sim, obs: dict[str, np.ndarray], steps: int) -> tuple[dict[str, np.ndarray], bool, int]:
+        """Let the policy drive `steps` steps from `obs` (fewer, with `on_stall`, once its gripper stalls); returns
+        the last observation, whether it solved the task and the steps it drove."""
         self.reset()
-        for _ in range(steps):
+        eef = [np.array(obs["robot0_eef_pos"], dtype=np.float64)]
+        for step in range(1, steps + 1):
             obs, _, _, _ = sim.env.step(self.act(obs))
             if sim.success():
-                return obs, True
-        return obs, False
+                return obs, True, step
+            eef.append(np.array(obs["robot0_eef_pos"], dtype=np.float64))
+            if self.on_stall and stalled_for(eef, STALL_HANDOVER_STEPS):
+                return obs, False, step
+        return obs, False, steps
 
 
 @dataclass(frozen=True)
@@ -189,6 +205,7 @@ class RolloutSettings:
     keep_failures: bool = False
     policy: str | None = None  # saved policy folder that drives the first steps (DAgger data)
     handover_steps: int = 100  # with a policy: it drives a uniform 0..handover_steps steps before the expert
+    handover_on_stall: bool = False  # with a policy: it drives until its gripper stalls, at most handover_steps
     policy_rollouts: bool = False  # with a policy: it drives whole episodes, all recorded, failures kept
 
     @property
@@ -257,8 +274,7 @@ def run_attempt(sim, expert, seed: int, settings: RolloutSettings, driver: Learn
     if settings.policy_rollouts:
         driver.reset()
     elif driver is not None:
-        handover = driver.steps_for(seed)
-        obs, solved = driver.roll_in(sim, obs, handover)
+        obs, solved, handover = driver.roll_in(sim, obs, driver.steps_for(seed))
         if solved:  # nothing left for the expert to show from here
             return Attempt(seed=seed, success=False, length=0, restarts=0, episode=None, handover=handover,
                            learner_solved=True)
@@ -326,7 +342,8 @@ def _init_worker(settings: RolloutSettings) -> None:
         import torch
 
         torch.set_num_threads(1)  # one simulator and one policy per worker process
-        _WORKER["driver"] = LearnerDriver(settings.policy, settings.task, settings.handover_steps)
+        _WORKER["driver"] = LearnerDriver(settings.policy, settings.task, settings.handover_steps,
+                                          settings.handover_on_stall)
 
 
 def _attempt_in_worker(seed: int) -> Attempt:
@@ -435,6 +452,7 @@ def write_task_file(path: Path, episodes: list[Episode], settings: RolloutSettin
         attrs |= {"rollout_policy": str(settings.policy), "keep_failures": True, "failed_seeds": report.failed_seeds}
     elif settings.dagger:
         attrs |= {"driver_policy": str(settings.policy), "handover_steps": settings.handover_steps,
+                  "handover_on_stall": settings.handover_on_stall,
                   "handovers": report.handovers}
     write_robomimic_hdf5(path, episodes, env_args, valid_fraction=0.1, seed=seed, attrs=attrs)
 
@@ -490,6 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "from there; only the expert's part is recorded")
     p.add_argument("--handover-steps", type=int, default=None,
                    help="with --policy: the policy drives a uniform random 0..N steps (default 100)")
+    p.add_argument("--handover-on-stall", action="store_true",
+                   help="with --policy: the policy drives until its gripper stalls (moves < 1 cm in every 20 steps "
+                        "for 20 steps) or --handover-steps steps, whichever comes first")
     p.add_argument("--policy-rollouts", action="store_true",
                    help="with --policy: the policy drives whole episodes, every step is recorded and failures are "
                         "kept (world-model data; --episodes counts attempts)")
@@ -544,7 +565,11 @@ def validate(args: argparse.Namespace) -> None:
             raise UserError("--handover-steps needs --policy DIR (the policy that drives before the expert)")
         if args.policy_rollouts:
             raise UserError("--policy-rollouts needs --policy DIR (the policy whose roll-outs are recorded)")
+        if args.handover_on_stall:
+            raise UserError("--handover-on-stall needs --policy DIR (the policy that drives before the expert)")
         return
+    if args.policy_rollouts and args.handover_on_stall:
+        raise UserError("--handover-on-stall has no effect with --policy-rollouts (the policy drives whole episodes); drop it")
     if args.policy_rollouts and args.handover_steps is not None:
         raise UserError("--handover-steps has no effect with --policy-rollouts (the policy drives whole episodes); drop it")
     if args.policy_rollouts and args.max_attempts is not None:
@@ -580,6 +605,7 @@ def generate(argv: list[str] | None = None) -> list[TaskReport]:
             keep_failures=args.keep_failures,
             policy=args.policy,
             handover_steps=100 if args.handover_steps is None else args.handover_steps,
+            handover_on_stall=args.handover_on_stall,
             policy_rollouts=args.policy_rollouts,
         )
         episodes, report = generate_task(

@@ -388,19 +388,24 @@ def random_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_policy_drives_then_the_expert_takes_over_from_its_state(random_policy: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_stall", [False, True])
+def test_policy_drives_then_the_expert_takes_over_from_its_state(random_policy: Path, tmp_path: Path,
+                                                                  on_stall: bool) -> None:
     from evaluation.cli import load_model
     from evaluation.policies import ChunkPolicy
 
     report = tmp_path / "report.json"
     generate([*DAGGER_ARGS, "--out", str(tmp_path), "--workers", "1", "--policy", str(random_policy),
-              "--report", str(report)])
+              "--report", str(report), *(["--handover-on-stall"] if on_stall else [])])
     source = read_robomimic_hdf5(tmp_path / "lift" / OUTPUT_NAME)
     stats = json.loads(report.read_text())["tasks"]["lift"]
     assert source.attrs["driver_policy"] == str(random_policy) and source.attrs["handover_steps"] == 30
+    assert bool(source.attrs["handover_on_stall"]) is on_stall
     assert source.origin == "generated (DAgger)"
     assert json.loads(source.attrs["handovers"]) == stats["handovers"] and len(stats["handovers"]) == 3
-    assert len(set(stats["handovers"])) > 1 and max(stats["handovers"]) <= 30  # a random share for the policy
+    assert max(stats["handovers"]) <= 30
+    if not on_stall:
+        assert len(set(stats["handovers"])) > 1  # a random share for the policy
     policy = ChunkPolicy(load_model(random_policy, "--policy", "cpu"))
     sim = make_env("lift")
     for seed, steps, episode in zip(json.loads(source.attrs["demo_seeds"]), stats["handovers"], source, strict=True):
@@ -445,6 +450,37 @@ def test_policy_rollouts_record_the_policys_whole_episode_failures_kept(random_p
     sim.env.close()
 
 
+def test_stall_handover_comes_when_the_gripper_stops(random_policy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_prep.generate import STALL_HANDOVER_STEPS, LearnerDriver
+    from data_prep.stalls import STALL_WINDOW
+
+    sim = make_env("lift")
+    still = np.r_[np.zeros(6), -1.0]  # OSC holds the pose: the eef does not move
+    for on_stall, expected in [(True, STALL_WINDOW + STALL_HANDOVER_STEPS - 1), (False, 60)]:
+        driver = LearnerDriver(str(random_policy), "lift", handover_steps=60, on_stall=on_stall)
+        monkeypatch.setattr(driver, "act", lambda obs: still)
+        assert driver.steps_for(7) == (60 if on_stall else driver.steps_for(7))
+        _, solved, steps = driver.roll_in(sim, sim.reset(7), 60)
+        assert (solved, steps) == (False, expected)
+    # a gripper that keeps moving is never handed over early
+    driver = LearnerDriver(str(random_policy), "lift", handover_steps=60, on_stall=True)
+    moves = iter([np.r_[0.0, 0.0, 0.3 * (-1) ** (t // 20), 0.0, 0.0, 0.0, -1.0] for t in range(60)])
+    monkeypatch.setattr(driver, "act", lambda obs: next(moves))
+    assert driver.roll_in(sim, sim.reset(7), 60)[1:] == (False, 60)
+    sim.env.close()
+
+
+def test_online_stall_check_agrees_with_the_episode_one() -> None:
+    from data_prep.stalls import STALL_STEPS, STALL_WINDOW, stall_step, stalled_for
+
+    path = np.zeros((200, 3))
+    path[:, 0] = 0.01 * np.minimum(np.arange(200), 99)  # 1 cm a step up to step 99, then still
+    assert stall_step(path) == 99
+    first = next(t for t in range(len(path)) if stalled_for(path[: t + 1], STALL_STEPS))
+    assert first == 99 + STALL_WINDOW + STALL_STEPS - 1  # STALL_STEPS still windows after the stall step
+    assert not stalled_for(path[:120], 5)
+
+
 def test_expert_resumes_a_grasp_it_did_not_make() -> None:
     sim = make_env("lift")
     obs = sim.reset(1)
@@ -472,6 +508,8 @@ def test_expert_resumes_a_grasp_it_did_not_make() -> None:
     (["--policy-rollouts"], "--policy-rollouts needs --policy DIR"),
     (["--policy", "{policy}", "--policy-rollouts", "--handover-steps", "5"], "--handover-steps has no effect"),
     (["--policy", "{policy}", "--policy-rollouts", "--max-attempts", "5"], "--max-attempts has no effect"),
+    (["--handover-on-stall"], "--handover-on-stall needs --policy DIR"),
+    (["--policy", "{policy}", "--policy-rollouts", "--handover-on-stall"], "--handover-on-stall has no effect"),
     (["--policy", "{policy}", "--tasks", "can"], "tasks \\['lift'\\] do not include \\['can'\\]"),
 ])
 def test_bad_dagger_settings_are_one_line_errors(flags: list[str], message: str, random_policy: Path,
