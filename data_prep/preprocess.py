@@ -15,6 +15,7 @@ Every input is read and validated before anything is written, the repo is assemb
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -302,7 +303,10 @@ def to_arrow(values: np.ndarray) -> pa.Array:
 
 
 def write_split(columns: dict[str, np.ndarray], split: str, data_dir: Path, shard_rows: int) -> int:
-    dataset = HFDataset.from_dict({k: to_arrow(v) for k, v in columns.items()}, features=FEATURES, split=split)
+    table = pa.table({k: to_arrow(v) for k, v in columns.items()}).cast(FEATURES.arrow_schema)
+    # A fingerprint of our own: datasets would otherwise hash the whole table with dill (see shard_fingerprint).
+    fingerprint = hashlib.sha256(f"{data_dir.resolve()}|{split}|{len(table)}".encode()).hexdigest()[:16]
+    dataset = HFDataset(table, info=DatasetInfo(features=FEATURES), split=split, fingerprint=fingerprint)
     num_shards = max(1, math.ceil(len(dataset) / shard_rows))
     for index in range(num_shards):
         shard = dataset.shard(num_shards, index, contiguous=True)
@@ -486,8 +490,22 @@ def load_vla_dataset(path: str | os.PathLike, cache_dir: str | None = None) -> D
         table = pa.concat_tables([pq.read_table(f) for f in files])
         if "expert_action" not in table.column_names:  # a repo made before the column existed: executed = label
             table = table.add_column(table.column_names.index("action") + 1, "expert_action", table["action"])
-        splits[split] = HFDataset(table.cast(FEATURES.arrow_schema), info=DatasetInfo(features=FEATURES))
+        splits[split] = HFDataset(table.cast(FEATURES.arrow_schema), info=DatasetInfo(features=FEATURES),
+                                  fingerprint=shard_fingerprint(files))
     return DatasetDict(splits)
+
+
+def shard_fingerprint(files: list[Path]) -> str:
+    """A `datasets` fingerprint from the shards' paths, sizes and modification times.
+
+    Without one, `Dataset(table)` hashes the whole in-memory table with dill, which reads every byte and fails on some
+    environments: on the H200 image (Python 3.12.3) dill could not pickle pyarrow's MonthDayNano (docs/SCALING.md).
+    """
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> None:
