@@ -10,7 +10,7 @@ Measures, with random weights (speed and memory do not depend on the values):
 * VLA policy = a backbone of Meta-Llama-3-8B's shape (bf16, built directly on the GPU) + the LoRA / head /
   checkpointing / mixed-precision settings of its trainer YAML (configs/vla_llama3_8b_lora.yaml: r=32 on q/k/v/o,
   gradient checkpointing, bf16 autocast): peak GPU memory, training samples/s and tokens/s at the YAML's batch
-  (batch_size per step x grad_accum_steps = 16 x 8 = 128), and predict_actions latency at batch 1;
+  (batch_size per step x grad_accum_steps: 128 x 1), and predict_actions latency at batch 1;
 * world model (`modeling_vla.WorldModel`, configs/world_model.yaml): imagined steps/s for 65,536 parallel dreams.
 
 Prints a markdown table and writes JSON (settings, device, versions, numbers).
@@ -476,8 +476,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def is_power_of_two(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
 def positive_power_of_two(text: str) -> int:
-    if not text.isdigit() or int(text) < 1 or int(text) & (int(text) - 1):
+    if not text.isdigit() or not is_power_of_two(int(text)):
         raise UserError(f"--micro-batch {text}: expected 'auto' or a power of two")
     return int(text)
 
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.gradient_checkpointing is not None:
             settings.model_config = {**settings.model_config, "gradient_checkpointing": args.gradient_checkpointing == "on"}
         if args.batch_size is not None:
-            if args.batch_size < 1 or args.batch_size & (args.batch_size - 1):
+            if not is_power_of_two(args.batch_size):
                 raise UserError(f"--batch-size {args.batch_size}: expected a power of two (micro-batches halve it)")
             settings.batch_size = args.batch_size
             settings.micro_batch = min(settings.micro_batch or args.batch_size, args.batch_size)

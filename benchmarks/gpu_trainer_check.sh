@@ -17,13 +17,15 @@ exec > >(tee "$out/trainer_check.log") 2>&1
 
 SIZE=${SIZE:-mid} "$python" - "$backbone" <<'PY' || exit 1
 import os, sys
+from pathlib import Path
+
 import torch
 sys.path.insert(0, ".")
 from benchmarks.gpu_reference import LLAMA3_8B, LLAMA_TINY, write_backbone_folder
 from transformers import AutoConfig, LlamaModel
 
 shape = dict(LLAMA_TINY) if os.environ["SIZE"] == "tiny" else {**LLAMA3_8B, "num_hidden_layers": 4, "vocab_size": 512}
-folder = write_backbone_folder(__import__("pathlib").Path(sys.argv[1]), shape)
+folder = write_backbone_folder(Path(sys.argv[1]), shape)
 torch.manual_seed(0)
 with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
     model = LlamaModel(AutoConfig.from_pretrained(folder)).to(torch.bfloat16)

@@ -20,7 +20,7 @@ def stall_step(eef: np.ndarray, move: float = STALL_MOVE, window: int = STALL_WI
     `window` steps until the end, at least `min_steps` steps later."""
     if len(eef) <= window:
         return None
-    moving = np.linalg.norm(eef[window:] - eef[:-window], axis=1) >= move  # moving[s]: from s to s + window
+    moving = window_moves(eef, window) >= move  # moving[s]: from s to s + window
     last_moving = np.flatnonzero(moving)
     t = int(last_moving[-1]) + 1 if len(last_moving) else 0
     return t if len(eef) - 1 - t >= min_steps else None
@@ -32,5 +32,9 @@ def stalled_for(eef: list[np.ndarray] | np.ndarray, steps: int, move: float = ST
     `steps` steps? Needs window + steps positions."""
     if len(eef) < window + steps:
         return False
-    recent = np.asarray(eef[-(window + steps):])
-    return bool(np.all(np.linalg.norm(recent[window:] - recent[:-window], axis=1) < move))
+    return bool(np.all(window_moves(np.asarray(eef[-(window + steps):]), window) < move))
+
+
+def window_moves(eef: np.ndarray, window: int) -> np.ndarray:
+    """How far the eef gets in each `window` steps: [T - window], entry s from step s to s + window."""
+    return np.linalg.norm(eef[window:] - eef[:-window], axis=1)
