@@ -183,7 +183,7 @@ SIZES = {
                           train_steps={"world": 300, "policy": 150, "mlp": 300}, eval_episodes=2, checkpoint_every=100,
                           world_seeds=2),
     "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, dagger_episodes_per_task=100,
-                         dagger_rounds=DAGGER_ROUNDS, train_steps={"world": 3000, "policy": 12000, "mlp": 3000},
+                         dagger_rounds=DAGGER_ROUNDS, train_steps={"world": 3000, "policy": 9000, "mlp": 3000},
                          eval_episodes=50, world_seeds=5),
 }
 

@@ -21,6 +21,6 @@ measure llama3_8b_yaml_cap30 --memory-cap-gib 30 "$@"
 measure llama3_8b_auto_cap30 --memory-cap-gib 30 --micro-batch auto "$@"
 # ... without gradient checkpointing (no recomputation, more activation memory)
 measure llama3_8b_auto_nockpt_cap30 --memory-cap-gib 30 --micro-batch auto --gradient-checkpointing off "$@"
-# the default VLA recipe (MiniLM, configs/vla_minilm_cpu.yaml: batch 64, fp32) on a GPU
+# the default VLA recipe (MiniLM, configs/vla_minilm_cpu.yaml: batch 256 since 2026-12-04, fp32) on a GPU
 measure minilm_yaml --backbone minilm "$@"
 exit $status

@@ -372,7 +372,7 @@ def test_gpu_reference_reads_the_trainer_yaml_and_tiny_bert(tmp_path: Path, gpu_
     assert reference.model_config["gradient_checkpointing"] is True
     minilm = gpu_reference.Settings()
     minilm.apply_trainer_yaml(REPO / "configs" / "vla_minilm_cpu.yaml")
-    assert (minilm.batch_size, minilm.micro_batch, minilm.mixed_precision) == (64, 64, None)
+    assert (minilm.batch_size, minilm.micro_batch, minilm.mixed_precision) == (256, 256, None)
 
     # the MiniLM (BERT) path, without checkpointing, the largest micro-batch that fits
     payload = gpu_reference.main(["--tiny", "--backbone", "minilm", "--micro-batch", "auto",
