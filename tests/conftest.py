@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Before anything imports `datasets`: its cache keys local folders by name, so tmp folders called
@@ -23,6 +23,25 @@ from data_prep.tasks import get_task
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread each beats two fighting over 2 cores
 
 ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def datasets_never_hash_tables() -> Iterator[None]:
+    """Every `datasets.Dataset` built in-process (product code and test helpers) must be given a fingerprint.
+
+    Without one, `datasets` dill-hashes the whole Arrow table: it reads every byte, and on the H200 image (Python
+    3.12.3, pyarrow 25) it fails with a PicklingError on pyarrow's MonthDayNano (docs/SCALING.md), so a single
+    missing fingerprint breaks training there. Subprocesses (the CLI tests) are not covered.
+    """
+    import datasets.arrow_dataset
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise AssertionError("datasets was left to dill-hash a whole table: pass Dataset(..., fingerprint=...)")
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+    yield
+    patch.undo()
 
 
 def synthetic_episode(task: str, steps: int, rng: np.random.Generator, success_steps: int = 3) -> Episode:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from test_models import outputs_in_fresh_process, synthetic_batch, tiny_world_config, train_losses
+from test_train import write_rows_parquet
 
 import train_accelerate as ta
 from configuration_vla import WorldModelConfig
@@ -82,14 +83,12 @@ def synthetic_rows(episodes: int, steps: int, seed: int, first_episode: int) -> 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dataset repo in the docs/DESIGN.md layout (as tests/test_train.py writes one)."""
-    from datasets import Dataset
-
     root = tmp_path_factory.mktemp("wm_bench") / "repo"
     (root / "data").mkdir(parents=True)
     train = synthetic_rows(6, 30, seed=0, first_episode=0)
     validation = synthetic_rows(4, 30, seed=1, first_episode=100)
     for name, rows in (("train", train), ("validation", validation)):
-        Dataset.from_dict(rows).to_parquet(str(root / "data" / f"{name}-00000-of-00001.parquet"))
+        write_rows_parquet(rows, root / "data" / f"{name}-00000-of-00001.parquet")
     stats = {}
     for part, values in (("state", np.stack(train["state"])), ("action", np.stack(train["action"]))):
         stats[part] = {"mean": values.mean(0).tolist(), "std": values.std(0).tolist(),

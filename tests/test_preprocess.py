@@ -274,15 +274,9 @@ def test_load_vla_dataset(converted, tmp_path):
     assert dataset["validation"].features["state"].length == STATE_DIM
 
 
-def test_in_memory_load_never_hashes_the_table(converted, tmp_path, monkeypatch):
-    """Fingerprints come from the shard files: datasets' dill hashing of a table is never reached (it failed on the
-    H200 image, docs/SCALING.md)."""
-    import datasets.arrow_dataset
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("datasets hashed the table")
-
-    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+def test_in_memory_load_never_hashes_the_table(converted, tmp_path):
+    """Fingerprints come from the shard files: datasets' dill hashing of a table (refused for every test by conftest's
+    `datasets_never_hash_tables`; it failed on the H200 image, docs/SCALING.md) is never reached."""
     out, rows = converted
     first, again = pp.load_vla_dataset(out), pp.load_vla_dataset(out)
     assert first["train"].num_rows == len(rows["train"]["episode"])

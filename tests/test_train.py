@@ -53,15 +53,22 @@ def synthetic_rows(episodes: int, steps: int, seed: int, first_episode: int, sta
     return rows
 
 
-def write_dataset(root: Path, state_dim: int = STATE_DIM, train_episodes: int = 12, steps: int = 10) -> Path:
-    """A dataset repo in the docs/DESIGN.md layout, written with `datasets` like vla-preprocess does."""
+def write_rows_parquet(rows: dict[str, list], path: Path) -> None:
+    """Rows -> one Parquet shard through `datasets`, with a fingerprint given: without one `datasets` dill-hashes the
+    whole table, which fails on some images (PicklingError on pyarrow's MonthDayNano, docs/SCALING.md)."""
+    import pyarrow as pa
     from datasets import Dataset
 
+    Dataset(pa.Table.from_pydict(rows), fingerprint=f"test-{path.name}").to_parquet(str(path))
+
+
+def write_dataset(root: Path, state_dim: int = STATE_DIM, train_episodes: int = 12, steps: int = 10) -> Path:
+    """A dataset repo in the docs/DESIGN.md layout, written with `datasets` like vla-preprocess does."""
     (root / "data").mkdir(parents=True)
     train = synthetic_rows(train_episodes, steps, seed=0, first_episode=0, state_dim=state_dim)
     validation = synthetic_rows(4, steps, seed=1, first_episode=1000, state_dim=state_dim)
     for name, rows in (("train", train), ("validation", validation)):
-        Dataset.from_dict(rows).to_parquet(str(root / "data" / f"{name}-00000-of-00001.parquet"))
+        write_rows_parquet(rows, root / "data" / f"{name}-00000-of-00001.parquet")
     states, actions = np.stack(train["state"]), np.stack(train["action"])
 
     def stats(x: np.ndarray) -> dict[str, list[float]]:
