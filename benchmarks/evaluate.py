@@ -24,6 +24,7 @@ from data_prep.errors import UserError, run_cli
 from data_prep.tasks import TASKS
 from evaluation.cli import make_plan, parse_args, play, settings_of, write_results
 from evaluation.envs import DREAM_SUCCESS
+from evaluation.policies import ChunkExecution
 from evaluation.records import write_episodes
 from evaluation.report import replace_markdown_section, write_summary
 
@@ -45,6 +46,8 @@ def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dream-success", choices=DREAM_SUCCESS, default=DREAM_SUCCESS[0],
                    help="dream success from the world model's head (default) or robosuite's rule on the dreamed state")
     p.add_argument("--video", action="store_true", help="film 2 real episodes per task and policy")
+    p.add_argument("--ensemble-decay", type=float, default=ChunkExecution.decay,
+                   help="temporal ensembling weight exp(-m * i) of the i-th oldest chunk, both policies (vla-rollout's)")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"))
     p.add_argument("--results-md", type=Path, help="markdown file whose '## Evaluation' section is replaced")
     return p.parse_args(argv)
@@ -53,7 +56,8 @@ def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
 def rollout_argv(args: argparse.Namespace, policy: str, name: str, env: str) -> list[str]:
     """The vla-rollout command line of one policy (so the benchmark and the CLI share every default)."""
     argv = ["--policy", policy, "--name", name, "--env", env, "--tasks", *args.tasks, "--episodes", str(args.episodes),
-            "--workers", str(args.workers), "--seed", str(args.seed), "--out", str(args.out), "--no-progress"]
+            "--workers", str(args.workers), "--seed", str(args.seed), "--out", str(args.out), "--no-progress",
+            "--ensemble-decay", str(args.ensemble_decay)]
     if env != "real":
         argv += ["--world-model", *map(str, args.world_model or []), "--dream-success", args.dream_success]
     if args.horizon:

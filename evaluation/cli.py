@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-mode", choices=("ensemble", "receding"), default="ensemble",
                    help="action chunks: ACT temporal ensembling (default) or receding horizon")
     p.add_argument("--execute", type=int, default=1, help="receding horizon: actions played per chunk")
-    p.add_argument("--ensemble-decay", type=float, default=0.01, help="temporal ensembling weight decay m")
+    p.add_argument("--ensemble-decay", type=float, default=ChunkExecution.decay,
+                   help="temporal ensembling: weight exp(-m * i) of the i-th oldest chunk (< 0: newest weigh most)")
     p.add_argument("--dream-success", choices=DREAM_SUCCESS, default="head",
                    help="what makes a dream succeed: the world model's success head (p_success > --success-threshold,"
                         " default) or robosuite's success rule on the imagined state")

@@ -525,3 +525,20 @@ def test_real_rollout_video_or_a_clear_skip(tmp_path: Path) -> None:
 
     frames = [f for f in imageio.get_reader(tmp_path / "videos" / "zero_lift_seed0.mp4")]  # not list(): len() is inf
     assert len(frames) == records[0].length + 1 and frames[0].shape == (64, 64, 3) and frames[0].std() > 0
+
+
+def test_benchmark_passes_its_settings_to_every_rollout() -> None:
+    """benchmarks/evaluate.py builds each policy's vla-rollout command line: the ensembling weight reaches it."""
+    import importlib.util
+
+    from evaluation.cli import parse_args
+
+    spec = importlib.util.spec_from_file_location("benchmarks_evaluate", Path(__file__).parents[1] / "benchmarks" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    default = evaluate.benchmark_args(["--vla", "v", "--world-model", "w"])
+    assert parse_args(evaluate.rollout_argv(default, "v", "vla", "both")).ensemble_decay == ChunkExecution.decay
+    tuned = evaluate.benchmark_args(["--vla", "v", "--world-model", "w", "--ensemble-decay", "-0.5", "--episodes", "3"])
+    for env in ("real", "dream", "both"):
+        rollout_args = parse_args(evaluate.rollout_argv(tuned, "v", "vla", env))
+        assert (rollout_args.ensemble_decay, rollout_args.episodes, rollout_args.env) == (-0.5, 3, env)
