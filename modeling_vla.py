@@ -537,10 +537,12 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         valid = valid_steps(step_mask[:, :horizon])  # [B, H]
         acts = self.normalize_action(actions[:, :horizon])  # [B, H, A]
         targets = self.normalize_state(next_states[:, :horizon], mask.unsqueeze(1))  # [B, H, D]
-        s0 = self._perturb(self.normalize_state(state, mask), mask)
+        noise = self._input_noise(state, mask)
+        s0 = self.normalize_state(state, mask) + noise
         v0 = None
         if prev_state is not None:
-            v0 = self.velocity(s0, self._perturb(self.normalize_state(prev_state, mask), mask))
+            prev_noise = noise if cfg.input_noise_shared else self._input_noise(prev_state, mask)
+            v0 = self.velocity(s0, self.normalize_state(prev_state, mask) + prev_noise)
         pred, success_logit, done_logit = self._open_loop(s0, acts, text, mask, v0)
 
         step_weight = self._member_weights(batch, state.device)[:, :, None] * valid  # [K, B, H]
@@ -567,12 +569,12 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         metrics["loss"] = loss.item()
         return RobotModelOutput(loss=loss, prediction=pred, metrics=metrics)
 
-    def _perturb(self, state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Training noise on a normalised input state (config.input_noise); the identity in eval mode."""
+    def _input_noise(self, state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training noise for a normalised input state (config.input_noise); zeros in eval mode."""
         if not self.training or self.config.input_noise <= 0:
-            return state
+            return torch.zeros_like(state)
         scale = self.config.input_noise * self._constants(state.device)["velocity_scale"]
-        return state + torch.randn_like(state) * scale * mask
+        return torch.randn_like(state) * scale * mask
 
     def _member_weights(self, batch: int, device: torch.device) -> torch.Tensor:
         """Bootstrap-style data split: each member sees its own random subset of the batch while training."""

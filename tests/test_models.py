@@ -262,6 +262,21 @@ def test_world_model_input_noise_perturbs_training_inputs_only():
     assert drift[..., -1].mean() > 5 * drift[..., 0].mean()
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_world_model_shared_input_noise_keeps_the_velocity_input_exact(shared, monkeypatch):
+    torch.manual_seed(0)
+    model = WorldModel(tiny_world_config(ensemble_data_fraction=1.0, velocity_input=True, input_noise=0.5,
+                                         input_noise_shared=shared)).train()
+    batch = {**moving_batch(16), "state_mask": None}
+    seen = []
+    velocity = model.velocity
+    monkeypatch.setattr(model, "velocity", lambda s, prev: seen.append(velocity(s, prev)) or seen[-1])
+    model(**batch)
+    mask = model._mask(None, batch["state"])
+    exact = velocity(model.normalize_state(batch["state"], mask), model.normalize_state(batch["prev_state"], mask))
+    assert torch.allclose(seen[0], exact, atol=1e-5) == shared  # independent noise blurs the velocity
+
+
 def test_world_model_step_reads_prev_state_only_with_velocity_input():
     torch.manual_seed(0)
     state, action = torch.randn(4, STATE_DIM), torch.rand(4, ACTION_DIM)
