@@ -189,7 +189,8 @@ class WorldModelConfig(RobotModelConfig):
     input_noise: float = 0.0
     # With velocity_input: s_{t-1} gets the same noise as s_t, so the velocity input stays exact. Independent noise
     # (false) also blurs the velocity by ~0.42x its typical size, and a regression on a blurred input learns to
-    # trust it less (regression dilution): the dreamed arm then moves too slowly.
+    # trust it less (regression dilution); measured: 7 % lower one-step error with sharing, one seed each
+    # (docs/RESULTS.md "Velocity input in the dream model").
     input_noise_shared: bool = False
 
     def validate_fields(self) -> None:
