@@ -847,6 +847,19 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         self._tokenizer = None
         self._token_cache: dict[str, list[int]] = {}
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> VLAPolicy:
+        model = super().from_pretrained(*args, **kwargs)
+        model.freeze_backbone_but_adapters()
+        return model
+
+    def freeze_backbone_but_adapters(self) -> None:
+        """With LoRA only the adapters train, as get_peft_model set up; transformers' loading creates the weights
+        anew with requires_grad on, so a loaded policy (a fine-tune's start) would otherwise train its backbone."""
+        if self.config.use_lora:
+            for name, param in self.backbone.named_parameters():
+                param.requires_grad = "lora_" in name
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute the backbone's layers in backward (the state encoder and head are too small to matter)."""
         enable_activation_checkpointing(self.base_backbone)

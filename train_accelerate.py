@@ -80,6 +80,11 @@ class TrainConfig:
     num_workers: int = 0
     horizon: int | None = None  # window length H; None: the model config's multi_step / chunk_size
     early_stopping_patience: int | None = None  # evaluations without a new best before stopping
+    # A saved model folder (a run's best/ or final/) to start from instead of fresh weights: a fine-tune, e.g. a
+    # DAgger round on more data. The model keeps its own config, normalisation and tasks (its weights expect
+    # them); model_config may only repeat its values (so the run's YAML can be reused). The optimizer, schedule
+    # and step count start afresh.
+    init_from: str | None = None
 
     def validate(self, source: str) -> None:
         """Refuse values that would fail later with a worse message (or silently train nonsense)."""
@@ -421,6 +426,8 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     import configuration_vla
     import modeling_vla
 
+    if cfg.init_from:
+        return load_initial_model(cfg, data)
     config_name, model_name, horizon_field = MODEL_CLASSES[cfg.model]
     config_cls = getattr(configuration_vla, config_name)
     known = set(config_cls().to_dict())
@@ -442,11 +449,50 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     config.tasks = data.tasks
     if getattr(config, "velocity_input", False) or getattr(config, "scale_change", False) or getattr(config, "input_noise", 0):
         config.velocity_scale = velocity_scale(data.train, np.asarray(config.state_std, np.float32)).tolist()
+    return getattr(modeling_vla, model_name)(config), training_horizon(cfg, config, source)
+
+
+def training_horizon(cfg: TrainConfig, config: Any, source: str) -> int:
+    """Window length H: the config's, or a longer one from cfg.horizon (never shorter than the model needs)."""
+    horizon_field = MODEL_CLASSES[cfg.model][2]
     model_horizon = int(getattr(config, horizon_field))
     horizon = cfg.horizon or model_horizon
     if horizon < model_horizon:
         raise UserError(f"{source}: horizon={horizon} is shorter than model_config.{horizon_field}={model_horizon}")
-    return getattr(modeling_vla, model_name)(config), horizon
+    return horizon
+
+
+def load_initial_model(cfg: TrainConfig, data: TrainingData):
+    """The saved model in cfg.init_from, after checking that it can learn from this dataset."""
+    import configuration_vla
+    import modeling_vla
+
+    config_name, model_name, _ = MODEL_CLASSES[cfg.model]
+    folder = Path(cfg.init_from)
+    source = f"init_from {folder}"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{source}: no config.json there; expected a saved model folder (a run's best/ or final/)")
+    try:
+        found = json.loads(config_file.read_text()).get("architectures") or ["?"]
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_file}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if found[0] != model_name:
+        raise UserError(f"{source}: holds a {found[0]}, but --model {cfg.model} trains a {model_name}")
+    config = getattr(configuration_vla, config_name).from_pretrained(folder)
+    for key, value in cfg.model_config.items():
+        saved = getattr(config, key, None)
+        if (list(saved) if isinstance(saved, tuple) else saved) != value:
+            raise UserError(f"{source}: model_config.{key}={value!r}, but the saved model has {saved!r}")
+    if config.state_dim != data.state_dim:
+        raise UserError(f"{source}: state width {config.state_dim}, but dataset {cfg.dataset} has {data.state_dim}")
+    unknown = sorted(set(data.tasks) - set(config.tasks))
+    if unknown:
+        raise UserError(f"{source}: trained on tasks {config.tasks}; dataset {cfg.dataset} also has {unknown}")
+    if not (folder / "model.safetensors").is_file():
+        raise UserError(f"{source}: no model.safetensors there; expected a saved model folder (a run's best/ or final/)")
+    model = getattr(modeling_vla, model_name).from_pretrained(folder, config=config)
+    return model, training_horizon(cfg, config, source)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -174,7 +174,7 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     assert onpolicy_seed > dagger_seed + 6 * SIZES["full"].dagger_episodes_per_task and onpolicy_seed + 100 < 100_000
     assert world_inputs[world_inputs.index("--out") + 1] == str(tmp_path / "hf_dataset_world")
     assert dataset_of(stages["train_world_s0"]) == dataset_of(stages["train_world_s1"]) == str(paths.world_dataset)
-    assert dataset_of(stages["train_policy"]) == dataset_of(stages["train_mlp"]) == str(tmp_path / "dataset_dagger1")
+    assert dataset_of(stages["train_policy_base"]) == dataset_of(stages["train_mlp"]) == str(tmp_path / "dataset_dagger1")
     assert "local/dreaming-vla-dataset-world" in stages["export_world"].command
     assert {"export_dataset", "export_dataset_world"} <= set(order)
     assert 0 < SIZES["quick"].play_episodes_per_task < SIZES["full"].play_episodes_per_task == 100
@@ -182,7 +182,7 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     no_dagger = {stage.name: stage for stage in
                  build_stages(paths, dataclasses.replace(SIZES["quick"], dagger_rounds=0), ["lift"])}
     assert "generate_onpolicy" in no_dagger and not any(name.startswith("train_dagger") for name in no_dagger)
-    assert dataset_of(no_dagger["train_policy"]) == str(paths.dataset)
+    assert dataset_of(no_dagger["train_policy_base"]) == str(paths.dataset)
 
 
 def test_dream_model_pools_world_models_trained_with_consecutive_seeds(tmp_path: Path) -> None:
@@ -244,13 +244,55 @@ def test_each_dagger_round_is_driven_per_task_by_a_policy_trained_on_that_tasks_
     assert inputs("preprocess_dagger_driver1_can") == [str(paths.raw / "can")]
     assert inputs("preprocess_dagger_driver2_can") == [str(paths.raw / "can"), str(tmp_path / "raw_dagger1" / "can")]
     assert inputs("preprocess_dagger2") == [str(paths.raw), str(tmp_path / "raw_dagger1"), str(tmp_path / "raw_dagger2")]
-    assert arg("train_policy", "--dataset") == arg("train_mlp", "--dataset") == str(tmp_path / "dataset_dagger2")
-    assert order.index("preprocess_dagger2") < order.index("train_policy")
+    assert arg("train_policy_base", "--dataset") == arg("train_mlp", "--dataset") == str(tmp_path / "dataset_dagger2")
+    assert order.index("preprocess_dagger2") < order.index("train_policy_base")
+    assert inputs("preprocess_dagger_vla") == [*inputs("preprocess_dagger2"), str(paths.raw_dagger_vla)]
     # DAgger seeds: apart from each other, from the demos' (seed ..) and play (50000+), below evaluation's (100000+)
     seeds = [int(arg(f"generate_dagger{r}_can", "--seed")) for r in (1, 2)]
     attempts = int(arg("generate_dagger1_can", "--max-attempts"))
     assert seeds[0] > int(arg("generate_play", "--seed")) + SIZES["full"].play_episodes_per_task
     assert seeds[0] + attempts <= seeds[1] and seeds[1] + attempts < 100_000
-    assert "local/dreaming-vla-dataset" in stages["export_policy"].command
+    assert "local/dreaming-vla-dataset" in stages["export_mlp"].command
     # no DAgger data for the world model (measured: its Square dreams turned pessimistic, docs/RESULTS.md)
     assert inputs("preprocess_world") == [str(paths.raw), str(paths.raw_play), str(paths.raw_onpolicy)]
+
+
+def test_the_vla_is_fine_tuned_on_its_own_dagger_round(tmp_path: Path) -> None:
+    paths = PipelinePaths(tmp_path)
+    assert SIZES["quick"].vla_dagger and SIZES["full"].vla_dagger  # the measured choice
+    stages = {stage.name: stage for stage in build_stages(paths, SIZES["full"], ["lift", "square"], seed=3)}
+    order = list(stages)
+
+    def arg(stage: str, flag: str) -> str:
+        command = list(stages[stage].command)
+        return command[command.index(flag) + 1]
+
+    def overrides(stage: str) -> list[str]:
+        command = list(stages[stage].command)
+        return command[command.index("--set") + 1:]
+
+    base = str(paths.best("policy_base"))
+    assert arg("generate_dagger_vla", "--policy") == base and arg("generate_dagger_vla", "--tasks") == "lift"
+    assert arg("generate_dagger_vla", "--out") == str(paths.raw_dagger_vla)
+    assert order.index("train_policy_base") < order.index("generate_dagger_vla") < order.index("preprocess_dagger_vla")
+    assert order.index("preprocess_dagger_vla") < order.index("train_policy") < order.index("evaluate_policy")
+    # the fine-tune: the base VLA's weights, its own YAML, all the data; evaluated and exported as the VLA
+    assert arg("train_policy", "--config").endswith("configs/vla_dagger_finetune.yaml")
+    assert arg("train_policy", "--dataset") == arg("preprocess_dagger_vla", "--out") == str(paths.vla_dagger_dataset)
+    assert overrides("train_policy") == ["max_steps=1500", "seed=3", f"init_from={base}"]
+    assert overrides("train_policy_base") == ["max_steps=9000", "seed=3"]
+    assert arg("evaluate_policy", "--policy") == str(paths.best("policy"))
+    assert arg("export_dataset_vla", "--dataset-dir") == str(paths.vla_dagger_dataset)
+    assert "local/dreaming-vla-dataset-vla" in stages["export_policy"].command
+    # its seeds: apart from the MLP DAgger rounds' and the world model's roll-outs, below evaluation's (100000+)
+    seed = int(arg("generate_dagger_vla", "--seed"))
+    attempts = int(arg("generate_dagger_vla", "--max-attempts"))
+    assert seed > int(arg("generate_onpolicy", "--seed")) + SIZES["full"].play_episodes_per_task
+    assert seed + attempts < 100_000
+    # switched off: one VLA trained on the MLP DAgger rounds, as before
+    plain = {stage.name: stage for stage in
+             build_stages(paths, dataclasses.replace(SIZES["full"], vla_dagger=False), ["lift"])}
+    assert "train_policy_base" not in plain and "generate_dagger_vla" not in plain
+    command = list(plain["train_policy"].command)
+    assert command[command.index("--dataset") + 1] == str(tmp_path / "dataset_dagger1")
+    assert not any(a.startswith("init_from=") for a in command)

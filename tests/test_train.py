@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -431,3 +432,39 @@ def test_policies_train_and_load_with_auto_model(
     assert torch.equal(moved, chunk) != velocity_input  # s_{t-1} is read only with velocity_input
     # the trainer sizes the velocity input by the data's one-step changes (ones when the model does not read it)
     assert (model.config.velocity_scale != [1.0] * STATE_DIM) == velocity_input
+
+
+@pytest.mark.parametrize("kind", ["mlp", "policy", "world"])
+def test_init_from_starts_at_the_saved_weights(kind: str, dataset: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(dataset, tmp_path / "first", model=kind, max_steps=6, eval_every=3, save_every=3)
+    if kind == "policy":
+        cfg.model_config["backbone"] = str(tiny_llama)
+    ta.train(cfg)
+    saved = state_dict_of(tmp_path / "first" / "best")
+    # lr ~0 and no weight decay: a fine-tune must end where it started, on the saved weights (fresh ones differ)
+    tune = tiny_config(
+        dataset, tmp_path / "tune", model=kind, model_config={}, init_from=str(tmp_path / "first" / "best"),
+        lr=1e-12, weight_decay=0.0, max_steps=2, eval_every=1, save_every=2, seed=1,
+    )
+    summary = ta.train(tune)
+    tuned = state_dict_of(tmp_path / "tune" / "final")
+    assert tuned.keys() == saved.keys()
+    for name, weight in saved.items():
+        torch.testing.assert_close(tuned[name], weight, atol=1e-6, rtol=0, msg=name)
+    if kind == "policy":  # still LoRA: the loaded backbone stays frozen
+        assert 0 < summary["params_trainable"] < summary["params_total"]
+    assert summary["config"]["init_from"] == str(tmp_path / "first" / "best")
+
+
+def test_init_from_refuses_what_it_cannot_fine_tune(dataset: Path, tmp_path: Path) -> None:
+    ta.train(tiny_config(dataset, tmp_path / "mlp", model="mlp", max_steps=2, eval_every=2, save_every=2))
+    saved = tmp_path / "mlp" / "best"
+    cases = [
+        ("world", {}, saved, f"init_from {saved}: holds a MLPPolicy, but --model world trains a WorldModel"),
+        ("mlp", {"chunk_size": 8}, saved, f"init_from {saved}: model_config.chunk_size=8, but the saved model has 4"),
+        ("mlp", {}, tmp_path / "nowhere", "no config.json there"),
+    ]
+    for n, (kind, model_config, folder, message) in enumerate(cases):
+        cfg = tiny_config(dataset, tmp_path / f"out{n}", model=kind, model_config=model_config, init_from=str(folder))
+        with pytest.raises(UserError, match=re.escape(message)):
+            ta.train(cfg)
