@@ -16,6 +16,15 @@ stall step asks the simulator:
 
 When the folder also holds dreams (`--env both`), it reports how the dreams from the stalled episodes' initial states
 ended: a world model that never learned the contact that holds the gripper dreams them as successes.
+
+`--world-model DIR --policy-dir DIR` asks the world model about the stall itself, for every stalled episode:
+* one step at a time, on the recorded (state, action) pairs from the stall on, how far the dream moves the end
+  effector per step against how far reality moved it;
+* whether a dream started `DREAM_OFFSET` steps into the stall, from the real state, with the same policy, stays
+  stalled or gets out (and succeeds).
+
+    .venv/bin/python benchmarks/stalls.py results/benchmark --task square --policy mlp \
+        --world-model runs/wm_pool10/best --policy-dir runs/x_e5_pertask_s0/best
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ PROBE_STEPS = 20  # steps each branch runs from the stall (1 s): long enough for
 LIFT_ACTION = 0.2  # dz action of the "lift" branch: a 1 cm goal offset, what the expert commands near a target
 REPLAY_TOLERANCE = 1e-4  # max |replayed - recorded| state entry; the records are float32
 TABLE_GEOM = "table_collision"  # robosuite's TableArena, every task here
+DREAM_OFFSET = 10  # steps into the stall a dream starts from: the stall has set in (a policy's chunk history is lost)
 
 
 @dataclass
@@ -132,13 +142,80 @@ def dream_twins(records: list[EpisodeRecord], stalled: list[EpisodeRecord]) -> d
     return twins
 
 
+@dataclass
+class StallDream:
+    """What the world model makes of one real stall."""
+
+    real_cm_per_step: float  # mean |eef change| per recorded step from the stall on
+    dreamed_cm_per_step: float  # the same, one world-model step from each recorded (state, action)
+    start_step: int  # the dream below starts from the real state at this step
+    dream: EpisodeRecord  # that dream, played with the same policy
+
+
+def one_step_motion(world_model, record: EpisodeRecord, t: int) -> tuple[float, float]:
+    """Mean end-effector motion per step (cm) from step t on: recorded, and predicted one step at a time."""
+    import torch
+
+    from data_prep.tasks import state_mask
+
+    states, actions = record.states[t:], record.actions[t:]
+    n = len(actions)
+    eef = STATE_SLICES["eef pos"]
+    mask = torch.as_tensor(state_mask(record.task)).expand(n, -1)
+    previous = torch.as_tensor(record.states[max(t - 1, 0):][:n])
+    with torch.no_grad():
+        mean, *_ = world_model.step(torch.as_tensor(states[:n]), torch.as_tensor(actions), [record.instruction] * n,
+                                    state_mask=mask, prev_state=previous)
+    dreamed = np.linalg.norm(np.asarray(mean)[:, eef] - states[:n, eef], axis=1)
+    real = np.linalg.norm(states[1:n + 1, eef] - states[:n, eef], axis=1)
+    return float(real.mean() * 100), float(dreamed.mean() * 100)
+
+
+def dream_from_stalls(world_model, policy, stalled: list[EpisodeRecord], stalls: dict[int, int]) -> list[StallDream]:
+    """Per stalled episode: the one-step motion, and a dream from DREAM_OFFSET steps into the stall to the horizon."""
+    from evaluation.envs import DreamEnv, Start
+    from evaluation.rollout import rollout
+
+    results = []
+    for record in stalled:
+        t = stalls[record.seed]
+        start = min(t + DREAM_OFFSET, record.length)
+        real, dreamed = one_step_motion(world_model, record, t)
+        horizon = TASKS[record.task].horizon - start
+        dream = rollout(DreamEnv(world_model, record.task), policy, [Start(record.seed, record.states[start])],
+                        [record.instruction], horizon, progress=False)[0]
+        results.append(StallDream(real, dreamed, start, dream))
+    return results
+
+
+def print_stall_dreams(stalled: list[EpisodeRecord], stalls: dict[int, int], results: list[StallDream]) -> None:
+    header = ["seed", "stall step", "real eef cm/step", "dreamed eef cm/step (one step)", "dream from step",
+              "dream stays stalled", "dream succeeds"]
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for record, result in zip(stalled, results, strict=True):
+        stays = stall_step(result.dream.states[:, STATE_SLICES["eef pos"]]) == 0
+        outcome = f"yes, after {result.dream.length} steps" if result.dream.success else "no"
+        print(f"| {record.seed} | {stalls[record.seed]} | {result.real_cm_per_step:.3f} | "
+              f"{result.dreamed_cm_per_step:.3f} | {result.start_step} | {'yes' if stays else 'no'} | {outcome} |")
+    if results:
+        print(f"\nfrom inside {len(results)} stalls the dream stays stalled in "
+              f"{sum(stall_step(r.dream.states[:, STATE_SLICES['eef pos']]) == 0 for r in results)} and succeeds in "
+              f"{sum(r.dream.success for r in results)}; median one-step eef motion: real "
+              f"{np.median([r.real_cm_per_step for r in results]):.3f} cm, dreamed "
+              f"{np.median([r.dreamed_cm_per_step for r in results]):.3f} cm")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help="a vla-rollout results folder with real episodes")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--policy", help="policy name in the folder (needed when it holds several)")
     p.add_argument("--replay", type=int, default=0, help="replay this many stalled episodes in robosuite")
+    p.add_argument("--world-model", type=Path, help="a saved world model: dream the stalls (needs --policy-dir)")
+    p.add_argument("--policy-dir", type=Path, help="the saved policy of the episodes, for --world-model's dreams")
     args = p.parse_args(argv)
+    if (args.world_model is None) != (args.policy_dir is None):
+        raise UserError("--world-model and --policy-dir go together (the dreams need both)")
     episodes = read_episodes(args.results)
     failed = failed_episodes(args.results, args.task, args.policy, episodes)
     stalls = {r.seed: stall_step(r.states[:, STATE_SLICES["eef pos"]]) for r in failed}
@@ -149,6 +226,13 @@ def main(argv: list[str] | None = None) -> None:
         dream_stalls = sum(stall_step(r.states[:, STATE_SLICES["eef pos"]]) is not None for r in twins)
         print(f"{source} from the same {len(twins)} starts: {sum(r.success for r in twins)} succeed, "
               f"{dream_stalls} stall")
+    if args.world_model is not None:
+        from evaluation.cli import load_model
+        from evaluation.policies import ChunkPolicy
+
+        world_model = load_model(args.world_model, "--world-model", "cpu")
+        policy = ChunkPolicy(load_model(args.policy_dir, "--policy-dir", "cpu"), name=stalled[0].policy if stalled else "")
+        print_stall_dreams(stalled, stalls, dream_from_stalls(world_model, policy, stalled, stalls))
     if not args.replay:
         return
     header = ["seed", "stall step", "replay error", "fingers on table", "fingers on object",

@@ -14,6 +14,7 @@ import pytest
 
 from data_prep.errors import UserError
 from data_prep.tasks import state_from_obs
+from evaluation.policies import Policy
 from evaluation.records import EpisodeRecord, read_episodes, write_episodes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,3 +106,56 @@ def test_a_gripper_pressed_into_the_table_is_found_there_and_freed_by_lifting() 
     assert result.fingers_on_table and not result.fingers_on_object
     assert result.moved["recorded"] < 0.01 < result.moved["lift"]
     assert result.expert_success
+
+
+class DriftingWorldModel:
+    """A stand-in world model: every step moves the end effector `drift` m along x, whatever the action."""
+
+    def __init__(self, drift: float) -> None:
+        import torch
+
+        self.drift = drift
+        self._param = torch.nn.Parameter(torch.zeros(1))
+
+    def eval(self) -> DriftingWorldModel:
+        return self
+
+    def parameters(self):
+        return iter([self._param])
+
+    def step(self, state, action, instructions, state_mask=None, prev_state=None):
+        import torch
+
+        mean = state.clone()
+        mean[:, 0] += self.drift
+        zeros = torch.zeros(len(state), 1)
+        return mean, torch.zeros_like(state), zeros, zeros
+
+
+class StillPolicy(Policy):
+    name = "mlp"
+
+    def act(self, states, instructions, active):
+        return np.zeros((len(states), 7), np.float32)
+
+
+@pytest.mark.parametrize(("drift", "stays"), [(0.0, True), (0.002, False)])
+def test_a_stall_dreamed_from_inside_stays_only_if_the_world_model_holds_the_gripper(drift: float, stays: bool) -> None:
+    from data_prep.tasks import STATE_DIM
+
+    eef = still_after(20, 100)
+    states = np.zeros((len(eef), STATE_DIM), np.float32)
+    states[:, :3] = eef
+    episode = EpisodeRecord(policy="mlp", task="lift", env="real", index=0, seed=7, instruction="Lift the red cube",
+                            success=False, episode_return=0.0, length=len(states) - 1, error=None,
+                            states=states, actions=np.zeros((len(states) - 1, 7), np.float32))
+    t = bs.stall_step(episode.states[:, :3])
+    assert t is not None and 10 < t <= 20
+    [result] = bs.dream_from_stalls(DriftingWorldModel(drift), StillPolicy(), [episode], {7: t})
+    # the recorded motion from the stall step on (the last millimetres of the approach, then none)
+    assert result.real_cm_per_step == pytest.approx(np.linalg.norm(np.diff(eef[t:], axis=0), axis=1).mean() * 100)
+    assert result.dreamed_cm_per_step == pytest.approx(drift * 100, rel=1e-4, abs=1e-6)
+    assert result.start_step == t + bs.DREAM_OFFSET
+    assert result.dream.length == 400 - result.start_step and not result.dream.success  # lift's horizon: 400
+    np.testing.assert_allclose(result.dream.states[0], states[result.start_step])
+    assert (bs.stall_step(result.dream.states[:, :3]) == 0) == stays
