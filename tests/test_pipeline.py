@@ -49,6 +49,18 @@ def names(runner: FakeRunner) -> list[str]:
     return [call[0] for call in runner.calls]
 
 
+def flag_value(stage: Stage, flag: str) -> str:
+    """The argument after `flag` in a stage's command line."""
+    command = list(stage.command)
+    return command[command.index(flag) + 1]
+
+
+def flag_values(stage: Stage, flag: str, until: str | None = None) -> list[str]:
+    """The arguments after `flag`, up to `until` (or the end)."""
+    command = list(stage.command)
+    return command[command.index(flag) + 1: command.index(until) if until else None]
+
+
 def test_all_stages_run_once_then_are_skipped(tmp_path: Path) -> None:
     stages = fake_stages(tmp_path)
     first = FakeRunner(stages)
@@ -145,7 +157,7 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     order = list(stages)
 
     def dataset_of(stage: Stage) -> str:
-        return stage.command[list(stage.command).index("--dataset") + 1]
+        return flag_value(stage, "--dataset")
 
     assert order.index("generate_play") < order.index("preprocess_world") < order.index("train_world_s0")
     play = list(stages["generate_play"].command)
@@ -192,7 +204,7 @@ def test_dream_model_pools_world_models_trained_with_consecutive_seeds(tmp_path:
     order = list(stages)
 
     def arg(name: str, flag: str) -> str:
-        return stages[name].command[list(stages[name].command).index(flag) + 1]
+        return flag_value(stages[name], flag)
 
     runs = ["world_s0", "world_s1", "world_s2"]
     assert "train_world" not in stages
@@ -222,12 +234,10 @@ def test_each_dagger_round_is_driven_per_task_by_a_policy_trained_on_that_tasks_
     order = list(stages)
 
     def arg(stage: str, flag: str) -> str:
-        command = list(stages[stage].command)
-        return command[command.index(flag) + 1]
+        return flag_value(stages[stage], flag)
 
     def inputs(stage: str) -> list[str]:
-        command = list(stages[stage].command)
-        return command[command.index("--inputs") + 1: command.index("--out")]
+        return flag_values(stages[stage], "--inputs", until="--out")
 
     for round_ in (1, 2):
         for task in ("lift", "can"):
@@ -264,12 +274,10 @@ def test_the_vla_is_fine_tuned_on_its_own_dagger_round(tmp_path: Path) -> None:
     order = list(stages)
 
     def arg(stage: str, flag: str) -> str:
-        command = list(stages[stage].command)
-        return command[command.index(flag) + 1]
+        return flag_value(stages[stage], flag)
 
     def overrides(stage: str) -> list[str]:
-        command = list(stages[stage].command)
-        return command[command.index("--set") + 1:]
+        return flag_values(stages[stage], "--set")
 
     base = str(paths.best("policy_base"))
     assert arg("generate_dagger_vla", "--policy") == base and arg("generate_dagger_vla", "--tasks") == "lift"
@@ -293,6 +301,5 @@ def test_the_vla_is_fine_tuned_on_its_own_dagger_round(tmp_path: Path) -> None:
     plain = {stage.name: stage for stage in
              build_stages(paths, dataclasses.replace(SIZES["full"], vla_dagger=False), ["lift"])}
     assert "train_policy_base" not in plain and "generate_dagger_vla" not in plain
-    command = list(plain["train_policy"].command)
-    assert command[command.index("--dataset") + 1] == str(tmp_path / "dataset_dagger1")
-    assert not any(a.startswith("init_from=") for a in command)
+    assert flag_value(plain["train_policy"], "--dataset") == str(tmp_path / "dataset_dagger1")
+    assert not any(a.startswith("init_from=") for a in plain["train_policy"].command)
