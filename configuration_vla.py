@@ -26,6 +26,7 @@ DEFAULT_STATE_TOKEN_GROUPS = [3, 6, 2, 9, 9]
 LOSSES = ("l1", "mse")
 POOLINGS = ("auto", "state", "mean", "last")
 WORLD_MODEL_ARCHITECTURES = ("mixer", "mlp")
+WORLD_MODEL_LOSS_UNITS = ("state_std", "step")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -112,6 +113,11 @@ class RobotModelConfig(PretrainedConfig):
     def validate_fields(self) -> None:
         """Model-specific checks; subclasses raise ValueError naming the field."""
 
+    @property
+    def reads_velocity_scale(self) -> bool:
+        """Whether the trainer must fill in velocity_scale from the dataset before training."""
+        return self.velocity_input
+
     def set_normalization(self, stats: Mapping[str, Any], source: str = "normalization.json") -> None:
         """Copy the statistics of a dataset's normalization.json (train split) into this config.
 
@@ -192,9 +198,19 @@ class WorldModelConfig(RobotModelConfig):
     # trust it less (regression dilution); measured: 7 % lower one-step error with sharing, one seed each
     # (docs/RESULTS.md "Velocity input in the dream model").
     input_noise_shared: bool = False
+    # Unit of the state-prediction errors in the loss. "state_std": each dim's spread over the data, where a
+    # 1 mm/step error in the end effector's motion is ~1e-4 of the loss, too small to learn that an arm pushed
+    # against the table or the nut does not move. "step": each dim's typical one-step change (velocity_scale), the
+    # delta-normalised targets of PETS / MBPO, where the same error counts ~600x more.
+    loss_units: str = "state_std"
+
+    @property
+    def reads_velocity_scale(self) -> bool:
+        return self.velocity_input or self.scale_change or self.input_noise > 0 or self.loss_units == "step"
 
     def validate_fields(self) -> None:
         _check_choice(self, "architecture", WORLD_MODEL_ARCHITECTURES)
+        _check_choice(self, "loss_units", WORLD_MODEL_LOSS_UNITS)
         for flag in ("linear_skip", "token_readout", "scale_change", "input_noise_shared"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(self, flag, "true or false", getattr(self, flag))

@@ -548,6 +548,8 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         step_weight = self._member_weights(batch, state.device)[:, :, None] * valid  # [K, B, H]
         dim_weight = step_weight[..., None] * mask[None, :, None, :]  # [K, B, H, D]
         sq_error = (pred - targets) ** 2
+        if cfg.loss_units == "step":
+            sq_error = sq_error / self._constants(state.device)["velocity_scale"] ** 2
         one_step = masked_mean(sq_error[:, :, 0], dim_weight[:, :, 0])
         loss = cfg.loss_one_step * one_step
         metrics = {"one_step_mse": one_step.item()}

@@ -447,7 +447,7 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     except ValueError as err:
         raise UserError(str(err)) from None
     config.tasks = data.tasks
-    if getattr(config, "velocity_input", False) or getattr(config, "scale_change", False) or getattr(config, "input_noise", 0):
+    if config.reads_velocity_scale:
         config.velocity_scale = velocity_scale(data.train, np.asarray(config.state_std, np.float32)).tolist()
     return getattr(modeling_vla, model_name)(config), training_horizon(cfg, config, source)
 

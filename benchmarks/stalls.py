@@ -23,8 +23,12 @@ ended: a world model that never learned the contact that holds the gripper dream
 * whether a dream started `DREAM_OFFSET` steps into the stall, from the real state, with the same policy, stays
   stalled or gets out (and succeeds).
 
+`--training-data DIR` (with `--world-model`) asks the same of the stalled episodes in a dataset, e.g. the world
+model's own training data: a model that moves the gripper on the stalls it was trained on has not learned them.
+
     .venv/bin/python benchmarks/stalls.py results/benchmark --task square --policy mlp \
-        --world-model runs/wm_pool10/best --policy-dir runs/x_e5_pertask_s0/best
+        --world-model runs/wm_pool10/best --policy-dir runs/x_e5_pertask_s0/best \
+        --training-data data/hf_dataset_world_onpolicy
 """
 
 from __future__ import annotations
@@ -152,23 +156,59 @@ class StallDream:
     dream: EpisodeRecord  # that dream, played with the same policy
 
 
-def one_step_motion(world_model, record: EpisodeRecord, t: int) -> tuple[float, float]:
-    """Mean end-effector motion per step (cm) from step t on: recorded, and predicted one step at a time."""
+def eef_motion(world_model, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray,
+               prev_states: np.ndarray, instruction: str, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """End-effector motion per step (m) of each recorded (state, action) pair: recorded, and one world-model step."""
     import torch
 
     from data_prep.tasks import state_mask
 
-    states, actions = record.states[t:], record.actions[t:]
-    n = len(actions)
-    eef = STATE_SLICES["eef pos"]
-    mask = torch.as_tensor(state_mask(record.task)).expand(n, -1)
-    previous = torch.as_tensor(record.states[max(t - 1, 0):][:n])
+    n, eef = len(actions), STATE_SLICES["eef pos"]
     with torch.no_grad():
-        mean, *_ = world_model.step(torch.as_tensor(states[:n]), torch.as_tensor(actions), [record.instruction] * n,
-                                    state_mask=mask, prev_state=previous)
-    dreamed = np.linalg.norm(np.asarray(mean)[:, eef] - states[:n, eef], axis=1)
-    real = np.linalg.norm(states[1:n + 1, eef] - states[:n, eef], axis=1)
+        mean, *_ = world_model.step(torch.as_tensor(states), torch.as_tensor(actions), [instruction] * n,
+                                    state_mask=torch.as_tensor(state_mask(task)).expand(n, -1),
+                                    prev_state=torch.as_tensor(prev_states))
+    real = np.linalg.norm(next_states[:, eef] - states[:, eef], axis=1)
+    return real, np.linalg.norm(np.asarray(mean)[:, eef] - states[:, eef], axis=1)
+
+
+def one_step_motion(world_model, record: EpisodeRecord, t: int) -> tuple[float, float]:
+    """Mean end-effector motion per step (cm) from step t on: recorded, and predicted one step at a time."""
+    n = len(record.actions[t:])
+    real, dreamed = eef_motion(world_model, record.states[t:t + n], record.actions[t:], record.states[t + 1:t + n + 1],
+                               record.states[max(t - 1, 0):][:n], record.instruction, record.task)
     return float(real.mean() * 100), float(dreamed.mean() * 100)
+
+
+def training_stalls(world_model, dataset: Path, task: str) -> None:
+    """Does the world model fit the stalls of a dataset it may have been trained on? Per split, the median eef motion
+    per step, recorded and one world-model step, over the steps of stalled episodes from the stall on (and before)."""
+    from data_prep.preprocess import load_vla_dataset
+
+    header = ["split", "stalled episodes", "stall steps", "real cm/step in stalls", "dreamed cm/step in stalls",
+              "real cm/step before", "dreamed cm/step before"]
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for split, rows in load_vla_dataset(dataset).items():
+        table = rows.select_columns(["task", "instruction", "episode", "step", "state", "action", "next_state",
+                                     "source"]).to_pandas()
+        motion = {"stall": ([], []), "before": ([], [])}
+        for _, episode in table[table.task == task].groupby(["source", "episode"]):
+            episode = episode.sort_values("step")
+            states, next_states = np.stack(episode.state).astype(np.float32), np.stack(episode.next_state).astype(np.float32)
+            t = stall_step(np.concatenate([states[:, STATE_SLICES["eef pos"]], next_states[-1:, STATE_SLICES["eef pos"]]]))
+            if t is None:
+                continue
+            real, dreamed = eef_motion(world_model, states, np.stack(episode.action).astype(np.float32), next_states,
+                                       np.concatenate([states[:1], states[:-1]]), episode.instruction.iloc[0], task)
+            for part, steps in (("stall", slice(t, None)), ("before", slice(None, t))):
+                motion[part][0].append(real[steps])
+                motion[part][1].append(dreamed[steps])
+        if not motion["stall"][0]:
+            print(f"| {split} | 0 | 0 |" + " n/a |" * 4)
+            continue
+        cm = {part: [100 * np.median(np.concatenate(values)) for values in pair] for part, pair in motion.items()}
+        print(f"| {split} | {len(motion['stall'][0])} | {sum(map(len, motion['stall'][0]))} | {cm['stall'][0]:.3f} | "
+              f"{cm['stall'][1]:.3f} | {cm['before'][0]:.3f} | {cm['before'][1]:.3f} |")
 
 
 def dream_from_stalls(world_model, policy, stalled: list[EpisodeRecord], stalls: dict[int, int]) -> list[StallDream]:
@@ -213,9 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--replay", type=int, default=0, help="replay this many stalled episodes in robosuite")
     p.add_argument("--world-model", type=Path, help="a saved world model: dream the stalls (needs --policy-dir)")
     p.add_argument("--policy-dir", type=Path, help="the saved policy of the episodes, for --world-model's dreams")
+    p.add_argument("--training-data", type=Path,
+                   help="a vla-preprocess dataset (the world model's own): one-step motion in its stalled episodes")
     args = p.parse_args(argv)
     if (args.world_model is None) != (args.policy_dir is None):
         raise UserError("--world-model and --policy-dir go together (the dreams need both)")
+    if args.training_data is not None and args.world_model is None:
+        raise UserError("--training-data needs --world-model (whose one-step motion it measures)")
     episodes = read_episodes(args.results)
     failed = failed_episodes(args.results, args.task, args.policy, episodes)
     stalls = {r.seed: stall_step(r.states[:, STATE_SLICES["eef pos"]]) for r in failed}
@@ -233,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
         world_model = load_model(args.world_model, "--world-model", "cpu")
         policy = ChunkPolicy(load_model(args.policy_dir, "--policy-dir", "cpu"), name=stalled[0].policy if stalled else "")
         print_stall_dreams(stalled, stalls, dream_from_stalls(world_model, policy, stalled, stalls))
+        if args.training_data is not None:
+            print(f"\n{args.task} episodes of {args.training_data} that stall:")
+            training_stalls(world_model, args.training_data, args.task)
     if not args.replay:
         return
     header = ["seed", "stall step", "replay error", "fingers on table", "fingers on object",

@@ -61,7 +61,7 @@ KINDS: dict[str, ModelKind] = {
         "embedding). An ensemble of MLP-Mixers; the spread of its members is the uncertainty of every imagined step.",
         architecture_keys=("text_encoder", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers",
                            "num_ensemble", "multi_step", "state_token_groups", "velocity_input", "linear_skip",
-                           "input_noise"),
+                           "input_noise", "loss_units"),
         usage="    next_state, std, p_success, p_done = model.step(state, torch.zeros(1, 7), [\"Lift the red cube\"],\n"
         "                                                    prev_state=state)  # s_{t-1}; state itself = at rest",
         intended_use="Imagining rollouts (\"dreams\") of a policy to estimate its success and to visualise what it "
@@ -76,7 +76,10 @@ KINDS: dict[str, ModelKind] = {
         "dreamed Square success rate still moves by tens of points between training runs of one recipe: train "
         "several seeds (`--set seed=N`) and pass them all to `vla-rollout --world-model`, which reports the spread, "
         "or pool them into one ensemble (`vla-pool-world-models`), which dreams with the mean of all "
-        "runs' members (the project's docs/RESULTS.md has the measurements).",
+        "runs' members (the project's docs/RESULTS.md has the measurements).\n- A gripper held still by contact "
+        "(pushed against the table or an object) is dreamed moving, many times faster than reality even on the training "
+        "data's own stalls, so a dream walks out of a stall that holds the real robot: a policy that stalls is dreamed "
+        "too optimistically (`benchmarks/stalls.py --world-model`).",
     ),
     "vla_policy": ModelKind(
         title="Dreaming VLA policy (pretrained transformer + LoRA)",

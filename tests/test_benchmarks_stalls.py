@@ -159,3 +159,34 @@ def test_a_stall_dreamed_from_inside_stays_only_if_the_world_model_holds_the_gri
     assert result.dream.length == 400 - result.start_step and not result.dream.success  # lift's horizon: 400
     np.testing.assert_allclose(result.dream.states[0], states[result.start_step])
     assert (bs.stall_step(result.dream.states[:, :3]) == 0) == stays
+
+
+def dataset_rows(eef: np.ndarray, episode: int, task: str = "lift") -> list[dict]:
+    """One row per step of an eef path, as vla-preprocess writes them (state, action, next_state)."""
+    from data_prep.tasks import STATE_DIM
+
+    states = np.zeros((len(eef), STATE_DIM), np.float32)
+    states[:, :3] = eef
+    return [{"task": task, "instruction": "Lift the red cube", "episode": episode, "step": t, "state": states[t],
+             "action": np.zeros(7, np.float32), "next_state": states[t + 1], "source": "raw/lift/demo.hdf5"}
+            for t in range(len(eef) - 1)]
+
+
+def test_training_stalls_scores_the_world_models_motion_on_a_datasets_stalled_steps(monkeypatch, capsys) -> None:
+    import datasets
+    import pandas as pd
+    import pyarrow as pa
+
+    stalled, moving = still_after(20, 100), still_after(120, 0)  # only the first one stalls (from step ~18)
+    splits = {split: datasets.Dataset(pa.Table.from_pandas(pd.DataFrame(rows)), fingerprint=split) for split, rows in (
+        ("train", dataset_rows(stalled, 0)[::-1] + dataset_rows(moving, 1)),  # row order must not matter
+        ("validation", dataset_rows(moving, 0)),
+    )}
+    monkeypatch.setattr("data_prep.preprocess.load_vla_dataset", lambda path: splits)
+    t = bs.stall_step(stalled.astype(np.float32))  # the dataset's float32 states
+    bs.training_stalls(DriftingWorldModel(0.002), Path("unused"), "lift")
+    lines = capsys.readouterr().out.splitlines()
+    train = next(line for line in lines if line.startswith("| train"))
+    # stall steps: real 0 (the median step is still), dreamed 0.2 cm; before it the arm moved 0.5 cm per step
+    assert train == f"| train | 1 | {len(stalled) - 1 - t} | 0.000 | 0.200 | 0.500 | 0.200 |"
+    assert next(line for line in lines if line.startswith("| validation")).startswith("| validation | 0 | 0 |")

@@ -159,6 +159,7 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (WorldModelConfig, {"architecture": "mlp", "token_readout": True}, "token_readout"),
         (WorldModelConfig, {"scale_change": "yes"}, "scale_change"),
         (WorldModelConfig, {"input_noise": -0.1}, "input_noise"),
+        (WorldModelConfig, {"loss_units": "std"}, "loss_units"),
         (VLAConfig, {"loss": "huber"}, "loss"),
         (VLAConfig, {"chunk_size": 0}, "chunk_size"),
         (VLAConfig, {"head_num_layers": 0}, "head_num_layers"),
@@ -241,6 +242,22 @@ def test_world_model_scale_change_outputs_the_change_in_units_of_velocity_scale(
     state, action = torch.randn(6, STATE_DIM), torch.rand(6, ACTION_DIM)
     base = plain.step(state, action, INSTRUCTIONS[0])[0] - state
     torch.testing.assert_close(scaled.step(state, action, INSTRUCTIONS[0])[0] - state, base * torch.tensor(scale))
+
+
+def test_world_model_loss_in_step_units_divides_each_dims_error_by_its_step_size():
+    torch.manual_seed(0)
+    scale = torch.tensor([0.01 * (i + 1) for i in range(STATE_DIM)])
+    plain = WorldModel(tiny_world_config(velocity_scale=scale.tolist(), loss_multi_step=0.0)).eval()
+    stepwise = WorldModel(tiny_world_config(velocity_scale=scale.tolist(), loss_multi_step=0.0, loss_units="step"))
+    stepwise.load_state_dict(plain.state_dict())
+    batch = {**moving_batch(16), "state_mask": None}
+    reference, scored = plain(**batch), stepwise.eval()(**batch)
+    assert torch.equal(scored.prediction, reference.prediction)  # only the loss changes, not the model
+    targets = plain.normalize_state(batch["next_states"][:, 0], plain._mask(None, batch["state"]))
+    error = (reference.prediction[:, :, 0] - targets) ** 2  # [K, B, D], state-std units
+    assert reference.metrics["one_step_mse"] == pytest.approx(error.mean().item(), rel=1e-5)
+    # a dim whose typical step is 10x smaller weighs 100x more: a stalled gripper's millimetres count
+    assert scored.metrics["one_step_mse"] == pytest.approx((error / scale**2).mean().item(), rel=1e-5)
 
 
 def test_world_model_input_noise_perturbs_training_inputs_only():

@@ -345,17 +345,21 @@ def test_world_model_trains_checkpoints_and_saves_best(dataset: Path, tmp_path: 
         assert best.config.velocity_scale[dim] == pytest.approx(expected, rel=1e-4), dim
 
 
-def test_input_noise_reads_the_data_step_sizes_without_velocity_input(dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("setting", [{"input_noise": 0.3}, {"loss_units": "step"}])
+def test_input_noise_and_step_loss_read_the_data_step_sizes_without_velocity_input(
+    dataset: Path, tmp_path: Path, setting: dict
+) -> None:
     from transformers import AutoModel
 
     poses_only = {**TINY_MODELS["world"], "velocity_input": False}
-    for noise, out in ((0.0, tmp_path / "clean"), (0.3, tmp_path / "noisy")):
+    for extra, out in (({}, tmp_path / "plain"), (setting, tmp_path / "scaled")):
         ta.train(tiny_config(dataset, out, max_steps=2, eval_every=2, save_every=2,
-                             model_config={**poses_only, "input_noise": noise}))
-    clean = AutoModel.from_pretrained(tmp_path / "clean" / "best", trust_remote_code=True)
-    noisy = AutoModel.from_pretrained(tmp_path / "noisy" / "best", trust_remote_code=True)
-    assert noisy.config.input_noise == 0.3 and clean.config.velocity_scale == [1.0] * STATE_DIM
-    assert noisy.config.velocity_scale != [1.0] * STATE_DIM  # noise is sized by each dim's one-step change
+                             model_config={**poses_only, **extra}))
+    plain = AutoModel.from_pretrained(tmp_path / "plain" / "best", trust_remote_code=True)
+    scaled = AutoModel.from_pretrained(tmp_path / "scaled" / "best", trust_remote_code=True)
+    assert plain.config.velocity_scale == [1.0] * STATE_DIM
+    # noise and the step-unit loss are sized by each dim's one-step change
+    assert scaled.config.velocity_scale != [1.0] * STATE_DIM
 
 
 def test_existing_checkpoints_need_resume(dataset: Path, tmp_path: Path) -> None:
