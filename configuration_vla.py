@@ -201,7 +201,8 @@ class WorldModelConfig(RobotModelConfig):
     # Unit of the state-prediction errors in the loss. "state_std": each dim's spread over the data, where a
     # 1 mm/step error in the end effector's motion is ~1e-4 of the loss, too small to learn that an arm pushed
     # against the table or the nut does not move. "step": each dim's typical one-step change (velocity_scale), the
-    # delta-normalised targets of PETS / MBPO, where the same error counts ~600x more.
+    # delta-normalised targets of PETS / MBPO, where the same error counts 130-830x more (docs/RESULTS.md "Stalls in the
+    # dream model's own training data": tried, not adopted).
     loss_units: str = "state_std"
 
     @property
