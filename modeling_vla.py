@@ -34,6 +34,8 @@ except ImportError:  # inside the project
     from configuration_vla import MINILM_NAME, MLPPolicyConfig, RobotModelConfig, VLAConfig, WorldModelConfig
 
 HEAD_WEIGHTS_FILE = "policy_head.safetensors"
+# Where the gripper's and the object's rot6 start in the default state layout (relative_yaw_harmonics reads them).
+EEF_ROT6_OFFSET, OBJECT_ROT6_OFFSET = 3, 14
 MIN_STD = 1e-6  # statistics below this are constant dims (e.g. always-padding): divide by 1 instead
 # WorldModel.step's rows per pass. On a CPU, 512 keeps the [K, rows, T, C] activations cache-sized (thousands of
 # dreams otherwise go memory-bound). On a GPU, small passes are kernel-launch-bound instead (65,536 dreams in 512-row
@@ -205,6 +207,22 @@ class NormalizedModelMixin:
     def _check_layout(self, state: torch.Tensor) -> None:
         if state.shape[-1] != self.config.state_dim:
             raise ValueError(f"state: expected {self.config.state_dim} values per row (layout {self.config.state_layout!r})")
+
+
+def yaw_of_rot6(rot6: torch.Tensor) -> torch.Tensor:
+    """Heading of a frame's x axis in the world xy-plane, from its rot6 (R00 R10 R20 | R01 R11 R21)."""
+    return torch.atan2(rot6[..., 1], rot6[..., 0])
+
+
+def relative_yaw_features(state: torch.Tensor, harmonics: Sequence[int]) -> torch.Tensor:
+    """[cos k*d..., sin k*d...] for d = object yaw - gripper yaw, read from a raw state of the default layout.
+
+    With k = 4 the nearest cube face is the sign of sin(4d): one smooth input where rot6 needed a sawtooth.
+    """
+    eef = yaw_of_rot6(state[..., EEF_ROT6_OFFSET : EEF_ROT6_OFFSET + 6])
+    obj = yaw_of_rot6(state[..., OBJECT_ROT6_OFFSET : OBJECT_ROT6_OFFSET + 6])
+    angles = (obj - eef).unsqueeze(-1) * torch.tensor(harmonics, dtype=state.dtype, device=state.device)
+    return torch.cat([angles.cos(), angles.sin()], -1)
 
 
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -695,8 +713,10 @@ class ChunkPolicyMixin(NormalizedModelMixin):
 
     @property
     def input_dim(self) -> int:
-        """Width of the policy's state input: the normalised state, then its velocity with config.velocity_input."""
-        return self.config.state_dim * (2 if self.config.velocity_input else 1)
+        """Width of the policy's state input: the normalised state, its velocity with config.velocity_input, then
+        the relative-yaw features with config.relative_yaw_harmonics."""
+        yaw_features = 2 * len(self.config.relative_yaw_harmonics or [])
+        return self.config.state_dim * (2 if self.config.velocity_input else 1) + yaw_features
 
     def _state_input(
         self, state: torch.Tensor, state_mask: torch.Tensor | None, prev_state: torch.Tensor | None = None
@@ -706,9 +726,12 @@ class ChunkPolicyMixin(NormalizedModelMixin):
         mask = torch.ones_like(state) if state_mask is None else torch.as_tensor(state_mask, dtype=state.dtype, device=state.device)
         normalized = self.normalize_state(state, mask)
         prev = self._prev_state(state, prev_state)  # checked even when unread: a wrong shape is a caller's bug
-        if not self.config.velocity_input:
-            return normalized
-        return torch.cat([normalized, self.velocity(normalized, self.normalize_state(prev, mask))], -1)
+        parts = [normalized]
+        if self.config.velocity_input:
+            parts.append(self.velocity(normalized, self.normalize_state(prev, mask)))
+        if self.config.relative_yaw_harmonics:
+            parts.append(relative_yaw_features(state, self.config.relative_yaw_harmonics))
+        return torch.cat(parts, -1)
 
     def forward(
         self,
@@ -740,6 +763,29 @@ class ChunkPolicyMixin(NormalizedModelMixin):
                 "first_action_l1_raw": masked_mean(raw_error[:, 0], weight[:, 0]).item(),
             }
         return RobotModelOutput(loss=loss, prediction=pred, metrics=metrics)
+
+    def state_input_layers(self) -> list[tuple[nn.Linear, int]]:
+        """The linear layers that read the state input, each with the column where that input starts."""
+        raise NotImplementedError
+
+    def add_relative_yaw_input(self, harmonics: Sequence[int]) -> None:
+        """Start reading relative-yaw features (config.relative_yaw_harmonics) through zero weights.
+
+        For a fine-tune of a model saved without them: its actions are unchanged until training moves the new
+        weights, which a freshly initialised input layer would not give.
+        """
+        if self.config.relative_yaw_harmonics:
+            raise ValueError(f"relative_yaw_harmonics: the model already reads {self.config.relative_yaw_harmonics}")
+        old_width = self.input_dim
+        self.config.relative_yaw_harmonics = list(harmonics)
+        self.config.validate_fields()
+        extra = self.input_dim - old_width
+        for layer, start in self.state_input_layers():
+            at = start + old_width  # the features follow the state input, as in _state_input
+            weight = layer.weight.detach()
+            zeros = weight.new_zeros(weight.shape[0], extra)
+            layer.weight = nn.Parameter(torch.cat([weight[:, :at], zeros, weight[:, at:]], 1))
+            layer.in_features += extra
 
     @torch.no_grad()
     def predict_actions(
@@ -923,6 +969,12 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
 
     # ---- model ------------------------------------------------------------------------------------
 
+    def state_input_layers(self) -> list[tuple[nn.Linear, int]]:
+        layers = [(self.state_encoder[0], 0)]
+        if self.config.state_skip:  # the head reads [pooled features, state input]
+            layers.append((self.head[0], self.readout_norm.normalized_shape[0]))
+        return layers
+
     def predict_normalized(self, state: torch.Tensor, instruction: list[str]) -> torch.Tensor:
         backbone = self.base_backbone
         ids, text_mask = self._instruction_ids(instruction, state.device)
@@ -1026,6 +1078,9 @@ class MLPPolicy(ChunkPolicyMixin, PreTrainedModel):
         layers.append(nn.Linear(width, config.chunk_size * config.action_dim))
         self.mlp = nn.Sequential(*layers)
         self.post_init()
+
+    def state_input_layers(self) -> list[tuple[nn.Linear, int]]:
+        return [(self.mlp[0], 0)]  # it reads [state input, instruction embedding]
 
     def predict_normalized(self, state: torch.Tensor, instruction: list[str]) -> torch.Tensor:
         embedder = get_sentence_embedder(self.config.text_encoder)

@@ -480,7 +480,12 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
     if found[0] != model_name:
         raise UserError(f"{source}: holds a {found[0]}, but --model {cfg.model} trains a {model_name}")
     config = getattr(configuration_vla, config_name).from_pretrained(folder)
+    # The one change a fine-tune may make: start reading relative-yaw features, through zero weights.
+    starts_yaw = hasattr(config, "relative_yaw_harmonics") and not config.relative_yaw_harmonics  # policies only
+    new_yaw = cfg.model_config.get("relative_yaw_harmonics") if starts_yaw else None
     for key, value in cfg.model_config.items():
+        if key == "relative_yaw_harmonics" and new_yaw:
+            continue
         saved = getattr(config, key, None)
         if (list(saved) if isinstance(saved, tuple) else saved) != value:
             raise UserError(f"{source}: model_config.{key}={value!r}, but the saved model has {saved!r}")
@@ -492,6 +497,11 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"{source}: no model.safetensors there; expected a saved model folder (a run's best/ or final/)")
     model = getattr(modeling_vla, model_name).from_pretrained(folder, config=config)
+    if new_yaw:
+        try:
+            model.add_relative_yaw_input(new_yaw)
+        except ValueError as err:
+            raise UserError(f"{source}: model_config: {err}") from None
     return model, training_horizon(cfg, config, source)
 
 

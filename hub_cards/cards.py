@@ -52,6 +52,15 @@ _SHARED_LIMITS = (
     "- Simulation only. Never run on a real robot without an independent safety layer."
 )
 
+_POLICY_LIMITS = _SHARED_LIMITS + (
+    "\n- On Lift a policy reading the state alone does not turn the gripper to the cube's nearest face as the expert "
+    "does: it meets the cube 20-30 degrees off (median), and the VLA's failures are the most turned ones "
+    "(`benchmarks/grasp_yaw.py`). Reading the relative yaw (`relative_yaw_harmonics`) taught the MLP-BC the turn but "
+    "cost it Lift successes (a square grasp needs more precision in xy than it has); the VLA fine-tuned with it turns "
+    "partway (14-17 degrees) and still fails where the two nearest faces are equally near (the project's "
+    "docs/RESULTS.md)."
+)
+
 KINDS: dict[str, ModelKind] = {
     "vla_world_model": ModelKind(
         title="Dreaming VLA world model (MLP-Mixer ensemble)",
@@ -87,21 +96,22 @@ KINDS: dict[str, ModelKind] = {
         summary="A pretrained transformer reads the instruction tokens plus state tokens and a continuous head emits "
         "a chunk of 7-D end-effector actions. The backbone is fine-tuned with LoRA (peft).",
         architecture_keys=("backbone", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "chunk_size",
-                           "num_state_tokens", "pooling", "loss"),
+                           "num_state_tokens", "pooling", "loss", "relative_yaw_harmonics"),
         usage="    actions = model.predict_actions(state, [\"Lift the red cube\"])  # [1, chunk_size, 7]",
         intended_use="Controlling a simulated robosuite Panda arm from a language instruction on the listed tasks; "
         "a baseline for research on language-conditioned policies evaluated in learned world models.",
-        limitations=_SHARED_LIMITS,
+        limitations=_POLICY_LIMITS,
     ),
     "vla_mlp_policy": ModelKind(
         title="Dreaming VLA MLP behaviour-cloning baseline",
         tags=("behavior-cloning", "baseline"),
         summary="The baseline policy: normalised state plus a frozen MiniLM instruction embedding through an MLP "
         "that predicts a chunk of 7-D end-effector actions.",
-        architecture_keys=("text_encoder", "hidden_dim", "num_layers", "dropout", "chunk_size", "loss"),
+        architecture_keys=("text_encoder", "hidden_dim", "num_layers", "dropout", "chunk_size", "loss",
+                           "relative_yaw_harmonics"),
         usage="    actions = model.predict_actions(state, [\"Lift the red cube\"])  # [1, chunk_size, 7]",
         intended_use="A reference point for the VLA policy on the same data and tasks.",
-        limitations=_SHARED_LIMITS,
+        limitations=_POLICY_LIMITS,
     ),
 }
 

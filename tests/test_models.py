@@ -20,7 +20,14 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
 import modeling_vla
 from configuration_vla import MINILM_NAME, MLPPolicyConfig, VLAConfig, WorldModelConfig
-from modeling_vla import MLPPolicy, VLAPolicy, WorldModel, resolve_pretrained_path
+from modeling_vla import (
+    EEF_ROT6_OFFSET,
+    OBJECT_ROT6_OFFSET,
+    MLPPolicy,
+    VLAPolicy,
+    WorldModel,
+    resolve_pretrained_path,
+)
 
 torch.set_num_threads(1)  # bit-identical comparisons with the fresh process need the same kernel split
 
@@ -166,6 +173,10 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (MLPPolicyConfig, {"action_mean": [0.0] * 6}, "action_mean"),
         (MLPPolicyConfig, {"velocity_input": 1}, "velocity_input"),
         (VLAConfig, {"velocity_scale": [1.0] * 28}, "velocity_scale"),
+        (VLAConfig, {"relative_yaw_harmonics": [4, 4]}, "relative_yaw_harmonics"),
+        (MLPPolicyConfig, {"relative_yaw_harmonics": [0, 2]}, "relative_yaw_harmonics"),
+        (MLPPolicyConfig, {"relative_yaw_harmonics": "4"}, "relative_yaw_harmonics"),
+        (MLPPolicyConfig, {"relative_yaw_harmonics": [4], "state_layout": "other"}, "relative_yaw_harmonics"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(config_class, overrides, field):
@@ -497,6 +508,48 @@ def test_policy_prev_state_defaults_to_rest_and_is_checked():
               actions=torch.zeros(3, 4, ACTION_DIM), step_mask=torch.ones(3, 4))
 
 
+def yaw_state(batch: int, eef_yaw: torch.Tensor, object_yaw: torch.Tensor) -> torch.Tensor:
+    """Random states whose gripper and object rot6 are pure turns about z by the given angles."""
+    state = torch.randn(batch, STATE_DIM, generator=torch.Generator().manual_seed(0))
+    for offset, yaw in ((EEF_ROT6_OFFSET, eef_yaw), (OBJECT_ROT6_OFFSET, object_yaw)):
+        c, s = yaw.cos(), yaw.sin()
+        zero = torch.zeros_like(yaw)
+        state[:, offset : offset + 6] = torch.stack([c, s, zero, -s, c, zero], -1)
+    return state
+
+
+def test_relative_yaw_features_see_the_nearest_face_not_the_absolute_turn():
+    eef, obj = torch.tensor([0.3, -2.0, 1.0]), torch.tensor([0.8, -1.1, 1.0])
+    features = modeling_vla.relative_yaw_features(yaw_state(3, eef, obj), [1, 4])
+    angles = torch.stack([obj - eef, 4 * (obj - eef)], -1)
+    torch.testing.assert_close(features, torch.cat([angles.cos(), angles.sin()], -1))
+    # A cube turned a quarter more looks the same: k = 4 does not change, k = 1 does.
+    turned = modeling_vla.relative_yaw_features(yaw_state(3, eef, obj + torch.pi / 2), [1, 4])
+    torch.testing.assert_close(turned[:, [1, 3]], features[:, [1, 3]], atol=1e-5, rtol=0)
+    assert (turned[:, [0, 2]] - features[:, [0, 2]]).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("policy", ["mlp", "vla"])
+def test_policy_reads_yaw_features_and_a_saved_model_can_start_reading_them_unchanged(policy, tiny_llama):
+    torch.manual_seed(0)
+    if policy == "mlp":
+        model = MLPPolicy(MLPPolicyConfig(hidden_dim=32, num_layers=2, chunk_size=4)).eval()
+    else:
+        model = VLAPolicy(tiny_vla_config(tiny_llama)).eval()
+    batch = synthetic_batch(batch=8, horizon=4)
+    before = model.predict_actions(batch["state"], batch["instruction"])
+    model.add_relative_yaw_input([1, 2, 4])
+    assert model.input_dim == STATE_DIM + 6 and model.config.relative_yaw_harmonics == [1, 2, 4]
+    for layer, _ in model.state_input_layers():
+        assert layer.weight.shape[1] == layer.in_features
+    torch.testing.assert_close(model.predict_actions(batch["state"], batch["instruction"]), before)
+    losses = train_losses(model.train(), batch, steps=5)  # and it trains, new columns included
+    assert losses[-1] < losses[0]
+    assert all(layer.weight.grad is not None for layer, _ in model.state_input_layers())
+    with pytest.raises(ValueError, match=r"relative_yaw_harmonics: the model already reads \[1, 2, 4\]"):
+        model.add_relative_yaw_input([4])
+
+
 def test_mlp_policy_with_velocity_input_round_trips(tmp_path):
     torch.manual_seed(0)
     config = MLPPolicyConfig(hidden_dim=32, num_layers=2, dropout=0.0, chunk_size=4, velocity_input=True,
@@ -542,3 +595,4 @@ def test_config_default_layout_mirrors_the_data_layout() -> None:
     blocks = list(STATE_SLICES.values())
     token_edges = [sum(DEFAULT_STATE_TOKEN_GROUPS[: i + 1]) for i in range(len(DEFAULT_STATE_TOKEN_GROUPS))]
     assert token_edges == [blocks[0].stop, blocks[1].stop, blocks[2].stop, blocks[4].stop, blocks[6].stop]
+    assert (EEF_ROT6_OFFSET, OBJECT_ROT6_OFFSET) == (STATE_SLICES["eef rot"].start, STATE_SLICES["object rot"].start)

@@ -460,6 +460,27 @@ def test_init_from_starts_at_the_saved_weights(kind: str, dataset: Path, tiny_ll
     assert summary["config"]["init_from"] == str(tmp_path / "first" / "best")
 
 
+def test_init_from_can_start_reading_yaw_features_through_zero_weights(dataset: Path, tmp_path: Path) -> None:
+    ta.train(tiny_config(dataset, tmp_path / "first", model="mlp", max_steps=2, eval_every=2, save_every=2))
+    first = tmp_path / "first" / "best"
+    tune = tiny_config(
+        dataset, tmp_path / "tune", model="mlp", model_config={"relative_yaw_harmonics": [4]}, init_from=str(first),
+        lr=1e-12, weight_decay=0.0, max_steps=2, eval_every=1, save_every=2,
+    )
+    ta.train(tune)
+    saved, tuned = state_dict_of(first)["mlp.0.weight"], state_dict_of(tmp_path / "tune" / "final")["mlp.0.weight"]
+    assert tuned.shape[1] == saved.shape[1] + 2  # cos, sin of 4 d, between the state and the instruction
+    torch.testing.assert_close(torch.cat([tuned[:, :29], tuned[:, 31:]], 1), saved, atol=1e-6, rtol=0)
+    assert tuned[:, 29:31].abs().max() < 1e-6
+    assert json.loads((tmp_path / "tune" / "final" / "config.json").read_text())["relative_yaw_harmonics"] == [4]
+    again = tiny_config(
+        dataset, tmp_path / "again", model="mlp", model_config={"relative_yaw_harmonics": [1]},
+        init_from=str(tmp_path / "tune" / "final"),
+    )
+    with pytest.raises(UserError, match=re.escape("model_config.relative_yaw_harmonics=[1], but the saved model has [4]")):
+        ta.train(again)
+
+
 def test_init_from_refuses_what_it_cannot_fine_tune(dataset: Path, tmp_path: Path) -> None:
     ta.train(tiny_config(dataset, tmp_path / "mlp", model="mlp", max_steps=2, eval_every=2, save_every=2))
     saved = tmp_path / "mlp" / "best"
