@@ -62,7 +62,8 @@ def _check_choice(config: object, field: str, choices: Sequence[str]) -> None:
 
 
 def _check_yaw_harmonics(config: RobotModelConfig) -> None:
-    """relative_yaw_harmonics: None/[] (off) or distinct positive integers, read from the default layout's slots."""
+    """relative_yaw_harmonics: None/[] (off) or distinct positive integers, read from the default layout's slots;
+    relative_yaw_sawtooth: a bool, only with harmonics."""
     value = config.relative_yaw_harmonics
     harmonics = [] if value is None else value
     if (
@@ -76,6 +77,11 @@ def _check_yaw_harmonics(config: RobotModelConfig) -> None:
         _fail(config, "relative_yaw_harmonics", f"[] with state_layout {config.state_layout!r} (it reads "
               f"{DEFAULT_STATE_LAYOUT!r})", value)
     config.relative_yaw_harmonics = list(harmonics)
+    if not isinstance(config.relative_yaw_sawtooth, bool):
+        _fail(config, "relative_yaw_sawtooth", "true or false", config.relative_yaw_sawtooth)
+    if config.relative_yaw_sawtooth and not harmonics:
+        _fail(config, "relative_yaw_sawtooth", "false without relative_yaw_harmonics (it wraps k * d for each k)",
+              config.relative_yaw_sawtooth)
 
 
 def _vector(config: object, field: str, dim_field: str, default: float, positive: bool = False) -> list[float]:
@@ -298,6 +304,10 @@ class VLAConfig(RobotModelConfig):
     # reading rot6 alone did not learn: on Lift both policies met the cube 21-30 degrees off on average (the
     # expert: 0.4). [1, 2, 4] gives each symmetry its own smooth input (docs/RESULTS.md "Yaw to the nearest face").
     relative_yaw_harmonics: list[int] | None = None
+    # Also read wrap(k * d) / pi for each k: the turn to the nearest face itself, jump included, which a network
+    # fed only the smooth cos / sin blurs into turns the wrong way near the jump (docs/RESULTS.md "Yaw to the
+    # nearest face").
+    relative_yaw_sawtooth: bool = False
 
     def validate_fields(self) -> None:
         if not isinstance(self.backbone, str) or not self.backbone.strip():
@@ -337,6 +347,7 @@ class MLPPolicyConfig(RobotModelConfig):
     chunk_size: int = 8
     loss: str = "l1"
     relative_yaw_harmonics: list[int] | None = None  # as VLAConfig's
+    relative_yaw_sawtooth: bool = False  # as VLAConfig's
 
     def validate_fields(self) -> None:
         _check_positive_int(self, "text_embed_dim", "hidden_dim", "num_layers", "chunk_size")

@@ -214,15 +214,21 @@ def yaw_of_rot6(rot6: torch.Tensor) -> torch.Tensor:
     return torch.atan2(rot6[..., 1], rot6[..., 0])
 
 
-def relative_yaw_features(state: torch.Tensor, harmonics: Sequence[int]) -> torch.Tensor:
-    """[cos k*d..., sin k*d...] for d = object yaw - gripper yaw, read from a raw state of the default layout.
+def relative_yaw_features(state: torch.Tensor, harmonics: Sequence[int], sawtooth: bool = False) -> torch.Tensor:
+    """[cos k*d..., sin k*d...] for d = object yaw - gripper yaw, read from a raw state of the default layout;
+    with sawtooth, then [wrap(k*d) / pi...] in [-1, 1).
 
     With k = 4 the nearest cube face is the sign of sin(4d): one smooth input where rot6 needed a sawtooth.
+    The sawtooth itself is the turn to the nearest face (times k / pi), which the expert follows: a network can
+    only blur a jump it must build from smooth inputs, and where the two nearest faces are equally near (the
+    jump) a blurred turn goes either way or nowhere.
     """
     eef = yaw_of_rot6(state[..., EEF_ROT6_OFFSET : EEF_ROT6_OFFSET + 6])
     obj = yaw_of_rot6(state[..., OBJECT_ROT6_OFFSET : OBJECT_ROT6_OFFSET + 6])
     angles = (obj - eef).unsqueeze(-1) * torch.tensor(harmonics, dtype=state.dtype, device=state.device)
-    return torch.cat([angles.cos(), angles.sin()], -1)
+    cos, sin = angles.cos(), angles.sin()
+    parts = [cos, sin, torch.atan2(sin, cos) / torch.pi] if sawtooth else [cos, sin]
+    return torch.cat(parts, -1)
 
 
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -714,8 +720,9 @@ class ChunkPolicyMixin(NormalizedModelMixin):
     @property
     def input_dim(self) -> int:
         """Width of the policy's state input: the normalised state, its velocity with config.velocity_input, then
-        the relative-yaw features with config.relative_yaw_harmonics."""
-        yaw_features = 2 * len(self.config.relative_yaw_harmonics or [])
+        the relative-yaw features with config.relative_yaw_harmonics (and _sawtooth)."""
+        per_harmonic = 3 if self.config.relative_yaw_sawtooth else 2
+        yaw_features = per_harmonic * len(self.config.relative_yaw_harmonics or [])
         return self.config.state_dim * (2 if self.config.velocity_input else 1) + yaw_features
 
     def _state_input(
@@ -730,7 +737,9 @@ class ChunkPolicyMixin(NormalizedModelMixin):
         if self.config.velocity_input:
             parts.append(self.velocity(normalized, self.normalize_state(prev, mask)))
         if self.config.relative_yaw_harmonics:
-            parts.append(relative_yaw_features(state, self.config.relative_yaw_harmonics))
+            parts.append(
+                relative_yaw_features(state, self.config.relative_yaw_harmonics, self.config.relative_yaw_sawtooth)
+            )
         return torch.cat(parts, -1)
 
     def forward(
@@ -768,16 +777,22 @@ class ChunkPolicyMixin(NormalizedModelMixin):
         """The linear layers that read the state input, each with the column where that input starts."""
         raise NotImplementedError
 
-    def add_relative_yaw_input(self, harmonics: Sequence[int]) -> None:
-        """Start reading relative-yaw features (config.relative_yaw_harmonics) through zero weights.
+    def add_relative_yaw_input(self, harmonics: Sequence[int] | None = None, sawtooth: bool = False) -> None:
+        """Start reading relative-yaw features (config.relative_yaw_harmonics, config.relative_yaw_sawtooth)
+        through zero weights.
 
         For a fine-tune of a model saved without them: its actions are unchanged until training moves the new
-        weights, which a freshly initialised input layer would not give.
+        weights, which a freshly initialised input layer would not give. harmonics None keeps the model's own
+        (then only the sawtooth is added); the new columns always come last, where _state_input puts them.
         """
-        if self.config.relative_yaw_harmonics:
+        if harmonics and self.config.relative_yaw_harmonics:
             raise ValueError(f"relative_yaw_harmonics: the model already reads {self.config.relative_yaw_harmonics}")
+        if sawtooth and self.config.relative_yaw_sawtooth:
+            raise ValueError("relative_yaw_sawtooth: the model already reads it")
         old_width = self.input_dim
-        self.config.relative_yaw_harmonics = list(harmonics)
+        if harmonics:
+            self.config.relative_yaw_harmonics = list(harmonics)
+        self.config.relative_yaw_sawtooth = self.config.relative_yaw_sawtooth or sawtooth
         self.config.validate_fields()
         extra = self.input_dim - old_width
         for layer, start in self.state_input_layers():

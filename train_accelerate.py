@@ -481,10 +481,9 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
         raise UserError(f"{source}: holds a {found[0]}, but --model {cfg.model} trains a {model_name}")
     config = getattr(configuration_vla, config_name).from_pretrained(folder)
     # The one change a fine-tune may make: start reading relative-yaw features, through zero weights.
-    starts_yaw = hasattr(config, "relative_yaw_harmonics") and not config.relative_yaw_harmonics  # policies only
-    new_yaw = cfg.model_config.get("relative_yaw_harmonics") if starts_yaw else None
+    new_yaw = added_yaw_inputs(config, cfg.model_config)
     for key, value in cfg.model_config.items():
-        if key == "relative_yaw_harmonics" and new_yaw:
+        if key in new_yaw:
             continue
         saved = getattr(config, key, None)
         if (list(saved) if isinstance(saved, tuple) else saved) != value:
@@ -499,10 +498,24 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
     model = getattr(modeling_vla, model_name).from_pretrained(folder, config=config)
     if new_yaw:
         try:
-            model.add_relative_yaw_input(new_yaw)
+            model.add_relative_yaw_input(
+                new_yaw.get("relative_yaw_harmonics"), new_yaw.get("relative_yaw_sawtooth", False)
+            )
         except ValueError as err:
             raise UserError(f"{source}: model_config: {err}") from None
     return model, training_horizon(cfg, config, source)
+
+
+def added_yaw_inputs(saved: Any, requested: dict[str, Any]) -> dict[str, Any]:
+    """The relative-yaw keys of model_config that a saved policy does not read yet (a fine-tune may add them)."""
+    if not hasattr(saved, "relative_yaw_harmonics"):  # world models read no yaw features
+        return {}
+    added: dict[str, Any] = {}
+    if not saved.relative_yaw_harmonics and requested.get("relative_yaw_harmonics"):
+        added["relative_yaw_harmonics"] = requested["relative_yaw_harmonics"]
+    if not saved.relative_yaw_sawtooth and requested.get("relative_yaw_sawtooth") is True:
+        added["relative_yaw_sawtooth"] = True
+    return added
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -9,7 +9,9 @@ degrees; the expert grasps the square nut's handle across, which repeats every 1
 within a degree of the face; a uniformly random turn would give a median of a quarter of the period (22.5 degrees
 for the cube).
 
-Per policy: the median and 90th percentile of the (absolute) yaw error, then failures per error band. `--failures`
+Per policy: the median and 90th percentile of the (absolute) yaw error, failures per error band, and the episodes that
+*turned away*: whose error at the arrival is more than `TURNED_AWAY` above the error at the first step (the expert
+always turns toward the nearest face, so never away). `--failures`
 lists each failed episode: its yaw error, and where the gripper stayed from `SETTLE_STEPS` after the arrival on
 (median height above the object's centre and horizontal distance from it; a fingertip resting on Lift's cube reads
 ~2.5 cm above and 3-6 cm off).
@@ -28,8 +30,9 @@ from evaluation.records import EpisodeRecord, read_episodes, select
 
 ARRIVAL_HEIGHT = 0.02  # m above the object's centre: the fingers are around the object from here on
 SYMMETRY = {"lift": np.pi / 2, "square": np.pi}  # yaw period of the face a gripper grasps
-BANDS = (0.0, 15.0, 30.0, 90.0)
-SETTLE_STEPS = 10  # after the arrival: where a failed episode's gripper stayed is read from here on  # degrees; the last band ends at the largest error a period allows
+BANDS = (0.0, 15.0, 30.0, 90.0)  # degrees; the last band ends at the largest error a period allows
+SETTLE_STEPS = 10  # after the arrival: where a failed episode's gripper stayed is read from here on
+TURNED_AWAY = 5.0  # degrees: more than the wobble of a gripper holding its heading
 
 
 def yaw_of_rot6(rot6: np.ndarray) -> np.ndarray:
@@ -37,14 +40,23 @@ def yaw_of_rot6(rot6: np.ndarray) -> np.ndarray:
     return np.arctan2(rot6[..., 1], rot6[..., 0])
 
 
-def arrival_yaw_error(record: EpisodeRecord, period: float) -> float | None:
-    """|gripper yaw - object yaw| in degrees, wrapped to the period, at the arrival step; None if it never arrives."""
-    t = arrival_step(record)
-    if t is None:
-        return None
+def yaw_error(record: EpisodeRecord, t: int, period: float) -> float:
+    """|gripper yaw - object yaw| in degrees at step t, wrapped to the period."""
     states = record.states
     turn = yaw_of_rot6(states[t, STATE_SLICES["eef rot"]]) - yaw_of_rot6(states[t, STATE_SLICES["object rot"]])
     return float(np.degrees(abs((turn + period / 2) % period - period / 2)))
+
+
+def arrival_yaw_error(record: EpisodeRecord, period: float) -> float | None:
+    """The yaw error at the arrival step; None if the gripper never arrives."""
+    t = arrival_step(record)
+    return None if t is None else yaw_error(record, t, period)
+
+
+def turned_away(record: EpisodeRecord, period: float) -> bool:
+    """Whether the gripper arrived more than TURNED_AWAY further from the nearest face than it started."""
+    error = arrival_yaw_error(record, period)
+    return error is not None and error > yaw_error(record, 0, period) + TURNED_AWAY
 
 
 def arrival_step(record: EpisodeRecord) -> int | None:
@@ -64,7 +76,8 @@ def where_it_stayed(record: EpisodeRecord) -> tuple[float, float] | None:
 
 
 def yaw_table(records: list[EpisodeRecord], task: str) -> list[list[str]]:
-    """One row per policy: episodes arrived, median / 90th percentile |yaw error|, failures / episodes per band."""
+    """One row per policy: episodes arrived, median / 90th percentile |yaw error|, failures / episodes per band and
+    among those that turned away."""
     period = SYMMETRY[task]
     rows = []
     for policy in sorted({r.policy for r in records}):
@@ -75,6 +88,8 @@ def yaw_table(records: list[EpisodeRecord], task: str) -> list[list[str]]:
         for low, high in zip(BANDS[:-1], BANDS[1:], strict=True):
             band = [r for r, e in arrived if low <= e < high]
             row.append(f"{sum(not r.success for r in band)} / {len(band)}")
+        away = [r for r, _ in arrived if turned_away(r, period)]
+        row.append(f"{sum(not r.success for r in away)} / {len(away)}")
         rows.append(row)
     return rows
 
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.results}: no real {args.task} episodes (expected a vla-rollout --env real folder)")
     bands = [f"failed / episodes, {low:.0f}-{min(high, np.degrees(SYMMETRY[args.task]) / 2):.0f} deg"
              for low, high in zip(BANDS[:-1], BANDS[1:], strict=True)]
-    header = ["policy", "arrived", "median yaw error (deg)", "90th percentile", *bands]
+    header = ["policy", "arrived", "median yaw error (deg)", "90th percentile", *bands, "failed / turned away"]
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for row in yaw_table(records, args.task):
         print("| " + " | ".join(row) + " |")

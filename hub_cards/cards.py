@@ -56,8 +56,9 @@ _POLICY_LIMITS = _SHARED_LIMITS + (
     "\n- On Lift a policy reading the state alone does not turn the gripper to the cube's nearest face as the expert "
     "does: it meets the cube 20-30 degrees off (median), and the VLA's failures are the most turned ones "
     "(`benchmarks/grasp_yaw.py`). Reading the relative yaw (`relative_yaw_harmonics`) taught the MLP-BC the turn but "
-    "cost it Lift successes (a square grasp needs more precision in xy than it has); the VLA fine-tuned with it turns "
-    "partway (14-17 degrees) and still fails where the two nearest faces are equally near (the project's "
+    "cost it Lift successes (a square grasp needs more precision in xy than it has). The VLA fine-tuned with it and "
+    "its sawtooth (`relative_yaw_sawtooth`) turns only partway (median 10-12 degrees off) and still turns away from "
+    "the nearest face in about one Lift episode in six; those are where its Lift failures have been (the project's "
     "docs/RESULTS.md)."
 )
 
@@ -96,7 +97,7 @@ KINDS: dict[str, ModelKind] = {
         summary="A pretrained transformer reads the instruction tokens plus state tokens and a continuous head emits "
         "a chunk of 7-D end-effector actions. The backbone is fine-tuned with LoRA (peft).",
         architecture_keys=("backbone", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "chunk_size",
-                           "num_state_tokens", "pooling", "loss", "relative_yaw_harmonics"),
+                           "num_state_tokens", "pooling", "loss", "relative_yaw_harmonics", "relative_yaw_sawtooth"),
         usage="    actions = model.predict_actions(state, [\"Lift the red cube\"])  # [1, chunk_size, 7]",
         intended_use="Controlling a simulated robosuite Panda arm from a language instruction on the listed tasks; "
         "a baseline for research on language-conditioned policies evaluated in learned world models.",
@@ -108,7 +109,7 @@ KINDS: dict[str, ModelKind] = {
         summary="The baseline policy: normalised state plus a frozen MiniLM instruction embedding through an MLP "
         "that predicts a chunk of 7-D end-effector actions.",
         architecture_keys=("text_encoder", "hidden_dim", "num_layers", "dropout", "chunk_size", "loss",
-                           "relative_yaw_harmonics"),
+                           "relative_yaw_harmonics", "relative_yaw_sawtooth"),
         usage="    actions = model.predict_actions(state, [\"Lift the red cube\"])  # [1, chunk_size, 7]",
         intended_use="A reference point for the VLA policy on the same data and tasks.",
         limitations=_POLICY_LIMITS,

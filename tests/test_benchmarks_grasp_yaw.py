@@ -53,6 +53,15 @@ def test_the_nut_handle_repeats_every_half_turn_and_a_gripper_that_never_comes_d
     assert gy.arrival_yaw_error(hovering, np.pi / 2) is None
 
 
+def test_turned_away_compares_the_arrival_with_the_first_step():
+    assert gy.turned_away(descent("p", 0, 40, True), np.pi / 2)  # from 0 off to 40 off
+    assert not gy.turned_away(descent("p", 0, 10, True), np.pi / 2)  # from 30 off to 10 off
+    assert not gy.turned_away(descent("p", -80, 0, True), np.pi / 2)  # from 40 to 80 off, wrapped: 40 to 10
+    hovering = descent("p", 0, 40, False)
+    hovering.states[:, STATE_SLICES["eef pos"]][:, 2] = 1.0
+    assert not gy.turned_away(hovering, np.pi / 2)  # never arrived
+
+
 def test_table_counts_failures_per_band_per_policy(tmp_path, capsys):
     records = [descent("a", 0, 3, True, seed=0), descent("a", 0, 40, False, seed=1), descent("a", 0, 20, True, seed=2),
                descent("b", 0, 1, True, seed=0), descent("b", 0, 10, False, seed=3, after=30)]
@@ -60,8 +69,9 @@ def test_table_counts_failures_per_band_per_policy(tmp_path, capsys):
     gy.main([str(tmp_path), "--task", "lift"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| policy | arrived |") and "30-45 deg" in lines[0]
-    assert lines[2] == "| a | 3/3 | 20.0 | 36.0 | 0 / 1 | 0 / 1 | 1 / 1 |"
-    assert lines[3] == "| b | 2/2 | 5.5 | 9.1 | 1 / 2 | 0 / 0 | 0 / 0 |"
+    # each starts 40 degrees further turned than it arrives: a's seed 1 from 0 to 40 off (away), the rest toward
+    assert lines[2] == "| a | 3/3 | 20.0 | 36.0 | 0 / 1 | 0 / 1 | 1 / 1 | 1 / 1 |"
+    assert lines[3] == "| b | 2/2 | 5.5 | 9.1 | 1 / 2 | 0 / 0 | 0 / 0 | 0 / 0 |"
     gy.main([str(tmp_path), "--task", "lift", "--failures"])
     # a's failure ends 4 steps after its arrival, too soon to say where it stayed; b's stays 1.5 cm over the cube
     assert capsys.readouterr().out.splitlines()[-2:] == ["| a | 1 | 40.0 | n/a | n/a |", "| b | 3 | 10.0 | 1.5 | 0.0 |"]

@@ -177,6 +177,8 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (MLPPolicyConfig, {"relative_yaw_harmonics": [0, 2]}, "relative_yaw_harmonics"),
         (MLPPolicyConfig, {"relative_yaw_harmonics": "4"}, "relative_yaw_harmonics"),
         (MLPPolicyConfig, {"relative_yaw_harmonics": [4], "state_layout": "other"}, "relative_yaw_harmonics"),
+        (VLAConfig, {"relative_yaw_sawtooth": True}, "relative_yaw_sawtooth"),  # needs harmonics to wrap
+        (MLPPolicyConfig, {"relative_yaw_harmonics": [4], "relative_yaw_sawtooth": 1}, "relative_yaw_sawtooth"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(config_class, overrides, field):
@@ -529,6 +531,19 @@ def test_relative_yaw_features_see_the_nearest_face_not_the_absolute_turn():
     assert (turned[:, [0, 2]] - features[:, [0, 2]]).abs().max() > 0.5
 
 
+def test_yaw_sawtooth_is_the_turn_to_the_nearest_face_jump_included():
+    eef = torch.zeros(6)
+    obj = torch.tensor([0.1, -0.3, 0.7, 0.785, 0.786, 3.0])  # 0.785 / 0.786 straddle the cube's 45-degree branch
+    features = modeling_vla.relative_yaw_features(yaw_state(6, eef, obj), [1, 4], sawtooth=True)
+    assert features.shape == (6, 6)  # cos, sin, then the sawtooth, each for k = 1, 4
+    nearest_face_turn = torch.remainder(obj + torch.pi / 4, torch.pi / 2) - torch.pi / 4
+    torch.testing.assert_close(features[:, 5], nearest_face_turn * 4 / torch.pi, atol=1e-5, rtol=0)
+    torch.testing.assert_close(features[:, 4], obj / torch.pi, atol=1e-5, rtol=0)  # all within (-pi, pi)
+    assert features[3, 5] > 0.99 and features[4, 5] < -0.99  # the jump is in the input, not left to the network
+    no_saw = modeling_vla.relative_yaw_features(yaw_state(6, eef, obj), [1, 4])
+    torch.testing.assert_close(features[:, :4], no_saw)
+
+
 @pytest.mark.parametrize("policy", ["mlp", "vla"])
 def test_policy_reads_yaw_features_and_a_saved_model_can_start_reading_them_unchanged(policy, tiny_llama):
     torch.manual_seed(0)
@@ -548,6 +563,13 @@ def test_policy_reads_yaw_features_and_a_saved_model_can_start_reading_them_unch
     assert all(layer.weight.grad is not None for layer, _ in model.state_input_layers())
     with pytest.raises(ValueError, match=r"relative_yaw_harmonics: the model already reads \[1, 2, 4\]"):
         model.add_relative_yaw_input([4])
+    # A model reading the harmonics can start reading their sawtooth too, again unchanged at first.
+    before = model.eval().predict_actions(batch["state"], batch["instruction"])
+    model.add_relative_yaw_input(sawtooth=True)
+    assert model.input_dim == STATE_DIM + 9 and model.config.relative_yaw_sawtooth
+    torch.testing.assert_close(model.predict_actions(batch["state"], batch["instruction"]), before)
+    with pytest.raises(ValueError, match="relative_yaw_sawtooth: the model already reads it"):
+        model.add_relative_yaw_input(sawtooth=True)
 
 
 def test_mlp_policy_with_velocity_input_round_trips(tmp_path):

@@ -479,6 +479,15 @@ def test_init_from_can_start_reading_yaw_features_through_zero_weights(dataset: 
     )
     with pytest.raises(UserError, match=re.escape("model_config.relative_yaw_harmonics=[1], but the saved model has [4]")):
         ta.train(again)
+    saw = tiny_config(
+        dataset, tmp_path / "saw", model="mlp", model_config={"relative_yaw_harmonics": [4], "relative_yaw_sawtooth": True},
+        init_from=str(tmp_path / "tune" / "final"), lr=1e-12, weight_decay=0.0, max_steps=2, eval_every=1, save_every=2,
+    )
+    ta.train(saw)
+    sawed = state_dict_of(tmp_path / "saw" / "final")["mlp.0.weight"]
+    assert sawed.shape[1] == tuned.shape[1] + 1  # wrap(4 d) / pi, after cos and sin
+    torch.testing.assert_close(torch.cat([sawed[:, :31], sawed[:, 32:]], 1), tuned, atol=1e-6, rtol=0)
+    assert sawed[:, 31].abs().max() < 1e-6
 
 
 def test_init_from_refuses_what_it_cannot_fine_tune(dataset: Path, tmp_path: Path) -> None:
