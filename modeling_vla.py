@@ -216,7 +216,7 @@ def yaw_of_rot6(rot6: torch.Tensor) -> torch.Tensor:
 
 def relative_yaw_features(state: torch.Tensor, harmonics: Sequence[int], sawtooth: bool = False) -> torch.Tensor:
     """[cos k*d..., sin k*d...] for d = object yaw - gripper yaw, read from a raw state of the default layout;
-    with sawtooth, then [wrap(k*d) / pi...] in [-1, 1).
+    with sawtooth, then [wrap(k*d) / pi...] in (-1, 1].
 
     With k = 4 the nearest cube face is the sign of sin(4d): one smooth input where rot6 needed a sawtooth.
     The sawtooth itself is the turn to the nearest face (times k / pi), which the expert follows: a network can
