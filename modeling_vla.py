@@ -789,11 +789,15 @@ class ChunkPolicyMixin(NormalizedModelMixin):
             raise ValueError(f"relative_yaw_harmonics: the model already reads {self.config.relative_yaw_harmonics}")
         if sawtooth and self.config.relative_yaw_sawtooth:
             raise ValueError("relative_yaw_sawtooth: the model already reads it")
-        old_width = self.input_dim
+        old_width, old_inputs = self.input_dim, (self.config.relative_yaw_harmonics, self.config.relative_yaw_sawtooth)
         if harmonics:
             self.config.relative_yaw_harmonics = list(harmonics)
         self.config.relative_yaw_sawtooth = self.config.relative_yaw_sawtooth or sawtooth
-        self.config.validate_fields()
+        try:
+            self.config.validate_fields()
+        except ValueError:  # a refused change leaves the model as it was
+            self.config.relative_yaw_harmonics, self.config.relative_yaw_sawtooth = old_inputs
+            raise
         extra = self.input_dim - old_width
         for layer, start in self.state_input_layers():
             at = start + old_width  # the features follow the state input, as in _state_input

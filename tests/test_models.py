@@ -570,6 +570,10 @@ def test_policy_reads_yaw_features_and_a_saved_model_can_start_reading_them_unch
     torch.testing.assert_close(model.predict_actions(batch["state"], batch["instruction"]), before)
     with pytest.raises(ValueError, match="relative_yaw_sawtooth: the model already reads it"):
         model.add_relative_yaw_input(sawtooth=True)
+    bare = MLPPolicy(MLPPolicyConfig(hidden_dim=32, num_layers=2, chunk_size=4))
+    with pytest.raises(ValueError, match="relative_yaw_sawtooth: expected false without relative_yaw_harmonics"):
+        bare.add_relative_yaw_input(sawtooth=True)  # nothing to wrap
+    assert not bare.config.relative_yaw_sawtooth and bare.input_dim == STATE_DIM
 
 
 def test_mlp_policy_with_velocity_input_round_trips(tmp_path):
