@@ -480,7 +480,8 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
     if found[0] != model_name:
         raise UserError(f"{source}: holds a {found[0]}, but --model {cfg.model} trains a {model_name}")
     config = getattr(configuration_vla, config_name).from_pretrained(folder)
-    # The one change a fine-tune may make: start reading relative-yaw features, through zero weights.
+    # The one kind of change a fine-tune may make: start reading relative-yaw features (the harmonics, their
+    # sawtooth, or both), through zero weights.
     new_yaw = added_yaw_inputs(config, cfg.model_config)
     for key, value in cfg.model_config.items():
         if key in new_yaw:
