@@ -189,12 +189,15 @@ class PipelineSize:
 
 SIZES = {
     "quick": PipelineSize(episodes_per_task=10, play_episodes_per_task=4, dagger_episodes_per_task=4, dagger_rounds=1,
-                          train_steps={"world": 300, "policy": 150, "mlp": 300, "policy_finetune": 50}, eval_episodes=2,
+                          train_steps={"world": 300, "policy": 150, "mlp": 300, "mlp_driver": 300,
+                                       "policy_finetune": 50},
+                          eval_episodes=2,
                           checkpoint_every=100,
                           world_seeds=2),
     "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, dagger_episodes_per_task=100,
                          dagger_rounds=DAGGER_ROUNDS,
-                         train_steps={"world": 3000, "policy": 9000, "mlp": 3000, "policy_finetune": 1500},
+                         train_steps={"world": 3000, "policy": 9000, "mlp": 9000, "mlp_driver": 3000,
+                                      "policy_finetune": 1500},
                          eval_episodes=50, world_seeds=10),
 }
 
@@ -296,6 +299,7 @@ ROLLOUT_DRIVER = "mlp_demos"  # the three-task MLP-BC on the demos whose whole e
 WORLD_SEED_RUN = "world_s"  # with several world-model seeds, run k trains as `world_s<k>`; the pool is `world`
 CONFIGS = {"world": "configs/world_model.yaml", "policy": "configs/vla_minilm_cpu.yaml", "mlp": "configs/mlp_bc.yaml"}
 FINETUNE_CONFIG = "configs/vla_dagger_finetune.yaml"
+DRIVER_CONFIG = "configs/mlp_driver.yaml"  # the MLP-BCs that drive DAgger rounds and the world model's roll-outs
 EXPORT_NAMES = {"world": "world-model", "policy": "vla-policy", "mlp": "mlp-policy"}
 POLICY_LABELS = {"policy": "vla", "mlp": "mlp"}  # policy names in the evaluation tables
 # the repo each model trains on ("dataset-vla" is "dataset" plus the VLA's own DAgger round)
@@ -345,11 +349,13 @@ def train_stage(
     name: str | None = None,
     config: str | None = None,
     init_from: Path | None = None,
+    role: str | None = None,
 ) -> Stage:
     """Train a `model` kind (world, policy, mlp) into train_<name> (name defaults to the kind), from scratch or, with
-    `init_from`, as a fine-tune of that saved model (`config` then names the fine-tune's YAML)."""
+    `init_from`, as a fine-tune of that saved model (`config` then names the fine-tune's YAML). `role` picks the
+    step budget (`size.train_steps`, default: the kind, or <kind>_finetune)."""
     name = name or model
-    steps = size.train_steps[f"{model}_finetune" if init_from else model]
+    steps = size.train_steps[role or (f"{model}_finetune" if init_from else model)]
     overrides = [f"max_steps={steps}", f"seed={seed}", *([f"init_from={init_from}"] if init_from else [])]
     if size.checkpoint_every is not None:
         overrides += [f"eval_every={size.checkpoint_every}", f"save_every={size.checkpoint_every}"]
@@ -391,7 +397,7 @@ def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str]
                     (driver_data / "normalization.json",),
                     env=paths.private_env,
                 ),
-                train_stage("mlp", paths, size, seed, name=driver),
+                train_stage("mlp", paths, size, seed, name=driver, config=DRIVER_CONFIG, role="mlp_driver"),
                 Stage(
                     f"generate_dagger{round_}_{task}",
                     console("vla-generate", "--tasks", task, "--episodes", episodes, "--out", raw,
@@ -448,7 +454,7 @@ def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[
 
     report = paths.raw_onpolicy / "generate_report.json"
     return [
-        train_stage("mlp", paths, size, seed, name=ROLLOUT_DRIVER),
+        train_stage("mlp", paths, size, seed, name=ROLLOUT_DRIVER, config=DRIVER_CONFIG, role="mlp_driver"),
         Stage(
             "generate_onpolicy",
             console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",

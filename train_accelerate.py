@@ -8,7 +8,8 @@ and trains with Accelerate (mixed precision, gradient accumulation, multi-GPU), 
 Output folder:
 
     <output_dir>/checkpoints/step_<N>/   accelerator.save_state + trainer_state.json (last `keep_checkpoints`)
-    <output_dir>/best/                   save_pretrained of the lowest validation loss
+    <output_dir>/best/                   save_pretrained of the lowest validation loss (best_checkpoint: val_loss)
+                                         or of the latest evaluation (best_checkpoint: last)
     <output_dir>/final/                  save_pretrained at the end
     <output_dir>/logs/                   TensorBoard
     <output_dir>/train_summary.json
@@ -37,6 +38,7 @@ from data_prep.atomic import replace_dir
 from data_prep.errors import UserError, run_cli
 
 MODEL_KINDS = ("world", "policy", "mlp")
+BEST_CHECKPOINTS = ("val_loss", "last")
 # (config class, model class, config field that sets the window length H)
 MODEL_CLASSES = {
     "world": ("WorldModelConfig", "WorldModel", "multi_step"),
@@ -80,6 +82,10 @@ class TrainConfig:
     num_workers: int = 0
     horizon: int | None = None  # window length H; None: the model config's multi_step / chunk_size
     early_stopping_patience: int | None = None  # evaluations without a new best before stopping
+    # What best/ holds: the lowest validation loss (val_loss), or the model at the latest evaluation (last). A policy's
+    # validation loss can bottom out early while its closed-loop success still rises: the MLP-BC's did at ~8 epochs,
+    # its Square success rose from 10.6 to 32 epochs (docs/RESULTS.md "MLP-BC training budget").
+    best_checkpoint: str = "val_loss"
     # A saved model folder (a run's best/ or final/) to start from instead of fresh weights: a fine-tune, e.g. a
     # DAgger round on more data. The model keeps its own config, normalisation and tasks (its weights expect
     # them); model_config may only repeat its values (so the run's YAML can be reused). The optimizer, schedule
@@ -90,6 +96,10 @@ class TrainConfig:
         """Refuse values that would fail later with a worse message (or silently train nonsense)."""
         if self.model not in MODEL_KINDS:
             raise UserError(f"{source}: model={self.model!r}, expected one of {list(MODEL_KINDS)}")
+        if self.best_checkpoint not in BEST_CHECKPOINTS:
+            raise UserError(
+                f"{source}: best_checkpoint={self.best_checkpoint!r}, expected one of {list(BEST_CHECKPOINTS)}"
+            )
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise UserError(
                 f"{source}: mixed_precision={self.mixed_precision!r}, expected one of {list(MIXED_PRECISION)}"
@@ -759,11 +769,13 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
         nonlocal last_val
         last_val = evaluate(accelerator, model, val_loader, cfg.max_eval_batches)
         accelerator.log({f"val/{k}": v for k, v in last_val.items()}, step=state.step)
-        if state.best_val_loss is None or last_val["loss"] < state.best_val_loss:
+        improved = state.best_val_loss is None or last_val["loss"] < state.best_val_loss
+        if improved:
             state.best_val_loss, state.evals_since_best = last_val["loss"], 0
-            save_model(accelerator, model, output_dir, "best")
         else:
             state.evals_since_best += 1
+        if improved or cfg.best_checkpoint == "last":
+            save_model(accelerator, model, output_dir, "best")
         progress.set_postfix(val_loss=f"{last_val['loss']:.4g}", best=f"{state.best_val_loss:.4g}")
 
     while not stop:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.errors import UserError
-from pipeline import SIZES, PipelinePaths, Stage, build_stages, run_stages
+from pipeline import REPO_ROOT, SIZES, PipelinePaths, Stage, build_stages, run_stages
+from train_accelerate import load_config
 
 
 class FakeRunner:
@@ -265,6 +266,20 @@ def test_each_dagger_round_is_driven_per_task_by_a_policy_trained_on_that_tasks_
     assert "local/dreaming-vla-dataset" in stages["export_mlp"].command
     # no DAgger data for the world model (measured: its Square dreams turned pessimistic, docs/RESULTS.md)
     assert inputs("preprocess_world") == [str(paths.raw), str(paths.raw_play), str(paths.raw_onpolicy)]
+
+
+def test_data_drivers_keep_the_earlier_mlp_budget_and_the_evaluated_mlp_trains_longer(tmp_path: Path) -> None:
+    stages = {stage.name: stage for stage in build_stages(PipelinePaths(tmp_path), SIZES["full"], ["lift", "can"])}
+    drivers = ["train_dagger_driver1_lift", "train_dagger_driver1_can", "train_mlp_demos"]
+    for driver in drivers:  # the data every model learns from stays the measured recipe's
+        assert flag_value(stages[driver], "--config").endswith("configs/mlp_driver.yaml"), driver
+        assert flag_values(stages[driver], "--set")[0] == "max_steps=3000", driver
+    assert flag_value(stages["train_mlp"], "--config").endswith("configs/mlp_bc.yaml")
+    assert flag_values(stages["train_mlp"], "--set")[0] == "max_steps=9000"
+    driver_config = load_config(REPO_ROOT / "configs" / "mlp_driver.yaml")
+    mlp_config = load_config(REPO_ROOT / "configs" / "mlp_bc.yaml")
+    assert (driver_config.best_checkpoint, mlp_config.best_checkpoint) == ("val_loss", "last")
+    assert driver_config.model_config == mlp_config.model_config  # the same network, trained for longer
 
 
 def test_the_vla_is_fine_tuned_on_its_own_dagger_round(tmp_path: Path) -> None:

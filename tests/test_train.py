@@ -257,6 +257,7 @@ def test_yaml_and_set_overrides(tmp_path: Path) -> None:
         ("batch_size: 4\n", ["batch_size=-2"], "batch_size=-2, expected a positive number"),
         ("batch_size: 4\n", ["batch_size=four"], "--set batch_size: batch_size='four' is not a valid int"),
         ("model: diffusion\n", [], "model='diffusion'"),
+        ("best_checkpoint: lowest\n", [], "best_checkpoint='lowest', expected one of ['val_loss', 'last']"),
     ],
 )
 def test_bad_config_is_one_line_error(tmp_path: Path, capsys, text: str, overrides: list[str], message: str) -> None:
@@ -343,6 +344,26 @@ def test_world_model_trains_checkpoints_and_saves_best(dataset: Path, tmp_path: 
         change = (train.next_state[rows, dim] - train.state[rows, dim]) / std[dim]
         expected = change.std() if rows.any() and change.std() > 1e-6 else 1.0
         assert best.config.velocity_scale[dim] == pytest.approx(expected, rel=1e-4), dim
+
+
+@pytest.mark.parametrize(("best_checkpoint", "best_is_final"), [("val_loss", False), ("last", True)])
+def test_best_checkpoint_keeps_the_lowest_validation_loss_or_the_latest_model(
+    dataset: Path, tmp_path: Path, monkeypatch, best_checkpoint: str, best_is_final: bool
+) -> None:
+    real_evaluate = ta.evaluate
+    evaluations = iter(range(100))
+
+    def rising_validation_loss(*args, **kwargs) -> dict[str, float]:
+        # a validation loss that only gets worse, as an overfitting policy's can while it still improves in closed loop
+        return {**real_evaluate(*args, **kwargs), "loss": 1.0 + next(evaluations)}
+
+    monkeypatch.setattr(ta, "evaluate", rising_validation_loss)
+    out = tmp_path / best_checkpoint
+    summary = ta.train(tiny_config(dataset, out, model="mlp", best_checkpoint=best_checkpoint))
+    assert summary["best_val_loss"] == 1.0  # the summary reports the lowest validation loss either way
+    best, final = state_dict_of(out / "best"), state_dict_of(out / "final")
+    same = all(torch.equal(best[name], final[name]) for name in final)
+    assert same is best_is_final
 
 
 @pytest.mark.parametrize("setting", [{"input_noise": 0.3}, {"loss_units": "step"}])
