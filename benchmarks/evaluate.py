@@ -23,7 +23,7 @@ from pathlib import Path
 from data_prep.errors import UserError, run_cli
 from data_prep.tasks import TASKS
 from evaluation.cli import make_plan, parse_args, play, settings_of, write_results
-from evaluation.envs import DREAM_SUCCESS
+from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS
 from evaluation.policies import ChunkExecution
 from evaluation.records import write_episodes
 from evaluation.report import replace_markdown_section, write_summary
@@ -45,6 +45,8 @@ def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-expert", action="store_true", help="skip the scripted-expert upper bound")
     p.add_argument("--dream-success", choices=DREAM_SUCCESS, default=DREAM_SUCCESS[0],
                    help="dream success from the world model's head (default) or robosuite's rule on the dreamed state")
+    p.add_argument("--dream-relative", choices=DREAM_RELATIVE, default=DREAM_RELATIVE[0],
+                   help="the dream's object-to-eef pose: derived from the imagined poses or the world model's own")
     p.add_argument("--video", action="store_true", help="film 2 real episodes per task and policy")
     p.add_argument("--ensemble-decay", type=float, default=ChunkExecution.decay,
                    help="temporal ensembling weight exp(-m * i) of the i-th oldest chunk, both policies (vla-rollout's)")
@@ -59,7 +61,8 @@ def rollout_argv(args: argparse.Namespace, policy: str, name: str, env: str) -> 
             "--workers", str(args.workers), "--seed", str(args.seed), "--out", str(args.out), "--no-progress",
             "--ensemble-decay", str(args.ensemble_decay)]
     if env != "real":
-        argv += ["--world-model", *map(str, args.world_model or []), "--dream-success", args.dream_success]
+        argv += ["--world-model", *map(str, args.world_model or []), "--dream-success", args.dream_success,
+                 "--dream-relative", args.dream_relative]
     if args.horizon:
         argv += ["--horizon", str(args.horizon)]
     if args.video:

@@ -129,6 +129,42 @@ def success_from_state(states: np.ndarray, task: str) -> np.ndarray:
     return SUCCESS_RULES[task](states)
 
 
+def rot6_to_matrix(rot6: np.ndarray) -> np.ndarray:
+    """6-D rotations [..., 6] -> rotation matrices [..., 3, 3] (Gram-Schmidt, so imagined columns need not be exact)."""
+    rot6 = np.asarray(rot6, dtype=np.float64)
+    col0 = rot6[..., 0:3] / np.maximum(np.linalg.norm(rot6[..., 0:3], axis=-1, keepdims=True), 1e-12)
+    col1 = rot6[..., 3:6] - np.sum(col0 * rot6[..., 3:6], axis=-1, keepdims=True) * col0
+    col1 = col1 / np.maximum(np.linalg.norm(col1, axis=-1, keepdims=True), 1e-12)
+    return np.stack([col0, col1, np.cross(col0, col1)], axis=-1)
+
+
+def relative_pose_from_poses(states: np.ndarray, prev_states: np.ndarray, task: str) -> np.ndarray:
+    """`states` with the object-to-eef block recomputed from the absolute poses, as robosuite observes it.
+
+    The relative block is a function of the eef and object poses, not a quantity of its own, so a dream can
+    derive it instead of imagining it (a world model that predicts it separately can imagine the nut beside the
+    fingers while the poses put it under them). The formula is robosuite 1.5's, checked against live simulators
+    in tests/test_tasks.py: Lift's gripper-to-cube position is cube - eef in the world frame; Can's and Square's
+    object-to-eef pose is the object's pose in the eef frame, R_eef^T (p_obj - p_eef) and R_eef^T R_obj, where the
+    object pose is the one of the *previous* control step (robosuite's sensors read the object from the
+    observation cache before updating it). `prev_states` holds those previous states; at a reset pass `states`.
+    """
+    get_task(task)
+    states = np.array(states, dtype=np.float32, copy=True)
+    prev_states = np.asarray(prev_states, dtype=np.float32)
+    eef_pos = states[..., STATE_SLICES["eef pos"]].astype(np.float64)
+    if task == "lift":
+        states[..., STATE_SLICES["object-eef pos"]] = states[..., STATE_SLICES["object pos"]] - eef_pos
+        return states
+    eef_rot = rot6_to_matrix(states[..., STATE_SLICES["eef rot"]])
+    object_pos = prev_states[..., STATE_SLICES["object pos"]].astype(np.float64)
+    object_rot = rot6_to_matrix(prev_states[..., STATE_SLICES["object rot"]])
+    relative_rot = np.swapaxes(eef_rot, -1, -2) @ object_rot
+    states[..., STATE_SLICES["object-eef pos"]] = np.einsum("...ji,...j->...i", eef_rot, object_pos - eef_pos)
+    states[..., STATE_SLICES["object-eef rot"]] = np.concatenate([relative_rot[..., :, 0], relative_rot[..., :, 1]], -1)
+    return states
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")

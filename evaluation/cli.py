@@ -29,7 +29,7 @@ import numpy as np
 
 from data_prep.errors import UserError, run_cli
 from data_prep.tasks import STATE_LAYOUT, TASKS, get_task
-from evaluation.envs import DREAM_SUCCESS, DreamEnv, RobosuiteEnv, Start, VideoSpec
+from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS, DreamEnv, RobosuiteEnv, Start, VideoSpec
 from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
 from evaluation.records import EpisodeRecord, write_episodes
 from evaluation.rollout import rollout
@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dream-success", choices=DREAM_SUCCESS, default="head",
                    help="what makes a dream succeed: the world model's success head (p_success > --success-threshold,"
                         " default) or robosuite's success rule on the imagined state")
+    p.add_argument("--dream-relative", choices=DREAM_RELATIVE, default=DREAM_RELATIVE[0],
+                   help="the dream's object-to-eef pose: the world model's prediction (default) or derived from the"
+                        " imagined eef and object poses with robosuite's formula")
     p.add_argument("--success-threshold", type=float, default=0.5, help="dream success when p_success exceeds it")
     p.add_argument("--done-threshold", type=float, default=0.5, help="dream ends when p_done exceeds it")
     p.add_argument("--video", action="store_true", help="MP4 of real rollouts (offscreen MuJoCo; MUJOCO_GL=egl|osmesa)")
@@ -260,7 +263,8 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
                     messages.append(f"{plan.policy_name} {task}: no dreams (every real episode failed before its first state)")
                     continue
                 for world_model, label in zip(world_models, labels, strict=True):
-                    env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold, args.dream_success)
+                    env = DreamEnv(world_model, task, args.success_threshold, args.done_threshold, args.dream_success,
+                                   args.dream_relative)
                     policy = ChunkPolicy(model, plan.policy_name, execution)
                     dreams = rollout(env, policy, starts, [instruction] * len(starts), horizon, not args.no_progress)
                     for dream in dreams:

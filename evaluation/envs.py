@@ -11,7 +11,8 @@ when an episode ends (success, done, error or horizon), the env only reports.
 * `DreamEnv`: the trained `WorldModel` imagines every step, all N dreams in one torch batch. success is the
   world model's success head thresholded, or with success_from="state" robosuite's own rule applied to the
   imagined state (`data_prep.tasks.success_from_state`); done is the done head thresholded; `std` is the
-  ensemble spread; `reward` is p_success.
+  ensemble spread; `reward` is p_success. With relative_from="poses" the object-to-eef block is derived from
+  the imagined poses (robosuite's formula) instead of taken from the world model.
 * `RobosuiteEnv`: N real simulators built by `data_prep.sim.make_env`, spread over worker processes
   (`workers > 1`, one Pipe per worker) or stepped in this process (`workers == 1`). A simulator that
   raises, or a worker process that dies, marks its episodes as errors; the other episodes go on.
@@ -31,7 +32,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from data_prep.errors import UserError
-from data_prep.tasks import ACTION_DIM, STATE_DIM, get_task, state_from_obs, state_mask, success_from_state
+from data_prep.tasks import (
+    ACTION_DIM,
+    STATE_DIM,
+    get_task,
+    relative_pose_from_poses,
+    state_from_obs,
+    state_mask,
+    success_from_state,
+)
 
 WORKER_REPLY_TIMEOUT_S = 600.0  # a worker silent this long is treated as crashed
 # What makes a dream succeed: the world model's success head ("head", the default), or the simulator's rule on the
@@ -39,6 +48,10 @@ WORKER_REPLY_TIMEOUT_S = 600.0  # a worker silent this long is treated as crashe
 # the head's success rates are closer to reality, although it fires on states that are not successes (the Square
 # nut 5-8 cm off the peg): the dreams are not precise enough for Square's 3 cm tolerance after ~100 steps.
 DREAM_SUCCESS = ("head", "state")
+# Where a dream's object-to-eef block comes from: the world model's own prediction ("model"), or robosuite's formula
+# applied to the imagined eef and object poses ("poses", `data_prep.tasks.relative_pose_from_poses`), so that what the
+# policy reads about the object relative to its fingers agrees with where the dream put both.
+DREAM_RELATIVE = ("model", "poses")
 
 
 @dataclass
@@ -101,11 +114,14 @@ class DreamEnv:
     kind = "dream"
 
     def __init__(self, world_model: Any, task: str, success_threshold: float = 0.5, done_threshold: float = 0.5,
-                 success_from: str = "head"):
+                 success_from: str = DREAM_SUCCESS[0], relative_from: str = DREAM_RELATIVE[0]):
         get_task(task)
         if success_from not in DREAM_SUCCESS:
             raise ValueError(f"success_from must be one of {DREAM_SUCCESS}, got {success_from!r}")
+        if relative_from not in DREAM_RELATIVE:
+            raise ValueError(f"relative_from must be one of {DREAM_RELATIVE}, got {relative_from!r}")
         self.success_from = success_from
+        self.relative_from = relative_from
         self.world_model = world_model.eval()
         self.task = task
         self.success_threshold = success_threshold
@@ -147,6 +163,8 @@ class DreamEnv:
                     prev_state=torch.as_tensor(self.prev_states[rows], device=device),
                 )
             result.states[rows] = to_numpy(mean)
+            if self.relative_from == "poses":
+                result.states[rows] = relative_pose_from_poses(result.states[rows], self.states[rows], self.task)
             result.std[rows] = to_numpy(std)
             p_success = to_numpy(p_success).reshape(-1)
             result.reward[rows] = p_success

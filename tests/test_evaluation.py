@@ -241,6 +241,25 @@ def test_dream_success_is_robosuites_rule_on_the_imagined_state(tiny_models: dic
         DreamEnv(world, "lift", success_from="oracle")
 
 
+def test_dream_relative_pose_is_derived_from_the_imagined_poses(tiny_models: dict[str, Path]) -> None:
+    from data_prep.tasks import STATE_SLICES, relative_pose_from_poses
+
+    world = load(tiny_models["world"])
+    starts = [Start(seed=i, state=np.random.default_rng(i).normal(size=STATE_DIM).astype(np.float32)) for i in range(2)]
+    actions, active = np.zeros((2, 7), np.float32), np.array([True, True])
+    imagined = DreamEnv(world, "square")
+    derived = DreamEnv(world, "square", relative_from="poses")
+    before = imagined.reset(starts, [INSTRUCTION] * 2).states
+    derived.reset(starts, [INSTRUCTION] * 2)
+    model_says, poses_say = imagined.step(actions, active).states, derived.step(actions, active).states
+    relative = slice(STATE_SLICES["object-eef pos"].start, STATE_DIM)
+    np.testing.assert_array_equal(poses_say[:, : relative.start], model_says[:, : relative.start])
+    np.testing.assert_allclose(poses_say, relative_pose_from_poses(model_says, before, "square"), atol=1e-6)
+    assert np.abs(poses_say[:, relative] - model_says[:, relative]).max() > 1e-3  # the model's own block is replaced
+    with pytest.raises(ValueError, match="relative_from"):
+        DreamEnv(world, "square", relative_from="simulator")
+
+
 def test_dream_env_feeds_the_previous_state_for_velocities(tiny_models: dict[str, Path]) -> None:
     world = load(tiny_models["world"])
     seen = []

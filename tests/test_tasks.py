@@ -12,6 +12,7 @@ from data_prep.tasks import (
     STATE_SLICES,
     TASKS,
     quat_to_rot6,
+    relative_pose_from_poses,
     state_from_obs,
     state_mask,
     success_from_state,
@@ -114,3 +115,30 @@ def test_success_from_state_agrees_with_robosuite_along_an_expert_episode(task: 
             break
     assert ours == theirs
     assert any(theirs) and not all(theirs)  # both outcomes were checked
+
+
+@pytest.mark.parametrize("task", ["lift", "can", "square"])
+def test_relative_pose_from_poses_reproduces_robosuites_observation(task: str) -> None:
+    """Dreams may derive the object-to-eef block from the poses: the formula must be robosuite's, lag included."""
+    from data_prep.experts import make_expert
+    from data_prep.sim import make_env
+
+    sim = make_env(task, seed=5)
+    obs = sim.reset(5)
+    expert = make_expert(task, seed=5)
+    expert.reset(sim.env)
+    states = [state_from_obs(obs, task)[0]]
+    for _ in range(60):  # approach and grasp: the eef moves fast and turns, the object moves once held
+        obs, _, _, _ = sim.env.step(expert.act(obs))
+        states.append(state_from_obs(obs, task)[0])
+    states = np.stack(states)
+    prev = np.concatenate([states[:1], states[:-1]])  # a reset is its own previous state
+    derived = relative_pose_from_poses(states, prev, task)
+    np.testing.assert_allclose(derived, states, atol=1e-5)
+    moved = np.linalg.norm(np.diff(states[:, STATE_SLICES["eef pos"]], axis=0), axis=-1).max()
+    assert moved > 0.005  # the lag matters only while things move, so they must have moved
+    if task != "lift":  # robosuite reads the object of the previous step: the same-step formula is off
+        same_step = relative_pose_from_poses(states, states, task)
+        assert np.abs(same_step - states).max() > 1e-3
+    rest = relative_pose_from_poses(states[:1], states[:1], task)
+    np.testing.assert_array_equal(rest[:, : STATE_SLICES["object-eef pos"].start], states[:1, : STATE_SLICES["object-eef pos"].start])
