@@ -78,7 +78,16 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, robosuite {robosuite.__version__}")
 
 
-def section_text(command: str, markdown: str, timings: dict[str, float], messages: list[str], out: Path) -> str:
+def dream_rule(args: argparse.Namespace) -> str:
+    success = ("the world model's success head above 0.5" if args.dream_success == "head"
+               else "robosuite's success rule applied to the dreamed state")
+    relative = ("derived from the dreamed eef and object poses with robosuite's formula" if args.dream_relative == "poses"
+                else "the world model's own prediction")
+    return f"{success} (dream; the dream's object-to-eef pose is {relative})"
+
+
+def section_text(command: str, markdown: str, timings: dict[str, float], messages: list[str], out: Path,
+                 dream: str) -> str:
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     lines = [
         SECTION,
@@ -89,8 +98,8 @@ def section_text(command: str, markdown: str, timings: dict[str, float], message
         "Wall time: " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items()),
         "",
         "Real episode i starts from the simulator reset with seed `seed + i`; each dream starts from its real",
-        "twin's initial state. Success = the env's `_check_success()` (real) or the world model's success head",
-        "above 0.5 (dream). Errors (crashed simulators) are excluded from rates and counted separately.",
+        f"twin's initial state. Success = the env's `_check_success()` (real) or {dream}.",
+        "Errors (crashed simulators) are excluded from rates and counted separately.",
         "",
         markdown.rstrip("\n"),
         "",
@@ -129,7 +138,7 @@ def benchmark(args: argparse.Namespace) -> None:
     print("\n".join(messages))
     if args.results_md:
         command = "python benchmarks/evaluate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        replace_markdown_section(args.results_md, SECTION, section_text(command, markdown, timings, messages, out))
+        replace_markdown_section(args.results_md, SECTION, section_text(command, markdown, timings, messages, out, dream_rule(args)))
         print(f"updated {args.results_md} ({SECTION})")
     print(f"wrote {out}")
 

@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what makes a dream succeed: the world model's success head (p_success > --success-threshold,"
                         " default) or robosuite's success rule on the imagined state")
     p.add_argument("--dream-relative", choices=DREAM_RELATIVE, default=DREAM_RELATIVE[0],
-                   help="the dream's object-to-eef pose: the world model's prediction (default) or derived from the"
-                        " imagined eef and object poses with robosuite's formula")
+                   help="the dream's object-to-eef pose: derived from the imagined eef and object poses with"
+                        " robosuite's formula (default) or the world model's own prediction")
     p.add_argument("--success-threshold", type=float, default=0.5, help="dream success when p_success exceeds it")
     p.add_argument("--done-threshold", type=float, default=0.5, help="dream ends when p_done exceeds it")
     p.add_argument("--video", action="store_true", help="MP4 of real rollouts (offscreen MuJoCo; MUJOCO_GL=egl|osmesa)")

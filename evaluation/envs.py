@@ -11,8 +11,8 @@ when an episode ends (success, done, error or horizon), the env only reports.
 * `DreamEnv`: the trained `WorldModel` imagines every step, all N dreams in one torch batch. success is the
   world model's success head thresholded, or with success_from="state" robosuite's own rule applied to the
   imagined state (`data_prep.tasks.success_from_state`); done is the done head thresholded; `std` is the
-  ensemble spread; `reward` is p_success. With relative_from="poses" the object-to-eef block is derived from
-  the imagined poses (robosuite's formula) instead of taken from the world model.
+  ensemble spread; `reward` is p_success. The object-to-eef block is derived from the imagined poses with
+  robosuite's formula (relative_from="poses", the default) or taken from the world model ("model").
 * `RobosuiteEnv`: N real simulators built by `data_prep.sim.make_env`, spread over worker processes
   (`workers > 1`, one Pipe per worker) or stepped in this process (`workers == 1`). A simulator that
   raises, or a worker process that dies, marks its episodes as errors; the other episodes go on.
@@ -48,10 +48,12 @@ WORKER_REPLY_TIMEOUT_S = 600.0  # a worker silent this long is treated as crashe
 # the head's success rates are closer to reality, although it fires on states that are not successes (the Square
 # nut 5-8 cm off the peg): the dreams are not precise enough for Square's 3 cm tolerance after ~100 steps.
 DREAM_SUCCESS = ("head", "state")
-# Where a dream's object-to-eef block comes from: the world model's own prediction ("model"), or robosuite's formula
-# applied to the imagined eef and object poses ("poses", `data_prep.tasks.relative_pose_from_poses`), so that what the
-# policy reads about the object relative to its fingers agrees with where the dream put both.
-DREAM_RELATIVE = ("model", "poses")
+# Where a dream's object-to-eef block comes from: robosuite's formula applied to the imagined eef and object poses
+# ("poses", the default, `data_prep.tasks.relative_pose_from_poses`), so that what the policy reads about the object
+# relative to its fingers agrees with where the dream put both; or the world model's own prediction ("model"). Measured
+# on tuning seeds, the model's own block let Square dreams hold the fingers beside the nut's handle while the poses put
+# them at it, so the policy never closed: "poses" raised the MLP-BCs' Square dream/real agreement from 60 to 79 %.
+DREAM_RELATIVE = ("poses", "model")
 
 
 @dataclass

@@ -247,8 +247,8 @@ def test_dream_relative_pose_is_derived_from_the_imagined_poses(tiny_models: dic
     world = load(tiny_models["world"])
     starts = [Start(seed=i, state=np.random.default_rng(i).normal(size=STATE_DIM).astype(np.float32)) for i in range(2)]
     actions, active = np.zeros((2, 7), np.float32), np.array([True, True])
-    imagined = DreamEnv(world, "square")
-    derived = DreamEnv(world, "square", relative_from="poses")
+    imagined = DreamEnv(world, "square", relative_from="model")
+    derived = DreamEnv(world, "square")  # the default
     before = imagined.reset(starts, [INSTRUCTION] * 2).states
     derived.reset(starts, [INSTRUCTION] * 2)
     model_says, poses_say = imagined.step(actions, active).states, derived.step(actions, active).states
