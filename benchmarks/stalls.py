@@ -43,6 +43,7 @@ import numpy as np
 from data_prep.errors import UserError, run_cli
 from data_prep.stalls import STALL_MOVE, STALL_STEPS, STALL_WINDOW, stall_step
 from data_prep.tasks import STATE_SLICES, TASKS, state_from_obs
+from evaluation.envs import DREAM_RELATIVE
 from evaluation.records import EpisodeRecord, read_episodes, select
 
 PROBE_STEPS = 20  # steps each branch runs from the stall (1 s): long enough for the arm to cover centimetres
@@ -211,7 +212,8 @@ def training_stalls(world_model, dataset: Path, task: str) -> None:
               f"{cm['stall'][1]:.3f} | {cm['before'][0]:.3f} | {cm['before'][1]:.3f} |")
 
 
-def dream_from_stalls(world_model, policy, stalled: list[EpisodeRecord], stalls: dict[int, int]) -> list[StallDream]:
+def dream_from_stalls(world_model, policy, stalled: list[EpisodeRecord], stalls: dict[int, int],
+                      relative_from: str = DREAM_RELATIVE[0]) -> list[StallDream]:
     """Per stalled episode: the one-step motion, and a dream from DREAM_OFFSET steps into the stall to the horizon."""
     from evaluation.envs import DreamEnv, Start
     from evaluation.rollout import rollout
@@ -222,7 +224,7 @@ def dream_from_stalls(world_model, policy, stalled: list[EpisodeRecord], stalls:
         start = min(t + DREAM_OFFSET, record.length)
         real, dreamed = one_step_motion(world_model, record, t)
         horizon = TASKS[record.task].horizon - start
-        dream = rollout(DreamEnv(world_model, record.task), policy, [Start(record.seed, record.states[start])],
+        dream = rollout(DreamEnv(world_model, record.task, relative_from=relative_from), policy, [Start(record.seed, record.states[start])],
                         [record.instruction], horizon, progress=False)[0]
         results.append(StallDream(real, dreamed, start, dream))
     return results
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--policy-dir", type=Path, help="the saved policy of the episodes, for --world-model's dreams")
     p.add_argument("--training-data", type=Path,
                    help="a vla-preprocess dataset (the world model's own): one-step motion in its stalled episodes")
+    p.add_argument("--dream-relative", choices=DREAM_RELATIVE, default=DREAM_RELATIVE[0],
+                   help="the dreams' object-to-eef pose: derived from the dreamed poses (default) or the world model's own")
     args = p.parse_args(argv)
     if (args.world_model is None) != (args.policy_dir is None):
         raise UserError("--world-model and --policy-dir go together (the dreams need both)")
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
 
         world_model = load_model(args.world_model, "--world-model", "cpu")
         policy = ChunkPolicy(load_model(args.policy_dir, "--policy-dir", "cpu"), name=stalled[0].policy if stalled else "")
-        print_stall_dreams(stalled, stalls, dream_from_stalls(world_model, policy, stalled, stalls))
+        print_stall_dreams(stalled, stalls, dream_from_stalls(world_model, policy, stalled, stalls, args.dream_relative))
         if args.training_data is not None:
             print(f"\n{args.task} episodes of {args.training_data} that stall:")
             training_stalls(world_model, args.training_data, args.task)
