@@ -52,7 +52,8 @@ DREAM_SUCCESS = ("head", "state")
 # ("poses", the default, `data_prep.tasks.relative_pose_from_poses`), so that what the policy reads about the object
 # relative to its fingers agrees with where the dream put both; or the world model's own prediction ("model"). Measured
 # on tuning seeds, the model's own block let Square dreams hold the fingers beside the nut's handle while the poses put
-# them at it, so the policy never closed: "poses" raised the MLP-BCs' Square dream/real agreement from 60 to 79 %.
+# them at it, so the policy did not close: with the ten-seed pool "poses" raised the MLP-BCs' Square dream/real
+# agreement from 60 to 79 % (docs/RESULTS.md "The dream's object-to-eef pose, derived from its poses").
 DREAM_RELATIVE = ("poses", "model")
 
 
