@@ -89,17 +89,22 @@ def test_bad_observations_name_the_key_and_the_expected_width() -> None:
         state_from_obs(obs, "stack")
 
 
-@pytest.mark.parametrize("task", ["lift", "can", "square"])
-def test_success_from_state_agrees_with_robosuite_along_an_expert_episode(task: str) -> None:
-    """The dream's success rule, applied to each observed state, says what env._check_success says."""
+def expert_at_reset(task: str, seed: int):
+    """A live robosuite env of `task` just reset with `seed`, its first observation, and the scripted expert for it."""
     from data_prep.experts import make_expert
     from data_prep.sim import make_env
 
-    sim = make_env(task, seed=3)
-    obs = sim.reset(3)
-    expert = make_expert(task, seed=3)
+    sim = make_env(task, seed=seed)
+    obs = sim.reset(seed)
+    expert = make_expert(task, seed=seed)
     expert.reset(sim.env)
-    env = sim.env
+    return sim.env, obs, expert
+
+
+@pytest.mark.parametrize("task", ["lift", "can", "square"])
+def test_success_from_state_agrees_with_robosuite_along_an_expert_episode(task: str) -> None:
+    """The dream's success rule, applied to each observed state, says what env._check_success says."""
+    env, obs, expert = expert_at_reset(task, seed=3)
     if task == "can":  # the constants in data_prep.tasks.SUCCESS_RULES are this env's
         np.testing.assert_allclose(env.bin2_pos, [0.1, 0.28, 0.8])
         np.testing.assert_allclose(env.bin_size[:2], [0.39, 0.49])
@@ -120,16 +125,10 @@ def test_success_from_state_agrees_with_robosuite_along_an_expert_episode(task: 
 @pytest.mark.parametrize("task", ["lift", "can", "square"])
 def test_relative_pose_from_poses_reproduces_robosuites_observation(task: str) -> None:
     """Dreams may derive the object-to-eef block from the poses: the formula must be robosuite's, lag included."""
-    from data_prep.experts import make_expert
-    from data_prep.sim import make_env
-
-    sim = make_env(task, seed=5)
-    obs = sim.reset(5)
-    expert = make_expert(task, seed=5)
-    expert.reset(sim.env)
+    env, obs, expert = expert_at_reset(task, seed=5)
     states = [state_from_obs(obs, task)[0]]
     for _ in range(60):  # approach and grasp: the eef moves fast and turns, the object moves once held
-        obs, _, _, _ = sim.env.step(expert.act(obs))
+        obs, _, _, _ = env.step(expert.act(obs))
         states.append(state_from_obs(obs, task)[0])
     states = np.stack(states)
     prev = np.concatenate([states[:1], states[:-1]])  # a reset is its own previous state
