@@ -27,6 +27,10 @@ LOSSES = ("l1", "mse")
 POOLINGS = ("auto", "state", "mean", "last")
 WORLD_MODEL_ARCHITECTURES = ("mixer", "mlp")
 WORLD_MODEL_LOSS_UNITS = ("state_std", "step")
+# How robosuite 1.5 observes a task's object-to-eef block (checked against live simulators in tests/test_tasks.py):
+# "world": object - eef position in the world frame, same step (Lift; its relative-rotation slots are padding);
+# "eef_lagged": the object's pose in the eef frame, with the object pose of the *previous* control step (Can, Square).
+RELATIVE_POSE_FRAMES = ("world", "eef_lagged")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -227,14 +231,35 @@ class WorldModelConfig(RobotModelConfig):
     # delta-normalised targets of PETS / MBPO, where the same error counts 130-830x more (docs/RESULTS.md "Stalls in the
     # dream model's own training data": tried, not adopted).
     loss_units: str = "state_std"
+    # The object-to-eef block is a function of the eef and object poses. With derive_relative_pose, every predicted
+    # state's block is recomputed from its predicted poses (robosuite's formula, per task as in relative_pose_frames)
+    # before the multi-step loss scores it and the next step reads it, as the dream does (DreamEnv's default): training
+    # then matches use, and the model's own block output is never used (nor trained). Needs the default state layout;
+    # relative_pose_frames (task -> one of RELATIVE_POSE_FRAMES) is filled in by the trainer from the dataset's tasks.
+    derive_relative_pose: bool = False
+    relative_pose_frames: dict[str, str] | None = None
 
     @property
     def reads_velocity_scale(self) -> bool:
         return self.velocity_input or self.scale_change or self.input_noise > 0 or self.loss_units == "step"
 
+    def _validate_relative_pose(self) -> None:
+        if not isinstance(self.derive_relative_pose, bool):
+            _fail(self, "derive_relative_pose", "true or false", self.derive_relative_pose)
+        if self.derive_relative_pose and self.state_layout != DEFAULT_STATE_LAYOUT:
+            _fail(self, "derive_relative_pose", f"false with state_layout {self.state_layout!r} (it reads "
+                  f"{DEFAULT_STATE_LAYOUT!r})", True)
+        frames = {} if self.relative_pose_frames is None else self.relative_pose_frames
+        if not isinstance(frames, Mapping) or not all(
+            isinstance(task, str) and frame in RELATIVE_POSE_FRAMES for task, frame in frames.items()
+        ):
+            _fail(self, "relative_pose_frames", f"a mapping task -> one of {list(RELATIVE_POSE_FRAMES)}", frames)
+        self.relative_pose_frames = dict(frames)
+
     def validate_fields(self) -> None:
         _check_choice(self, "architecture", WORLD_MODEL_ARCHITECTURES)
         _check_choice(self, "loss_units", WORLD_MODEL_LOSS_UNITS)
+        self._validate_relative_pose()
         for flag in ("linear_skip", "token_readout", "scale_change", "input_noise_shared"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(self, flag, "true or false", getattr(self, flag))

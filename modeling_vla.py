@@ -29,13 +29,28 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from transformers.utils import ModelOutput
 
 try:  # inside a saved model folder (loaded as a package by trust_remote_code)
-    from .configuration_vla import MINILM_NAME, MLPPolicyConfig, RobotModelConfig, VLAConfig, WorldModelConfig
+    from .configuration_vla import (
+        MINILM_NAME,
+        RELATIVE_POSE_FRAMES,
+        MLPPolicyConfig,
+        RobotModelConfig,
+        VLAConfig,
+        WorldModelConfig,
+    )
 except ImportError:  # inside the project
-    from configuration_vla import MINILM_NAME, MLPPolicyConfig, RobotModelConfig, VLAConfig, WorldModelConfig
+    from configuration_vla import (
+        MINILM_NAME,
+        RELATIVE_POSE_FRAMES,
+        MLPPolicyConfig,
+        RobotModelConfig,
+        VLAConfig,
+        WorldModelConfig,
+    )
 
 HEAD_WEIGHTS_FILE = "policy_head.safetensors"
-# Where the gripper's and the object's rot6 start in the default state layout (relative_yaw_harmonics reads them).
-EEF_ROT6_OFFSET, OBJECT_ROT6_OFFSET = 3, 14
+# Where the poses start in the default state layout (relative_yaw_harmonics and derive_relative_pose read them).
+EEF_POS_OFFSET, EEF_ROT6_OFFSET, OBJECT_POS_OFFSET, OBJECT_ROT6_OFFSET = 0, 3, 11, 14
+RELATIVE_POS_OFFSET, RELATIVE_ROT6_OFFSET = 20, 23  # the object-to-eef block
 MIN_STD = 1e-6  # statistics below this are constant dims (e.g. always-padding): divide by 1 instead
 # WorldModel.step's rows per pass. On a CPU, 512 keeps the [K, rows, T, C] activations cache-sized (thousands of
 # dreams otherwise go memory-bound). On a GPU, small passes are kernel-launch-bound instead (65,536 dreams in 512-row
@@ -229,6 +244,39 @@ def relative_yaw_features(state: torch.Tensor, harmonics: Sequence[int], sawtoot
     cos, sin = angles.cos(), angles.sin()
     parts = [cos, sin, torch.atan2(sin, cos) / torch.pi] if sawtooth else [cos, sin]
     return torch.cat(parts, -1)
+
+
+def rot6_to_matrix(rot6: torch.Tensor) -> torch.Tensor:
+    """6-D rotations [..., 6] -> rotation matrices [..., 3, 3] (Gram-Schmidt, so imagined columns need not be exact)."""
+    col0 = rot6[..., 0:3] / rot6[..., 0:3].norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    col1 = rot6[..., 3:6] - (col0 * rot6[..., 3:6]).sum(-1, keepdim=True) * col0
+    col1 = col1 / col1.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return torch.stack([col0, col1, torch.linalg.cross(col0, col1, dim=-1)], dim=-1)
+
+
+def _slot(state: torch.Tensor, offset: int, width: int) -> torch.Tensor:
+    return state[..., offset : offset + width]
+
+
+def relative_pose_from_poses(states: torch.Tensor, prev_states: torch.Tensor, eef_frame: torch.Tensor) -> torch.Tensor:
+    """Raw states of the default layout with the object-to-eef block recomputed from the absolute poses.
+
+    eef_frame (bool, broadcast over the rows) picks robosuite's rule per row (RELATIVE_POSE_FRAMES): True,
+    "eef_lagged" (Can, Square): R_eef^T (p_obj - p_eef) and R_eef^T R_obj, with the object pose of `prev_states`
+    (robosuite's sensors read the object from the observation cache before updating it); False, "world" (Lift):
+    p_obj - p_eef in the world frame, same step, the relative-rotation slots left as they are (padding).
+    Differentiable, so a world model can train through it.
+    """
+    eef_pos, eef_rot = _slot(states, EEF_POS_OFFSET, 3), rot6_to_matrix(_slot(states, EEF_ROT6_OFFSET, 6))
+    world = _slot(states, OBJECT_POS_OFFSET, 3) - eef_pos
+    offset = _slot(prev_states, OBJECT_POS_OFFSET, 3) - eef_pos
+    in_eef = (eef_rot.transpose(-1, -2) @ offset.unsqueeze(-1)).squeeze(-1)
+    rotation = eef_rot.transpose(-1, -2) @ rot6_to_matrix(_slot(prev_states, OBJECT_ROT6_OFFSET, 6))
+    rotation6 = torch.cat([rotation[..., :, 0], rotation[..., :, 1]], dim=-1)
+    eef_frame = torch.as_tensor(eef_frame, dtype=torch.bool, device=states.device).unsqueeze(-1)
+    block = torch.cat([torch.where(eef_frame, in_eef, world),
+                       torch.where(eef_frame, rotation6, _slot(states, RELATIVE_ROT6_OFFSET, 6))], dim=-1)
+    return torch.cat([states[..., :RELATIVE_POS_OFFSET], block, states[..., RELATIVE_ROT6_OFFSET + 6 :]], dim=-1)
 
 
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -567,7 +615,8 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         if prev_state is not None:
             prev_noise = noise if cfg.input_noise_shared else self._input_noise(prev_state, mask)
             v0 = self.velocity(s0, self.normalize_state(prev_state, mask) + prev_noise)
-        pred, success_logit, done_logit = self._open_loop(s0, acts, text, mask, v0)
+        eef_frame = self._relative_pose_rows(task, batch, state.device)
+        pred, success_logit, done_logit = self._open_loop(s0, acts, text, mask, v0, eef_frame)
 
         step_weight = self._member_weights(batch, state.device)[:, :, None] * valid  # [K, B, H]
         dim_weight = step_weight[..., None] * mask[None, :, None, :]  # [K, B, H, D]
@@ -609,17 +658,43 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             return torch.ones(k, batch, device=device)
         return (torch.rand(k, batch, device=device) < fraction).to(torch.float32)
 
+    def _relative_pose_rows(self, task: Sequence[str] | None, batch: int, device: torch.device) -> torch.Tensor | None:
+        """With config.derive_relative_pose: each row's rule (True: "eef_lagged", False: "world"); else None."""
+        if not self.config.derive_relative_pose:
+            return None
+        if task is None or len(task) != batch:
+            raise ValueError(f"derive_relative_pose: expected the task of each of the {batch} windows, got {task!r}")
+        frames = self.config.relative_pose_frames
+        unknown = sorted(set(task) - set(frames))
+        if unknown:
+            raise ValueError(f"derive_relative_pose: task {unknown[0]!r} has no entry in config.relative_pose_frames "
+                             f"{frames}")
+        return torch.tensor([frames[t] == RELATIVE_POSE_FRAMES[1] for t in task], device=device)
+
+    def _derive_relative_pose(
+        self, state: torch.Tensor, prev_state: torch.Tensor, mask: torch.Tensor, eef_frame: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised predicted states with their object-to-eef block recomputed from their poses (in raw units)."""
+        raw = relative_pose_from_poses(
+            self.denormalize_state(state, mask), self.denormalize_state(prev_state, mask), eef_frame
+        )
+        return self.normalize_state(raw, mask)
+
     def _open_loop(
         self, s0: torch.Tensor, acts: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
-        v0: torch.Tensor | None = None,
+        v0: torch.Tensor | None = None, eef_frame: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each member rolls its own trajectory with the recorded actions: states [K, B, H, D], logits [K, B, H].
 
         From the second step on, a member's velocity input is its own last predicted change (as in a dream).
+        With eef_frame (config.derive_relative_pose) each predicted state's object-to-eef block is derived from its
+        poses, as in a dream.
         """
         state, velocity, outputs = s0, v0, []
         for h in range(acts.shape[1]):
             next_state, success_logit, done_logit = self.predict_normalized(state, acts[:, h], text, mask, velocity)
+            if eef_frame is not None:
+                next_state = self._derive_relative_pose(next_state, state.expand_as(next_state), mask, eef_frame)
             velocity, state = self.velocity(next_state, state), next_state
             outputs.append((state, success_logit, done_logit))
         states, success_logits, done_logits = zip(*outputs, strict=True)

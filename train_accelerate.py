@@ -457,6 +457,10 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     except ValueError as err:
         raise UserError(str(err)) from None
     config.tasks = data.tasks
+    if getattr(config, "derive_relative_pose", False):
+        from data_prep.tasks import get_task
+
+        config.relative_pose_frames = {task: get_task(task).relative_pose_frame for task in data.tasks}
     if config.reads_velocity_scale:
         config.velocity_scale = velocity_scale(data.train, np.asarray(config.state_std, np.float32)).tolist()
     return getattr(modeling_vla, model_name)(config), training_horizon(cfg, config, source)

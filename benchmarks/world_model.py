@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError, run_cli
-from data_prep.tasks import STATE_SLICES
+from data_prep.tasks import STATE_SLICES, rot6_to_matrix
 from evaluation.report import publish_benchmark
 
 SECTION = "## World model"
@@ -134,15 +134,6 @@ def error_by_group(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, scale
 # Physical units for the open-loop breakdown: positions in cm, orientations as the angle between rotations in degrees.
 PHYSICAL_BLOCKS = {"eef pos (cm)": "eef pos", "eef rot (deg)": "eef rot", "object pos (cm)": "object pos",
                    "object rot (deg)": "object rot"}
-
-
-def rot6_to_matrix(rot6: np.ndarray) -> np.ndarray:
-    """[..., 6] first two rotation-matrix columns (data_prep.tasks.quat_to_rot6) -> [..., 3, 3], by Gram-Schmidt:
-    a predicted rot6 is only near a rotation, and the nearest-by-construction rotation is what the angle is of."""
-    a = rot6[..., :3] / np.maximum(np.linalg.norm(rot6[..., :3], axis=-1, keepdims=True), 1e-12)
-    b = rot6[..., 3:] - (a * rot6[..., 3:]).sum(-1, keepdims=True) * a
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    return np.stack([a, b, np.cross(a, b)], axis=-1)
 
 
 def physical_error(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float | None]:

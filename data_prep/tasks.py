@@ -64,6 +64,9 @@ class TaskSpec:
     robomimic_name: str  # folder name in robomimic's published datasets
     object_keys: tuple[str, ...]  # robosuite observation keys making up robomimic's "object", in order
     object_quats: tuple[int, ...]  # offsets of the quaternions inside robomimic's "object" vector
+    # How robosuite observes the object-to-eef block (configuration_vla.RELATIVE_POSE_FRAMES): "world" (Lift:
+    # cube - eef, world frame) or "eef_lagged" (the object's pose in the eef frame, one control step late).
+    relative_pose_frame: str = "eef_lagged"
 
     @property
     def instruction(self) -> str:
@@ -76,7 +79,8 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "lift": TaskSpec("lift", "Lift", 10, 400, "lift", ("cube_pos", "cube_quat", "gripper_to_cube_pos"), (3,)),
+    "lift": TaskSpec("lift", "Lift", 10, 400, "lift", ("cube_pos", "cube_quat", "gripper_to_cube_pos"), (3,),
+                     relative_pose_frame="world"),
     "can": TaskSpec(
         "can", "PickPlaceCan", 14, 400, "can",
         ("Can_pos", "Can_quat", "Can_to_robot0_eef_pos", "Can_to_robot0_eef_quat"), (3, 10),
@@ -130,12 +134,15 @@ def success_from_state(states: np.ndarray, task: str) -> np.ndarray:
 
 
 def rot6_to_matrix(rot6: np.ndarray) -> np.ndarray:
-    """6-D rotations [..., 6] -> rotation matrices [..., 3, 3] (Gram-Schmidt, so imagined columns need not be exact)."""
-    rot6 = np.asarray(rot6, dtype=np.float64)
-    col0 = rot6[..., 0:3] / np.maximum(np.linalg.norm(rot6[..., 0:3], axis=-1, keepdims=True), 1e-12)
-    col1 = rot6[..., 3:6] - np.sum(col0 * rot6[..., 3:6], axis=-1, keepdims=True) * col0
-    col1 = col1 / np.maximum(np.linalg.norm(col1, axis=-1, keepdims=True), 1e-12)
-    return np.stack([col0, col1, np.cross(col0, col1)], axis=-1)
+    """6-D rotations [..., 6] -> rotation matrices [..., 3, 3] (Gram-Schmidt, so imagined columns need not be exact).
+
+    numpy in, numpy out (float64) around `modeling_vla.rot6_to_matrix`, the one implementation.
+    """
+    import torch
+
+    from modeling_vla import rot6_to_matrix as rot6_to_matrix_torch
+
+    return rot6_to_matrix_torch(torch.as_tensor(np.asarray(rot6, dtype=np.float64))).numpy()
 
 
 def relative_pose_from_poses(states: np.ndarray, prev_states: np.ndarray, task: str) -> np.ndarray:
@@ -148,21 +155,20 @@ def relative_pose_from_poses(states: np.ndarray, prev_states: np.ndarray, task: 
     object-to-eef pose is the object's pose in the eef frame, R_eef^T (p_obj - p_eef) and R_eef^T R_obj, where the
     object pose is the one of the *previous* control step (robosuite's sensors read the object from the
     observation cache before updating it). `prev_states` holds those previous states; at a reset pass `states`.
+    numpy around `modeling_vla.relative_pose_from_poses` (computed in float64), which world models with
+    `derive_relative_pose` also train through.
     """
-    get_task(task)
-    states = np.array(states, dtype=np.float32, copy=True)
-    prev_states = np.asarray(prev_states, dtype=np.float32)
-    eef_pos = states[..., STATE_SLICES["eef pos"]].astype(np.float64)
-    if task == "lift":
-        states[..., STATE_SLICES["object-eef pos"]] = states[..., STATE_SLICES["object pos"]] - eef_pos
-        return states
-    eef_rot = rot6_to_matrix(states[..., STATE_SLICES["eef rot"]])
-    object_pos = prev_states[..., STATE_SLICES["object pos"]].astype(np.float64)
-    object_rot = rot6_to_matrix(prev_states[..., STATE_SLICES["object rot"]])
-    relative_rot = np.swapaxes(eef_rot, -1, -2) @ object_rot
-    states[..., STATE_SLICES["object-eef pos"]] = np.einsum("...ji,...j->...i", eef_rot, object_pos - eef_pos)
-    states[..., STATE_SLICES["object-eef rot"]] = np.concatenate([relative_rot[..., :, 0], relative_rot[..., :, 1]], -1)
-    return states
+    import torch
+
+    from modeling_vla import relative_pose_from_poses as relative_pose_torch
+
+    spec = get_task(task)
+    derived = relative_pose_torch(
+        torch.as_tensor(np.asarray(states, dtype=np.float64)),
+        torch.as_tensor(np.asarray(prev_states, dtype=np.float64)),
+        torch.tensor(spec.relative_pose_frame == "eef_lagged"),
+    )
+    return derived.numpy().astype(np.float32)
 
 
 def get_task(name: str) -> TaskSpec:

@@ -123,6 +123,9 @@ class DreamEnv:
             raise ValueError(f"success_from must be one of {DREAM_SUCCESS}, got {success_from!r}")
         if relative_from not in DREAM_RELATIVE:
             raise ValueError(f"relative_from must be one of {DREAM_RELATIVE}, got {relative_from!r}")
+        if relative_from == "model" and getattr(world_model.config, "derive_relative_pose", False):
+            raise ValueError("relative_from='model': this world model was trained with derive_relative_pose, so its own "
+                             "object-to-eef block is untrained; use relative_from='poses'")
         self.success_from = success_from
         self.relative_from = relative_from
         self.world_model = world_model.eval()

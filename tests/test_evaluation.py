@@ -258,6 +258,9 @@ def test_dream_relative_pose_is_derived_from_the_imagined_poses(tiny_models: dic
     assert np.abs(poses_say[:, relative] - model_says[:, relative]).max() > 1e-3  # the model's own block is replaced
     with pytest.raises(ValueError, match="relative_from"):
         DreamEnv(world, "square", relative_from="simulator")
+    world.config.derive_relative_pose = True  # trained on the derived block: its own block is untrained
+    with pytest.raises(ValueError, match="trained with derive_relative_pose"):
+        DreamEnv(world, "square", relative_from="model")
 
 
 def test_dream_env_feeds_the_previous_state_for_velocities(tiny_models: dict[str, Path]) -> None:

@@ -21,8 +21,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 import modeling_vla
 from configuration_vla import MINILM_NAME, MLPPolicyConfig, VLAConfig, WorldModelConfig
 from modeling_vla import (
+    EEF_POS_OFFSET,
     EEF_ROT6_OFFSET,
+    OBJECT_POS_OFFSET,
     OBJECT_ROT6_OFFSET,
+    RELATIVE_POS_OFFSET,
+    RELATIVE_ROT6_OFFSET,
     MLPPolicy,
     VLAPolicy,
     WorldModel,
@@ -167,6 +171,10 @@ def tiny_vla_config(backbone: Path, **overrides) -> VLAConfig:
         (WorldModelConfig, {"scale_change": "yes"}, "scale_change"),
         (WorldModelConfig, {"input_noise": -0.1}, "input_noise"),
         (WorldModelConfig, {"loss_units": "std"}, "loss_units"),
+        (WorldModelConfig, {"derive_relative_pose": 1}, "derive_relative_pose"),
+        (WorldModelConfig, {"derive_relative_pose": True, "state_layout": "other"}, "derive_relative_pose"),
+        (WorldModelConfig, {"relative_pose_frames": {"lift": "cube"}}, "relative_pose_frames"),
+        (WorldModelConfig, {"relative_pose_frames": ["lift"]}, "relative_pose_frames"),
         (VLAConfig, {"loss": "huber"}, "loss"),
         (VLAConfig, {"chunk_size": 0}, "chunk_size"),
         (VLAConfig, {"head_num_layers": 0}, "head_num_layers"),
@@ -305,6 +313,58 @@ def test_world_model_shared_input_noise_keeps_the_velocity_input_exact(shared, m
     mask = model._mask(None, batch["state"])
     exact = velocity(model.normalize_state(batch["state"], mask), model.normalize_state(batch["prev_state"], mask))
     assert torch.allclose(seen[0], exact, atol=1e-5) == shared  # independent noise blurs the velocity
+
+
+def pose_batch(batch: int = 8, horizon: int = 4, seed: int = 0) -> dict:
+    """synthetic_batch with rotation slots that hold rotations (rot6 of random frames) and no padding."""
+    gen = torch.Generator().manual_seed(seed)
+    data = synthetic_batch(batch, horizon, seed)
+    states = torch.cat([data["state"].unsqueeze(1), data["next_states"]], 1)
+    for offset in (EEF_ROT6_OFFSET, OBJECT_ROT6_OFFSET, RELATIVE_ROT6_OFFSET):
+        frames = torch.linalg.qr(torch.randn(batch, horizon + 1, 3, 3, generator=gen)).Q
+        states[..., offset : offset + 6] = torch.cat([frames[..., 0], frames[..., 1]], -1)
+    return {**data, "state": states[:, 0], "next_states": states[:, 1:], "state_mask": torch.ones(batch, STATE_DIM)}
+
+
+def test_world_model_derive_relative_pose_feeds_and_scores_the_derived_block():
+    """With derive_relative_pose each predicted state's block is robosuite's formula on its own predicted poses
+    (and the object pose of the state before it), per task; without it, the model's own block."""
+    torch.manual_seed(0)
+    frames = {"lift": "world", "can": "eef_lagged"}
+    derived = WorldModel(tiny_world_config(derive_relative_pose=True, relative_pose_frames=frames)).eval()
+    own = WorldModel(tiny_world_config()).eval()
+    own.load_state_dict(derived.state_dict())
+    batch = pose_batch()
+    pred = derived(**batch).prediction  # [K, B, H, D], normalised
+    raw = derived.denormalize_state(pred, batch["state_mask"].unsqueeze(1))
+    before = torch.cat([batch["state"].expand(raw.shape[0], -1, -1).unsqueeze(2), raw[:, :, :-1]], 2)
+    eef_frame = torch.tensor([task == "can" for task in batch["task"]])[:, None]
+    expected = modeling_vla.relative_pose_from_poses(raw, before, eef_frame)
+    torch.testing.assert_close(raw, expected, atol=1e-5, rtol=1e-5)
+    lift = torch.tensor([task == "lift" for task in batch["task"]])
+    cube_minus_eef = raw[..., OBJECT_POS_OFFSET : OBJECT_POS_OFFSET + 3] - raw[..., EEF_POS_OFFSET : EEF_POS_OFFSET + 3]
+    block = raw[..., RELATIVE_POS_OFFSET : RELATIVE_POS_OFFSET + 3]
+    torch.testing.assert_close(block[:, lift], cube_minus_eef[:, lift], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(block[:, ~lift], cube_minus_eef[:, ~lift], atol=1e-3)  # Can: the eef frame
+    # The same weights without it: the first step's poses agree and its block does not; from the second step on the
+    # poses differ too, since the next step reads the derived block.
+    own_pred = own(**batch).prediction
+    poses = slice(0, RELATIVE_POS_OFFSET)
+    torch.testing.assert_close(own_pred[:, :, 0, poses], pred[:, :, 0, poses])
+    assert not torch.allclose(own_pred[:, :, 0, RELATIVE_POS_OFFSET:], pred[:, :, 0, RELATIVE_POS_OFFSET:], atol=1e-3)
+    assert not torch.allclose(own_pred[:, :, 1:, poses], pred[:, :, 1:, poses], atol=1e-5)
+    with pytest.raises(ValueError, match="task 'square' has no entry in config.relative_pose_frames"):
+        derived(**{**batch, "task": ["square"] * len(batch["task"])})
+    with pytest.raises(ValueError, match="derive_relative_pose: expected the task of each"):
+        derived(**{**batch, "task": None})
+
+
+def test_world_model_derive_relative_pose_still_learns():
+    torch.manual_seed(0)
+    model = WorldModel(tiny_world_config(derive_relative_pose=True, relative_pose_frames={"lift": "world",
+                                                                                          "can": "eef_lagged"}))
+    losses = train_losses(model, pose_batch(16))
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_world_model_step_reads_prev_state_only_with_velocity_input():
@@ -621,4 +681,7 @@ def test_config_default_layout_mirrors_the_data_layout() -> None:
     blocks = list(STATE_SLICES.values())
     token_edges = [sum(DEFAULT_STATE_TOKEN_GROUPS[: i + 1]) for i in range(len(DEFAULT_STATE_TOKEN_GROUPS))]
     assert token_edges == [blocks[0].stop, blocks[1].stop, blocks[2].stop, blocks[4].stop, blocks[6].stop]
-    assert (EEF_ROT6_OFFSET, OBJECT_ROT6_OFFSET) == (STATE_SLICES["eef rot"].start, STATE_SLICES["object rot"].start)
+    offsets = (EEF_POS_OFFSET, EEF_ROT6_OFFSET, OBJECT_POS_OFFSET, OBJECT_ROT6_OFFSET, RELATIVE_POS_OFFSET,
+               RELATIVE_ROT6_OFFSET)
+    assert offsets == tuple(STATE_SLICES[name].start for name in ("eef pos", "eef rot", "object pos", "object rot",
+                                                                  "object-eef pos", "object-eef rot"))

@@ -383,6 +383,16 @@ def test_input_noise_and_step_loss_read_the_data_step_sizes_without_velocity_inp
     assert scaled.config.velocity_scale != [1.0] * STATE_DIM
 
 
+def test_derive_relative_pose_gets_each_tasks_frame_from_the_data(dataset: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    ta.train(tiny_config(dataset, tmp_path / "w", max_steps=2, eval_every=2, save_every=2,
+                         model_config={**TINY_MODELS["world"], "derive_relative_pose": True}))
+    model = AutoModel.from_pretrained(tmp_path / "w" / "best", trust_remote_code=True)
+    assert model.config.derive_relative_pose
+    assert model.config.relative_pose_frames == {"lift": "world", "can": "eef_lagged"}  # the data's two tasks
+
+
 def test_existing_checkpoints_need_resume(dataset: Path, tmp_path: Path) -> None:
     cfg = tiny_config(dataset, tmp_path / "w", max_steps=3, save_every=3, eval_every=3)
     ta.train(cfg)
