@@ -141,3 +141,13 @@ def test_relative_pose_from_poses_reproduces_robosuites_observation(task: str) -
         assert np.abs(same_step - states).max() > 1e-3
     rest = relative_pose_from_poses(states[:1], states[:1], task)
     np.testing.assert_array_equal(rest[:, : STATE_SLICES["object-eef pos"].start], states[:1, : STATE_SLICES["object-eef pos"].start])
+
+
+def test_each_task_names_a_relative_pose_frame_that_the_world_model_knows() -> None:
+    """The trainer copies TaskSpec.relative_pose_frame into WorldModelConfig.relative_pose_frames, which checks it."""
+    from configuration_vla import RELATIVE_POSE_FRAMES, WorldModelConfig
+
+    frames = {name: spec.relative_pose_frame for name, spec in TASKS.items()}
+    assert frames == {"lift": "world", "can": "eef_lagged", "square": "eef_lagged"}
+    assert set(frames.values()) <= set(RELATIVE_POSE_FRAMES)
+    assert WorldModelConfig(derive_relative_pose=True, relative_pose_frames=frames).relative_pose_frames == frames
