@@ -246,6 +246,14 @@ class WorldModelConfig(RobotModelConfig):
     def reads_velocity_scale(self) -> bool:
         return self.velocity_input or self.scale_change or self.input_noise > 0 or self.loss_units == "step"
 
+    def relative_pose_in_eef_frame(self, task: str) -> bool:
+        """Whether `task`'s object-to-eef block is the object's pose in the eef frame, one step late ("eef_lagged"),
+        rather than the world-frame position ("world"), per relative_pose_frames."""
+        frames = self.relative_pose_frames or {}
+        if task not in frames:
+            raise ValueError(f"derive_relative_pose: task {task!r} has no entry in config.relative_pose_frames {frames}")
+        return frames[task] == RELATIVE_POSE_FRAMES[1]
+
     def _validate_relative_pose(self) -> None:
         if not isinstance(self.derive_relative_pose, bool):
             _fail(self, "derive_relative_pose", "true or false", self.derive_relative_pose)

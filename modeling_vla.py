@@ -29,23 +29,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from transformers.utils import ModelOutput
 
 try:  # inside a saved model folder (loaded as a package by trust_remote_code)
-    from .configuration_vla import (
-        MINILM_NAME,
-        RELATIVE_POSE_FRAMES,
-        MLPPolicyConfig,
-        RobotModelConfig,
-        VLAConfig,
-        WorldModelConfig,
-    )
+    from .configuration_vla import MINILM_NAME, MLPPolicyConfig, RobotModelConfig, VLAConfig, WorldModelConfig
 except ImportError:  # inside the project
-    from configuration_vla import (
-        MINILM_NAME,
-        RELATIVE_POSE_FRAMES,
-        MLPPolicyConfig,
-        RobotModelConfig,
-        VLAConfig,
-        WorldModelConfig,
-    )
+    from configuration_vla import MINILM_NAME, MLPPolicyConfig, RobotModelConfig, VLAConfig, WorldModelConfig
 
 HEAD_WEIGHTS_FILE = "policy_head.safetensors"
 # Where the poses start in the default state layout (relative_yaw_harmonics and derive_relative_pose read them).
@@ -664,12 +650,7 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
             return None
         if task is None or len(task) != batch:
             raise ValueError(f"derive_relative_pose: expected the task of each of the {batch} windows, got {task!r}")
-        frames = self.config.relative_pose_frames
-        unknown = sorted(set(task) - set(frames))
-        if unknown:
-            raise ValueError(f"derive_relative_pose: task {unknown[0]!r} has no entry in config.relative_pose_frames "
-                             f"{frames}")
-        return torch.tensor([frames[t] == RELATIVE_POSE_FRAMES[1] for t in task], device=device)
+        return torch.tensor([self.config.relative_pose_in_eef_frame(t) for t in task], device=device)
 
     def _derive_relative_pose(
         self, state: torch.Tensor, prev_state: torch.Tensor, mask: torch.Tensor, eef_frame: torch.Tensor
