@@ -12,11 +12,17 @@ Then, for each real success that was dreamed as a failure ("real only"), at the 
 commanded the gripper to close: the object-to-eef position in reality, in the dream's state, and by the formula on
 the dream's poses. A dream whose block disagrees with reality at that step shows the policy a misalignment that
 the real robot did not have.
+
+Last, every pair where dream and reality disagree (real only, dream only), phase by phase: the step where the policy
+first closes the gripper, where the object is first lifted `LIFT_CM` above its resting height, where the gripper
+opens again, and where the object ends, in reality and in the dream. The phase where the two part tells what the
+world model got wrong: a grasp that never comes, a carry that ends elsewhere, a release that does not drop.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,9 @@ from evaluation.records import EpisodeRecord, read_episodes, select
 
 RELATIVE_POS = STATE_SLICES["object-eef pos"]
 GRIPPER_ACTION = 6  # > 0 closes the gripper
+OBJECT_POS = STATE_SLICES["object pos"]
+LIFT_CM = 3.0
+SETTLE_STEPS = 10  # objects are placed a little above the table at reset and settle within these steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +97,49 @@ def report(records: list[EpisodeRecord]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Phases:
+    close: int | None
+    lift: int | None
+    release: int | None
+    end_object_cm: np.ndarray
+
+
+def phases(record: EpisodeRecord) -> Phases:
+    """When the policy closes, lifts and lets go, and where the object ends (cm)."""
+    close = first_close(record)
+    release = None
+    if close is not None:
+        opens = np.flatnonzero(record.actions[close:, GRIPPER_ACTION] < 0)
+        release = int(opens[0]) + close if len(opens) else None
+    height = record.states[:, OBJECT_POS][:, 2]
+    resting = height[:SETTLE_STEPS].min()
+    lifted = np.flatnonzero(height[SETTLE_STEPS:] > resting + LIFT_CM / 100)
+    return Phases(close, int(lifted[0]) + SETTLE_STEPS if len(lifted) else None, release, 100 * record.states[-1, OBJECT_POS])
+
+
+def disagreements(records: list[EpisodeRecord]) -> list[str]:
+    """One line per disagreeing (real, dream) pair: each phase's step in reality / in the dream (- = never)."""
+    def step(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    lines = []
+    for policy in sorted({r.policy for r in records}):
+        for task in sorted({r.task for r in records if r.policy == policy}):
+            dreams = {r.seed: r for r in select(records, policy=policy, task=task, env="dream")}
+            reals = {r.seed: r for r in select(records, policy=policy, task=task, env="real")}
+            for seed in sorted(s for s in reals if s in dreams and reals[s].success != dreams[s].success):
+                real, dream = phases(reals[seed]), phases(dreams[seed])
+                kind = "real only" if reals[seed].success else "dream only"
+                lines.append(
+                    f"{policy} {task} {kind}, seed {seed} (real / dream): close {step(real.close)} / "
+                    f"{step(dream.close)}, lift {step(real.lift)} / {step(dream.lift)}, release "
+                    f"{step(real.release)} / {step(dream.release)}, end {len(reals[seed].states) - 1} / "
+                    f"{len(dreams[seed].states) - 1}; object ends at {np.round(real.end_object_cm, 1)} / "
+                    f"{np.round(dream.end_object_cm, 1)} cm")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
@@ -95,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         records = read_episodes(args.results)
         if args.policy:
             records = select(records, policy=args.policy)
-        print("\n".join(report(records)))
+        print("\n".join(report(records) + disagreements(records)))
 
     run_cli(run)
 

@@ -60,3 +60,27 @@ def test_no_real_only_episodes_and_a_policy_that_never_closes_report_no_grasp(tm
 def test_a_folder_without_episodes_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="episodes.jsonl: not found"):
         dr.read_episodes(tmp_path)
+
+
+def carried(env: str, success: bool, close_at: int | None, steps: int = 14) -> EpisodeRecord:
+    """A nut placed 6 cm high at reset that settles on the table; closed on at close_at, lifted the next step, let go
+    two steps later. close_at None: the gripper never closes and the nut stays on the table."""
+    record = episode(env, success, 0.0, close_at=steps, steps=steps)
+    height = np.full(steps + 1, 0.83)
+    height[0] = 0.89
+    if close_at is not None:
+        record.actions[close_at:close_at + 2, 6] = 1.0
+        height[close_at + 1:] = 0.90
+    record.states[:, STATE_SLICES["object pos"].start + 2] = height
+    return record
+
+
+def test_disagreeing_pairs_are_broken_down_by_phase_and_the_reset_drop_is_not_a_lift():
+    real, dream = carried("real", True, close_at=10), carried("dream", False, close_at=None)
+    assert dr.phases(real) == dr.Phases(close=10, lift=11, release=12, end_object_cm=pytest.approx([5.0, 0.0, 90.0]))
+    assert dr.phases(dream) == dr.Phases(close=None, lift=None, release=None, end_object_cm=pytest.approx([5.0, 0.0, 83.0]))
+    lines = dr.disagreements([real, dream])
+    assert len(lines) == 1
+    assert lines[0].startswith("mlp square real only, seed 7 (real / dream): close 10 / -, lift 11 / -, release 12 / -")
+    agreeing = carried("dream", True, close_at=10)
+    assert dr.disagreements([real, agreeing]) == []
