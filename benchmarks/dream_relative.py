@@ -22,6 +22,7 @@ world model got wrong: a grasp that never comes, a carry that ends elsewhere, a 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from data_prep.errors import run_cli
 from data_prep.tasks import STATE_SLICES, relative_pose_from_poses
+from evaluation.metrics import pair_by_seed
 from evaluation.records import EpisodeRecord, read_episodes, select
 
 RELATIVE_POS = STATE_SLICES["object-eef pos"]
@@ -68,32 +70,38 @@ def at_grasp(real: EpisodeRecord, dream: EpisodeRecord) -> tuple[int, np.ndarray
     return step, 100 * real.states[step, RELATIVE_POS], 100 * dream.states[step, RELATIVE_POS], 100 * derived[RELATIVE_POS]
 
 
-def report(records: list[EpisodeRecord]) -> list[str]:
-    lines = []
+def twins(records: list[EpisodeRecord]) -> Iterator[tuple[str, str, list[EpisodeRecord], list[tuple[EpisodeRecord, EpisodeRecord]]]]:
+    """(policy, task, its dreams, its (dream, real) pairs from the same start, by seed) for every policy and task."""
     for policy in sorted({r.policy for r in records}):
         for task in sorted({r.task for r in records if r.policy == policy}):
-            dreams = {r.seed: r for r in select(records, policy=policy, task=task, env="dream")}
-            reals = {r.seed: r for r in select(records, policy=policy, task=task, env="real")}
-            if not dreams:
+            dreams = select(records, policy=policy, task=task, env="dream")
+            pairs = pair_by_seed(dreams, select(records, policy=policy, task=task, env="real"))
+            yield policy, task, dreams, sorted(pairs, key=lambda pair: pair[0].seed)
+
+
+def report(records: list[EpisodeRecord]) -> list[str]:
+    lines = []
+    for policy, task, dreams, pairs in twins(records):
+        if not dreams:
+            continue
+        gaps = np.concatenate([formula_gap_cm(r) for r in dreams])
+        lines.append(f"{policy} {task}: dream block vs formula on its poses: mean {gaps.mean():.2f} cm, "
+                     f"p90 {np.percentile(gaps, 90):.2f} cm over {len(gaps)} dreamed steps")
+        real_only = [(dream, real) for dream, real in pairs if real.success and not dream.success]
+        heights = []
+        for dream_record, real_record in real_only:
+            found = at_grasp(real_record, dream_record)
+            if found is None:
                 continue
-            gaps = np.concatenate([formula_gap_cm(r) for r in dreams.values()])
-            lines.append(f"{policy} {task}: dream block vs formula on its poses: mean {gaps.mean():.2f} cm, "
-                         f"p90 {np.percentile(gaps, 90):.2f} cm over {len(gaps)} dreamed steps")
-            real_only = [s for s in sorted(reals) if s in dreams and reals[s].success and not dreams[s].success]
-            heights = []
-            for seed in real_only:
-                found = at_grasp(reals[seed], dreams[seed])
-                if found is None:
-                    continue
-                step, real, dream, derived = found
-                heights.append((dream[2], derived[2]))
-                lines.append(f"  real only, seed {seed}, real closes at step {step}: object-to-eef (cm) real "
-                             f"{np.round(real, 1)}, dream's block {np.round(dream, 1)}, formula on the dream's poses "
-                             f"{np.round(derived, 1)}")
-            if heights:
-                block_z, derived_z = np.abs(np.array(heights)).mean(axis=0)
-                lines.append(f"  real only: {len(real_only)}; mean |height| at the real grasp: dream's block "
-                             f"{block_z:.1f} cm, formula on the dream's poses {derived_z:.1f} cm")
+            step, real, dream, derived = found
+            heights.append((dream[2], derived[2]))
+            lines.append(f"  real only, seed {real_record.seed}, real closes at step {step}: object-to-eef (cm) real "
+                         f"{np.round(real, 1)}, dream's block {np.round(dream, 1)}, formula on the dream's poses "
+                         f"{np.round(derived, 1)}")
+        if heights:
+            block_z, derived_z = np.abs(np.array(heights)).mean(axis=0)
+            lines.append(f"  real only: {len(real_only)}; mean |height| at the real grasp: dream's block "
+                         f"{block_z:.1f} cm, formula on the dream's poses {derived_z:.1f} cm")
     return lines
 
 
@@ -124,19 +132,18 @@ def disagreements(records: list[EpisodeRecord]) -> list[str]:
         return "-" if value is None else str(value)
 
     lines = []
-    for policy in sorted({r.policy for r in records}):
-        for task in sorted({r.task for r in records if r.policy == policy}):
-            dreams = {r.seed: r for r in select(records, policy=policy, task=task, env="dream")}
-            reals = {r.seed: r for r in select(records, policy=policy, task=task, env="real")}
-            for seed in sorted(s for s in reals if s in dreams and reals[s].success != dreams[s].success):
-                real, dream = phases(reals[seed]), phases(dreams[seed])
-                kind = "real only" if reals[seed].success else "dream only"
-                lines.append(
-                    f"{policy} {task} {kind}, seed {seed} (real / dream): close {step(real.close)} / "
-                    f"{step(dream.close)}, lift {step(real.lift)} / {step(dream.lift)}, release "
-                    f"{step(real.release)} / {step(dream.release)}, end {len(reals[seed].states) - 1} / "
-                    f"{len(dreams[seed].states) - 1}; object ends at {np.round(real.end_object_cm, 1)} / "
-                    f"{np.round(dream.end_object_cm, 1)} cm")
+    for policy, task, _, pairs in twins(records):
+        for dream_record, real_record in pairs:
+            if dream_record.success == real_record.success:
+                continue
+            real, dream = phases(real_record), phases(dream_record)
+            kind = "real only" if real_record.success else "dream only"
+            lines.append(
+                f"{policy} {task} {kind}, seed {real_record.seed} (real / dream): close {step(real.close)} / "
+                f"{step(dream.close)}, lift {step(real.lift)} / {step(dream.lift)}, release "
+                f"{step(real.release)} / {step(dream.release)}, end {len(real_record.states) - 1} / "
+                f"{len(dream_record.states) - 1}; object ends at {np.round(real.end_object_cm, 1)} / "
+                f"{np.round(dream.end_object_cm, 1)} cm")
     return lines
 
 
