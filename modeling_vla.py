@@ -14,7 +14,7 @@ import copy
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,8 +23,10 @@ from huggingface_hub import constants as hub_constants
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers import initialization as init
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
@@ -886,6 +888,98 @@ class ChunkPolicyMixin(NormalizedModelMixin):
 # --------------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------------
+# The instruction as a key/value prefix (VLAConfig.instruction_prefix)
+# --------------------------------------------------------------------------------------------------
+
+PREFIX_ATTENTION = "vla_instruction_prefix"  # the backbone's attention implementation with instruction_prefix
+
+
+@dataclass(frozen=True)
+class InstructionPrefix:
+    """Passed to the backbone as a keyword; transformers hands it to every attention call (and again, unchanged, to
+    the recomputation of a checkpointed layer, which is why its mode is fixed at construction).
+
+    rows None: record each layer's keys/values of the U distinct instructions into `keys` while attending as usual.
+    Otherwise the state pass: row b's queries attend to instruction rows[b]'s recorded keys/values (its real tokens,
+    `valid` [U, L]) and to the state tokens (causally for a causal backbone). `slot` / `source` place the rows in a
+    padded [U, n] grid, grouped by instruction, so that the text half of attention is one matmul per instruction
+    instead of copying every instruction's keys/values into every row.
+    """
+
+    keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    valid: torch.Tensor | None = None  # [U, L] bool
+    rows: torch.Tensor | None = None  # [B] instruction of each row
+    slot: torch.Tensor | None = None  # [B] row b's place in the flattened [U, n] grid
+    source: torch.Tensor | None = None  # [U * n] the row in each place, B (a zero row) where the grid is padding
+
+    def reader(self, rows: torch.Tensor) -> InstructionPrefix:
+        """This recorded prefix, read by a batch whose row b has instruction rows[b]."""
+        counts = torch.bincount(rows, minlength=self.valid.shape[0])
+        per_group = int(counts.max())
+        order = torch.argsort(rows, stable=True)
+        rank = torch.empty_like(rows)
+        rank[order] = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows[order]]
+        slot = rows * per_group + rank
+        source = torch.full((counts.numel() * per_group,), len(rows), dtype=torch.long, device=rows.device)
+        source[slot] = torch.arange(len(rows), device=rows.device)
+        return InstructionPrefix(self.keys, self.valid, rows, slot, source)
+
+    def to_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, heads, S, X] -> [U, heads, n * S, X], each instruction's rows side by side (zeros where padding)."""
+        batch, heads, steps, width = x.shape
+        groups = self.valid.shape[0]
+        x = torch.cat([x, x.new_zeros(1, heads, steps, width)]).index_select(0, self.source)
+        return x.view(groups, -1, heads, steps, width).transpose(1, 2).reshape(groups, heads, -1, width)
+
+    def from_groups(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """The inverse of to_groups: [U, heads, n * S, X] -> [B, heads, S, X]."""
+        groups, heads, _, width = x.shape
+        x = x.view(groups, heads, -1, steps, width).transpose(1, 2).reshape(-1, heads, steps, width)
+        return x.index_select(0, self.slot)
+
+
+def instruction_prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # [B, heads, S, d]
+    key: torch.Tensor,  # [B, kv_heads, S, d]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    instruction_prefix: InstructionPrefix | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    prefix = instruction_prefix
+    if prefix is None or prefix.rows is None:
+        if prefix is not None:
+            prefix.keys[module.layer_idx] = (key, value)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    text_key, text_value = prefix.keys[module.layer_idx]  # [U, kv_heads, L, d]
+    heads, steps, length = query.shape[1], query.shape[2], text_key.shape[2]
+    if key.shape[1] != heads:  # grouped-query attention: each key/value head serves consecutive query heads
+        repeat = heads // key.shape[1]
+        key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+        text_key, text_value = text_key.repeat_interleave(repeat, 1), text_value.repeat_interleave(repeat, 1)
+    query = query * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    text = prefix.from_groups(prefix.to_groups(query) @ text_key.transpose(-1, -2), steps)  # [B, heads, S, L]
+    text = text.masked_fill(~prefix.valid.index_select(0, prefix.rows)[:, None, None, :], float("-inf"))
+    # S x S state scores, elementwise: S is a few tokens, where batched matmuls of 2 x 2 blocks are mostly overhead
+    state = (query.unsqueeze(3) * key.unsqueeze(2)).sum(-1)  # [B, heads, S, S]
+    if getattr(module, "is_causal", False):
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=query.device).tril()
+        state = state.masked_fill(~causal, float("-inf"))
+    probs = F.dropout(torch.softmax(torch.cat([text, state], -1), -1), p=dropout, training=dropout > 0)
+    out = prefix.from_groups(prefix.to_groups(probs[..., :length]) @ text_value, steps)
+    out = out + (probs[..., length:].unsqueeze(-1) * value.unsqueeze(2)).sum(3)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PREFIX_ATTENTION, instruction_prefix_attention)
+AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)  # the recording pass builds its masks as sdpa does
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
@@ -966,9 +1060,18 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
             with warnings.catch_warnings():  # peft still calls the deprecated is_gradient_checkpointing
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 backbone = get_peft_model(backbone, self._lora_config(backbone))
+        if config.instruction_prefix:
+            (backbone.get_base_model() if config.use_lora else backbone).set_attn_implementation(PREFIX_ATTENTION)
         self.backbone = backbone
         self._tokenizer = None
         self._token_cache: dict[str, list[int]] = {}
+        # eval without gradients: the recorded instruction keys/values per set of distinct instructions (the
+        # weights cannot change until train() is called, which empties it)
+        self._prefix_cache: dict[tuple[str, ...], InstructionPrefix] = {}
+
+    def train(self, mode: bool = True) -> VLAPolicy:
+        self._prefix_cache = {}
+        return super().train(mode)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> VLAPolicy:
@@ -1022,8 +1125,15 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         return self._tokenizer
 
     def _instruction_ids(self, instructions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded token ids and attention mask [B, L]; tokenisation cached per unique string."""
-        unique = list(dict.fromkeys(instructions))
+        """Padded token ids and attention mask [B, L], one row per instruction."""
+        unique = tuple(dict.fromkeys(instructions))
+        ids, attention = self._unique_instruction_ids(unique, device)
+        row_of = {text: row for row, text in enumerate(unique)}
+        index = torch.tensor([row_of[t] for t in instructions], dtype=torch.long, device=device)
+        return ids[index], attention[index]
+
+    def _unique_instruction_ids(self, unique: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded token ids and attention mask [U, L] of distinct strings; tokenisation cached per string."""
         for text in unique:
             if text not in self._token_cache:
                 self._token_cache[text] = self.tokenizer(
@@ -1038,9 +1148,7 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
             tokens = torch.tensor(self._token_cache[text], dtype=torch.long)
             span = slice(length - len(tokens), length) if left else slice(0, len(tokens))
             ids[row, span], attention[row, span] = tokens, 1
-        row_of = {text: row for row, text in enumerate(unique)}
-        index = torch.tensor([row_of[t] for t in instructions], dtype=torch.long)
-        return ids[index].to(device), attention[index].to(device)
+        return ids.to(device), attention.to(device)
 
     # ---- model ------------------------------------------------------------------------------------
 
@@ -1050,12 +1158,52 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
             layers.append((self.head[0], self.readout_norm.normalized_shape[0]))
         return layers
 
+    def _instruction_prefix(self, instructions: list[str], device: torch.device) -> InstructionPrefix:
+        """The distinct instructions through the backbone alone, their keys/values recorded in every layer."""
+        unique = tuple(dict.fromkeys(instructions))
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable and unique in self._prefix_cache:
+            return self._prefix_cache[unique]
+        ids, text_mask = self._unique_instruction_ids(unique, device)
+        extra = {}
+        if self.pooling == "last":  # decoder: left-padded instruction first, positions count its real tokens
+            extra["position_ids"] = (text_mask.cumsum(-1) - 1).clamp(min=0)
+        else:  # encoder: the state tokens take positions 0..S-1, as in the joint sequence
+            start = self.config.num_state_tokens
+            extra["position_ids"] = torch.arange(start, start + ids.shape[1], device=device).expand_as(ids)
+        prefix = InstructionPrefix()
+        self.backbone(input_ids=ids, attention_mask=text_mask, instruction_prefix=prefix, use_cache=False, **extra)
+        prefix = InstructionPrefix(prefix.keys, valid=text_mask.bool())  # the recording is done: ready to be read
+        if cacheable:
+            if len(self._prefix_cache) >= 64:  # a handful of instruction sets per rollout: never grows past that
+                self._prefix_cache.clear()
+            self._prefix_cache[unique] = prefix
+        return prefix
+
+    def _prefix_readout(self, state_embeds: torch.Tensor, instruction: list[str]) -> torch.Tensor:
+        """The state tokens' final hidden states [B, S, hidden], attending to the instruction's recorded keys/values."""
+        prefix = self._instruction_prefix(instruction, state_embeds.device)
+        row_of = {text: row for row, text in enumerate(dict.fromkeys(instruction))}
+        rows = torch.tensor([row_of[t] for t in instruction], dtype=torch.long, device=state_embeds.device)
+        batch, steps = state_embeds.shape[:2]
+        if self.pooling == "last":
+            positions = prefix.valid.sum(-1)[rows][:, None] + torch.arange(steps, device=state_embeds.device)
+        else:
+            positions = torch.arange(steps, device=state_embeds.device).expand(batch, steps)
+        reader = prefix.reader(rows)
+        out = self.backbone(inputs_embeds=state_embeds, position_ids=positions, instruction_prefix=reader, use_cache=False)
+        return out.last_hidden_state
+
     def predict_normalized(self, state: torch.Tensor, instruction: list[str]) -> torch.Tensor:
-        backbone = self.base_backbone
+        embeddings = self.base_backbone.get_input_embeddings()
+        batch, hidden, dtype = state.shape[0], embeddings.embedding_dim, embeddings.weight.dtype
+        state_embeds = self.state_encoder(state).view(batch, self.config.num_state_tokens, hidden).to(dtype)
+        if self.config.instruction_prefix:
+            hidden_states = self._prefix_readout(state_embeds, instruction)
+            pooled = hidden_states[:, -1] if self.pooling == "last" else hidden_states.mean(1)
+            return self._head(pooled, state)
         ids, text_mask = self._instruction_ids(instruction, state.device)
-        text_embeds = backbone.get_input_embeddings()(ids)
-        batch, hidden = state.shape[0], text_embeds.shape[-1]
-        state_embeds = self.state_encoder(state).view(batch, self.config.num_state_tokens, hidden).to(text_embeds.dtype)
+        text_embeds = self.base_backbone.get_input_embeddings()(ids)
         state_mask = torch.ones(batch, self.config.num_state_tokens, dtype=text_mask.dtype, device=state.device)
         extra = {}
         if self.pooling == "last":  # [left-padded instruction | state tokens]; the last state token is the readout
@@ -1071,11 +1219,14 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         else:
             weights = attention.unsqueeze(-1).to(hidden_states.dtype)
             pooled = (hidden_states * weights).sum(1) / weights.sum(1)
+        return self._head(pooled, state)
+
+    def _head(self, pooled: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         features = self.readout_norm(pooled.float())
         if self.config.state_skip:
             features = torch.cat([features, state.float()], -1)
         out = self.head(features)
-        return out.view(batch, self.config.chunk_size, self.config.action_dim)
+        return out.view(state.shape[0], self.config.chunk_size, self.config.action_dim)
 
     # ---- saving -----------------------------------------------------------------------------------
 

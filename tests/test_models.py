@@ -450,9 +450,80 @@ def test_vla_llama_lora_trains_only_adapters_and_head(tiny_llama):
     hook = model.base_backbone.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
     losses = train_losses(model, synthetic_batch(batch=8, horizon=4), steps=30)
     hook.remove()
-    assert len(calls) == 2 * 30  # checkpointing recomputes the layer in backward (hooks outside forward fire once)
+    # two backbone passes (the instruction's, the state tokens'), each recomputed in backward by checkpointing
+    assert len(calls) == 2 * 2 * 30
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def _prefix_and_joint_twins(config: VLAConfig) -> tuple[VLAPolicy, VLAPolicy]:
+    """Two VLAs with the same weights (LoRA B non-zero), one with the instruction as a key/value prefix."""
+    torch.manual_seed(0)
+    prefix = VLAPolicy(config)
+    train_losses(prefix, synthetic_batch(batch=8, horizon=4), steps=3, lr=1e-2)
+    joint = VLAPolicy(VLAConfig(**{**config.to_dict(), "instruction_prefix": False}))
+    joint.load_state_dict(prefix.state_dict())
+    return prefix, joint
+
+
+def _loss_and_grads(model: VLAPolicy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_vla_instruction_prefix_is_exact_for_a_decoder(tiny_llama, checkpointing):
+    """A causal backbone never lets the instruction see the state: encoding it once per distinct string and reading
+    its keys/values from the state tokens is the joint sequence, outputs and gradients alike (checkpointed or not)."""
+    prefix, joint = _prefix_and_joint_twins(tiny_vla_config(tiny_llama, gradient_checkpointing=checkpointing))
+    state = torch.randn(5, STATE_DIM)
+    instruction = ["Lift the red cube", "Pick up the coke can", "lift it", "Lift the red cube", "lift it"]
+    torch.testing.assert_close(prefix.eval().predict_actions(state, instruction),
+                               joint.eval().predict_actions(state, instruction), atol=1e-6, rtol=1e-5)
+    batch = {**synthetic_batch(batch=6, horizon=4), "instruction": instruction + ["Pick up the coke can"]}
+    (loss, grads), (joint_loss, joint_grads) = _loss_and_grads(prefix, batch), _loss_and_grads(joint, batch)
+    torch.testing.assert_close(loss, joint_loss)
+    assert grads.keys() == joint_grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, joint_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_vla_instruction_prefix_on_an_encoder_is_the_joint_sequence_with_the_instruction_blind_to_the_state():
+    """For a bidirectional encoder (MiniLM) the prefix path is a deliberate change: the instruction tokens no longer
+    attend to the state tokens. Reference: the joint sequence with exactly that attention mask."""
+    prefix, joint = _prefix_and_joint_twins(VLAConfig(head_num_layers=1, head_hidden_dim=32, chunk_size=4))
+    prefix.eval(), joint.eval()
+    state = torch.randn(4, STATE_DIM)
+    instruction = ["Lift the red cube", "Pick up the coke can", "lift it", "Lift the red cube"]
+    inputs = joint._state_input(state, None)
+    with torch.no_grad():
+        backbone = joint.base_backbone
+        ids, text_mask = joint._instruction_ids(instruction, state.device)
+        tokens = joint.config.num_state_tokens
+        state_embeds = joint.state_encoder(inputs).view(4, tokens, -1)
+        embeds = torch.cat([state_embeds, backbone.get_input_embeddings()(ids)], 1)
+        keys = torch.cat([torch.ones(4, tokens, dtype=torch.bool), text_mask.bool()], 1)
+        mask = keys[:, None, None, :].expand(4, 1, embeds.shape[1], embeds.shape[1]).clone()
+        mask[:, :, tokens:, :tokens] = False  # instruction queries do not see the state keys
+        hidden = backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :tokens].mean(1)
+        reference = joint._head(hidden, inputs)
+        got = prefix.predict_normalized(inputs, instruction)
+        assert not torch.allclose(got, joint.predict_normalized(inputs, instruction), atol=1e-4)  # it is a change
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_vla_instruction_prefix_cache_serves_eval_and_empties_on_train(tiny_llama):
+    model = VLAPolicy(tiny_vla_config(tiny_llama)).eval()
+    state, instruction = torch.randn(3, STATE_DIM), ["Lift the red cube", "lift it", "Lift the red cube"]
+    first = model.predict_actions(state, instruction)
+    assert list(model._prefix_cache) == [("Lift the red cube", "lift it")]
+    torch.testing.assert_close(model.predict_actions(state, instruction), first)
+    train_losses(model, synthetic_batch(batch=8, horizon=4), steps=2, lr=1e-2)  # moves LoRA; ends in eval()
+    assert model._prefix_cache == {}
+    assert not torch.allclose(model.predict_actions(state, instruction), first)
 
 
 def test_vla_head_depth_follows_the_config_and_keeps_the_one_layer_weight_names(tiny_llama):
