@@ -553,7 +553,7 @@ def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_se
         print(f"  {paths.repo_id(name):<36} {paths.export_dir(name) / 'README.md'}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-pipeline", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="size", action="store_const", const="quick", help="small run, ~30 min on 2 CPU cores (default)")
@@ -563,7 +563,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--org", default=DEFAULT_ORG, help="namespace of the exported hub repos (local cache only unless pushed)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _main(argv: Sequence[str] | None = None) -> list[StageReport]:

@@ -878,7 +878,8 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namespace:
+def build_parser(model: str | None = None) -> argparse.ArgumentParser:
+    """`vla-train`'s parser; with `model` set (vla-train-world-model / -policy) there is no --model flag."""
     parser = argparse.ArgumentParser(prog="vla-train", description=__doc__.split("\n\n")[0])
     if model is None:
         parser.add_argument(
@@ -898,7 +899,11 @@ def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namesp
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the output folder"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namespace:
+    args = build_parser(model).parse_args(argv)
     if model is not None:
         args.model = model
     return args

@@ -485,7 +485,7 @@ def summary_line(r: TaskReport) -> str:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to generate ({', '.join(TASKS)})")
     p.add_argument("--episodes", type=int, default=50, help="successful demos per task (--keep-failures: attempts per task)")
@@ -516,7 +516,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "kept (world-model data; --episodes counts attempts)")
     p.add_argument("--report", type=Path, default=None, help="write per-task statistics to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def perturb_probs(values: list[str], tasks: list[str]) -> dict[str, float]:
