@@ -83,8 +83,7 @@ class TrainConfig:
     horizon: int | None = None  # window length H; None: the model config's multi_step / chunk_size
     early_stopping_patience: int | None = None  # evaluations without a new best before stopping
     # What best/ holds: the lowest validation loss (val_loss), or the model at the latest evaluation (last). A policy's
-    # validation loss can bottom out early while its closed-loop success still rises: the MLP-BC's did at ~8 epochs,
-    # its Square success rose from 10.6 to 32 epochs (docs/RESULTS.md "MLP-BC training budget").
+    # validation loss can bottom out early while its closed-loop success still rises (the MLP-BC's: docs/experiments/036).
     best_checkpoint: str = "val_loss"
     # A saved model folder (a run's best/ or final/) to start from instead of fresh weights: a fine-tune, e.g. a
     # DAgger round on more data. The model keeps its own config, normalisation and tasks (its weights expect
