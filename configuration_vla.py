@@ -222,23 +222,20 @@ class WorldModelConfig(RobotModelConfig):
     input_noise: float = 0.0
     # With velocity_input: s_{t-1} gets the same noise as s_t, so the velocity input stays exact. Independent noise
     # (false) also blurs the velocity by ~0.42x its typical size, and a regression on a blurred input learns to
-    # trust it less (regression dilution); measured: 7 % lower one-step error with sharing, one seed each
-    # (docs/RESULTS.md "Velocity input in the dream model").
+    # trust it less (regression dilution; docs/experiments/030).
     input_noise_shared: bool = False
     # Unit of the state-prediction errors in the loss. "state_std": each dim's spread over the data, where a
     # 1 mm/step error in the end effector's motion is ~1e-4 of the loss, too small to learn that an arm pushed
     # against the table or the nut does not move. "step": each dim's typical one-step change (velocity_scale), the
-    # delta-normalised targets of PETS / MBPO, where the same error counts 130-830x more (docs/RESULTS.md "Stalls in the
-    # dream model's own training data": tried, not adopted).
+    # delta-normalised targets of PETS / MBPO, where the same error counts far more (tried, not adopted:
+    # docs/experiments/034).
     loss_units: str = "state_std"
     # The object-to-eef block is a function of the eef and object poses. With derive_relative_pose, every predicted
     # state's block is recomputed from its predicted poses (robosuite's formula, per task as in relative_pose_frames)
     # before the multi-step loss scores it and the next step reads it, as the dream does (DreamEnv's default): training
     # then matches use, and the model's own block output is never used (nor trained). Needs the default state layout;
     # relative_pose_frames (task -> one of RELATIVE_POSE_FRAMES) is filled in by the trainer from the dataset's tasks.
-    # Measured (ten seeds each, tuning starts, both MLP-BCs): the summed |dream - real| rose from 30 to 66 points, Can
-    # dreamed 22-26 points too low, so it is off in configs/world_model.yaml (docs/RESULTS.md "Training the world
-    # model through the formula").
+    # Off in configs/world_model.yaml: its dreams were further from reality (docs/experiments/039).
     derive_relative_pose: bool = False
     relative_pose_frames: dict[str, str] | None = None
 
@@ -342,12 +339,10 @@ class VLAConfig(RobotModelConfig):
     loss: str = "l1"
     # Also read cos/sin(k * d) for each k, d = the object's yaw minus the gripper's. A cube looks the same every
     # 90 degrees and the nut's handle every 180, so the turn to the nearest face is a sawtooth of d that a policy
-    # reading rot6 alone did not learn: on Lift both policies met the cube 21-30 degrees off on average (the
-    # expert: 0.4). [1, 2, 4] gives each symmetry its own smooth input (docs/RESULTS.md "Yaw to the nearest face").
+    # reading rot6 alone did not learn (docs/experiments/035). [1, 2, 4] gives each symmetry its own smooth input.
     relative_yaw_harmonics: list[int] | None = None
     # Also read wrap(k * d) / pi for each k: the turn to the nearest face itself, jump included, which a network
-    # fed only the smooth cos / sin blurs into turns the wrong way near the jump (docs/RESULTS.md "Yaw to the
-    # nearest face").
+    # fed only the smooth cos / sin blurs into turns the wrong way near the jump (docs/experiments/035).
     relative_yaw_sawtooth: bool = False
 
     def validate_fields(self) -> None:

@@ -13,7 +13,7 @@ The world model also learns from "play" data (`vla-generate --keep-failures --pe
 expert runs with random wrong moves, failures kept) and from the whole episodes of a three-task MLP-BC trained on
 the demos (`vla-generate --policy-rollouts`: a policy's states, grasps and failures), merged with the demos into
 `<workdir>/hf_dataset_world`: trained on successes alone it would dream that every action sequence succeeds,
-and without a policy's own roll-outs it dreams a policy's grasps badly (docs/RESULTS.md "Dreams from policy roll-outs").
+and without a policy's own roll-outs it dreams a policy's grasps badly (docs/experiments/004, 012).
 
 Each stage is one command line run in its own process (the console scripts via `python -m`-style
 invocation of this interpreter), so a crash in one stage cannot leave state behind in another and
@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("runs/pipeline")
 DEFAULT_TASKS = ("lift", "can", "square")
 DEFAULT_ORG = "local"  # hub namespace of the exported repos: local/dreaming-vla-world-model, ...
-DAGGER_ROUNDS = 1  # of the full pipeline: a second round did not help on tuning seeds (docs/RESULTS.md "DAgger")
+DAGGER_ROUNDS = 1  # of the full pipeline: a second round did not help (docs/experiments/008)
 # Play seeds start here (+ --seed): never the expert demos' (seed, seed + 1, ...) nor evaluation's (100000+).
 PLAY_SEED_OFFSET = 50_000
 # DAgger round r's seeds start at DAGGER_SEED_OFFSET + DAGGER_ROUND_SEEDS * (r - 1) + seed.
@@ -175,15 +175,13 @@ class PipelineSize:
     checkpoint_every: int | None = None  # eval/save interval override for short runs (None: the config's)
     workers: int = 2
     # World models trained with seeds seed, seed + 1, ... and pooled into the one dream model (1: no pooling).
-    # Measured: single runs' dream - real gaps spread by 33-46 points (sd over 5 seeds, tuning starts). A pool of 10
-    # was chosen over 5 on tuning starts (|gap| sum 14 vs 26 points); on the evaluation's it dreams the VLA within
-    # 8 points (5 seeds: Can -12) but the MLP-BC's Square +22 (its stalls) (docs/RESULTS.md "A pool of ten").
+    # A single run's dreamed success rate varies widely between seeds; a pool of ten was chosen over five
+    # (docs/experiments/016, 031).
     world_seeds: int = 1
     # The VLA's own DAgger round: the VLA trained on the DAgger rounds above (`train_policy_base`) drives, the expert
     # finishes, and the VLA is fine-tuned on all of it into `train_policy` (configs/vla_dagger_finetune.yaml).
-    # Measured on tuning starts: Lift 144 -> 147/150, Square 135 -> 133/150, but the fine-tune without the round did as
-    # well (145 / 133): kept because it rebuilds the adopted VLA, not for a shown gain (docs/RESULTS.md "The VLA's own
-    # DAgger round, as a fine-tune"). False: `train_policy` is the VLA trained on the DAgger rounds.
+    # Kept because it rebuilds the adopted VLA, not for a shown gain (docs/experiments/032). False: `train_policy` is
+    # the VLA trained on the DAgger rounds.
     vla_dagger: bool = True
 
 
@@ -289,10 +287,8 @@ class PipelinePaths:
         return (("HF_DATASETS_CACHE", str(self.workdir / ".cache" / "datasets")),)
 
 
-# Round r's driver of one task is an MLP-BC trained on that task's data alone, as `dagger_driver<r>_<task>`. Measured on
-# tuning seeds: with Square DAgger data from a Square-only driver the three-task MLP-BC solved Square 77 % / 84 % (two
-# data builds) against 74 % / 75 % with a three-task driver; a small effect, but in the same direction on both builds
-# (docs/RESULTS.md "DAgger drivers").
+# Round r's driver of one task is an MLP-BC trained on that task's data alone, as `dagger_driver<r>_<task>`: a small
+# gain over a three-task driver, in the same direction on two data builds (docs/experiments/021).
 DAGGER_DRIVER = "dagger_driver"
 VLA_BASE = "policy_base"  # with PipelineSize.vla_dagger: the VLA before its own DAgger round (which drives it)
 ROLLOUT_DRIVER = "mlp_demos"  # the three-task MLP-BC on the demos whose whole episodes the world model learns from
@@ -553,7 +549,7 @@ def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_se
         print(f"  {paths.repo_id(name):<36} {paths.export_dir(name) / 'README.md'}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-pipeline", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="size", action="store_const", const="quick", help="small run, ~30 min on 2 CPU cores (default)")
@@ -563,7 +559,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--org", default=DEFAULT_ORG, help="namespace of the exported hub repos (local cache only unless pushed)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _main(argv: Sequence[str] | None = None) -> list[StageReport]:

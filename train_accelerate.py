@@ -83,8 +83,7 @@ class TrainConfig:
     horizon: int | None = None  # window length H; None: the model config's multi_step / chunk_size
     early_stopping_patience: int | None = None  # evaluations without a new best before stopping
     # What best/ holds: the lowest validation loss (val_loss), or the model at the latest evaluation (last). A policy's
-    # validation loss can bottom out early while its closed-loop success still rises: the MLP-BC's did at ~8 epochs,
-    # its Square success rose from 10.6 to 32 epochs (docs/RESULTS.md "MLP-BC training budget").
+    # validation loss can bottom out early while its closed-loop success still rises (the MLP-BC's: docs/experiments/036).
     best_checkpoint: str = "val_loss"
     # A saved model folder (a run's best/ or final/) to start from instead of fresh weights: a fine-tune, e.g. a
     # DAgger round on more data. The model keeps its own config, normalisation and tasks (its weights expect
@@ -878,7 +877,8 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namespace:
+def build_parser(model: str | None = None) -> argparse.ArgumentParser:
+    """`vla-train`'s parser; with `model` set (vla-train-world-model / -policy) there is no --model flag."""
     parser = argparse.ArgumentParser(prog="vla-train", description=__doc__.split("\n\n")[0])
     if model is None:
         parser.add_argument(
@@ -898,7 +898,11 @@ def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namesp
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in the output folder"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None, model: str | None) -> argparse.Namespace:
+    args = build_parser(model).parse_args(argv)
     if model is not None:
         args.model = model
     return args

@@ -68,10 +68,14 @@ def describe(s: DaggerSet, seeds: list[int]) -> dict[str, str]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", type=Path, nargs="+", help="DAgger HDF5 files of one task (vla-generate --policy)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     sets = [load(path) for path in args.files]
     if len({s.task for s in sets}) > 1:
         raise UserError(f"files hold different tasks ({', '.join(s.task for s in sets)}); expected one task")

@@ -40,11 +40,15 @@ LIFT_CM = 3.0
 SETTLE_STEPS = 10  # objects are placed a little above the table at reset and settle within these steps
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help="a vla-rollout --env both results folder")
     p.add_argument("--policy", help="policy name in the folder (default: every policy)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def formula_gap_cm(record: EpisodeRecord) -> np.ndarray:

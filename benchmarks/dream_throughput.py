@@ -57,7 +57,7 @@ def measure(world: modeling_vla.WorldModel, dreams: int, chunk: int, steps: int,
             "step_ms": 1000 * seconds / steps, "peak_gpu_gib": peak_gpu_gib(device)}
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dream_throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dreams", type=int, nargs="+", default=[4096, 65536, 262144])
@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="rows per pass to compare (2**30: all rows in one pass)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per setting")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "benchmarks" / "dream_throughput.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
 
     def run() -> list[dict[str, Any]]:
         device = torch.device(args.device)

@@ -31,7 +31,7 @@ from evaluation.report import replace_markdown_section, write_summary
 SECTION = "## Evaluation"
 
 
-def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vla", type=Path, help="saved VLAPolicy folder")
     p.add_argument("--mlp", type=Path, help="saved MLPPolicy folder")
@@ -52,7 +52,11 @@ def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="temporal ensembling weight exp(-m * i) of the i-th oldest chunk, both policies (vla-rollout's)")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"))
     p.add_argument("--results-md", type=Path, help="markdown file whose '## Evaluation' section is replaced")
-    return p.parse_args(argv)
+    return p
+
+
+def benchmark_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def rollout_argv(args: argparse.Namespace, policy: str, name: str, env: str) -> list[str]:

@@ -452,7 +452,7 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpu_reference", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama on CPU: checks the code path in seconds")
     parser.add_argument("--device", default=None, help="torch device (default: cuda, or cpu with --tiny)")
@@ -473,7 +473,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="fail allocations beyond this many GiB, as on a smaller card (e.g. 32)")
     parser.add_argument("--dreams", type=int, default=None, help="parallel world-model rollouts (default 65536)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def is_power_of_two(n: int) -> bool:

@@ -94,12 +94,16 @@ def yaw_table(records: list[EpisodeRecord], task: str) -> list[list[str]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a vla-rollout --env real (or both) results folder")
     parser.add_argument("--task", choices=sorted(SYMMETRY), default="lift")
     parser.add_argument("--failures", action="store_true", help="also list every failed episode")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     records = [r for r in select(read_episodes(args.results), task=args.task, env="real") if r.error is None]
     if not records:
         raise UserError(f"{args.results}: no real {args.task} episodes (expected a vla-rollout --env real folder)")

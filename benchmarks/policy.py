@@ -456,7 +456,7 @@ def markdown_section(results: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/policy.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", type=Path, required=True, help="vla-preprocess dataset folder (validation split used)")
     p.add_argument("--vla", type=Path, help="saved VLAPolicy folder (e.g. runs/vla_minilm/best)")
@@ -472,7 +472,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="YAML the VLA was trained with (for the recorded training command)")
     p.add_argument("--mlp-config", type=Path, default=Path(KINDS[1].default_config),
                    help="YAML the MLP was trained with (for the recorded training command)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     for name in ("batch_size", "latency_calls"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")

@@ -30,12 +30,16 @@ def measure(task: str, episodes: int, cached: bool) -> float:
     return (time.perf_counter() - start) / episodes
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--child", nargs=2, metavar=("TASK", "CACHED"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.child:
         print(measure(args.child[0], args.episodes, args.child[1] == "1"))
         return

@@ -112,7 +112,7 @@ def run_in_browser(url: str, args: argparse.Namespace) -> dict[str, float]:
     return {"page_load_s": loaded, "click_to_plot_s": plotted}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-model", help="folder or repo id (default: the Space's default)")
     parser.add_argument("--policy", help="folder or repo id (default: the Space's default)")
@@ -122,7 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                   "default: held-out episode 0 of the dataset")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "space_e2e.png")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the plots after the click")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

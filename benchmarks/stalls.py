@@ -247,7 +247,7 @@ def print_stall_dreams(stalled: list[EpisodeRecord], stalls: dict[int, int], res
               f"{np.median([r.dreamed_cm_per_step for r in results]):.3f} cm")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help="a vla-rollout results folder with real episodes")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -259,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="a vla-preprocess dataset (the world model's own): one-step motion in its stalled episodes")
     p.add_argument("--dream-relative", choices=DREAM_RELATIVE, default=DREAM_RELATIVE[0],
                    help="the dreams' object-to-eef pose: derived from the dreamed poses (default) or the world model's own")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if (args.world_model is None) != (args.policy_dir is None):
         raise UserError("--world-model and --policy-dir go together (the dreams need both)")
     if args.training_data is not None and args.world_model is None:

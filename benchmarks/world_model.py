@@ -571,7 +571,7 @@ def machine() -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", type=Path, required=True, help="vla-preprocess folder (its validation split is used)")
     p.add_argument("--mixer", type=Path, help="saved MLP-Mixer WorldModel folder (e.g. runs/world_model/best)")
@@ -588,7 +588,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-seconds", type=float, default=3.0, help="minimum timed seconds per model")
     p.add_argument("--sim-task", default="lift", help="robosuite task timed for comparison")
     p.add_argument("--sim-steps", type=int, default=300, help="timed robosuite steps (200+ for the report)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:

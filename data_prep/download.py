@@ -150,7 +150,7 @@ def _validate(path: Path, remote: RemoteFile) -> int:
     return len(source)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-download", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--dataset-type", default="ph", choices=list(RELEASED))
@@ -159,6 +159,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-url", default=None, help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit of the Hub repo")
     parser.add_argument("--force", action="store_true", help="download again even if the file is present")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.hdf5_type not in RELEASED[args.dataset_type]:
         parser.error(f"--hdf5-type {args.hdf5_type} is not published for --dataset-type {args.dataset_type}")

@@ -333,8 +333,8 @@ class SquareExpert(ScriptedExpert):
     hold_radius = 0.05
     # Grasp height relative to the handle's centre (1 cm above the table). At -5 mm the fingertips, which reach 9 mm
     # below the eef site, press on the table: a learned policy that comes down 1-2 cm beside the handle is then held
-    # there by friction (benchmarks/stalls.py). +3 mm clears the table but moved the stalls onto the nut, with no
-    # clear gain in success (docs/RESULTS.md "Where Square episodes stall"), so the demos keep -5 mm.
+    # there by friction (benchmarks/stalls.py). +3 mm, clear of the table, did not help (docs/experiments/022), so the
+    # demos keep -5 mm.
     grasp_height = -0.005
 
     def nut_id(self) -> int:

@@ -39,8 +39,8 @@ solved on the way and lost again).
 Labels: every episode stores, next to the executed `actions`, the expert's noise-free action at each
 state (`expert_actions`), which is what the policies learn. In plain demos the two differ by the
 expert's exploration noise; in play data the bursts' states get the expert's correction as label
-(policies trained on demos + play data with those labels did worse on tuning seeds: the expert's phase
-machine keeps going during a burst, docs/RESULTS.md "Policy training data").
+(policies are not trained on play data: the expert's phase machine keeps going during a burst,
+docs/experiments/008).
 
 DAgger data (Ross et al., 2011, with the roll-in/roll-out split of AggreVaTe): `--policy DIR` lets a
 trained policy drive the first 0..`--handover-steps` steps of each attempt (uniform, seeded by the
@@ -48,8 +48,8 @@ attempt seed), then the expert re-plans from wherever the policy left the robot 
 already grasped, else starting over) and finishes the task; only the expert's part is recorded, and,
 as for demos, only when it succeeds. The next policy so learns from the states its predecessor
 reaches, mistakes included, with labels that are always consistent: a scripted expert that merely
-watched a policy drive would label from its own plan, not the policy's progress (measured: 92 % of the
-cube-lifted steps of such Lift data were labelled "open the gripper"). Attempts in which the policy
+watched a policy drive would label from its own plan, not the policy's progress (docs/experiments/008).
+Attempts in which the policy
 solves the task before the handover are counted (`learner_solved_seeds`) and yield no episode.
 With `--handover-on-stall` the policy instead drives until its gripper stalls (`data_prep.stalls`: it moved less
 than 1 cm in every 20 steps for the last 20 steps) or for `--handover-steps` steps, whichever comes first, so the
@@ -102,13 +102,13 @@ OBS_KEYS: tuple[str, ...] = (*ROBOT_OBS_KEYS, OBJECT_KEY)
 # Random burst actions: translation at the expert's typical (often saturated) scale; rotation half of it,
 # as the expert's rotation actions are smaller (full-scale held twists mostly drive the wrist into its limits).
 PERTURB_ARM_SCALE = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
-# Per-step burst chance that makes roughly 30-60 % of play episodes fail on each task (measured 2026-11-25, seeds
-# 50000+, 10 attempts each: lift 6, can 5, square 6 failed). A longer, more precise task needs fewer bursts to fail.
+# Per-step burst chance that makes roughly 30-60 % of play episodes fail on each task (docs/experiments/004). A
+# longer, more precise task needs fewer bursts to fail.
 PLAY_PERTURB_PROB = {"lift": 0.06, "can": 0.02, "square": 0.01}
 PERTURB_STREAM = 1  # second entropy word of the bursts' generator: independent of the expert's (seeded by the seed alone)
 DRIVER_STREAM = 2  # likewise for the length of a driving policy's roll-in
 # --handover-on-stall: the expert takes over once the gripper has moved < 1 cm in every 20-step window of the last
-# 20 steps (~2 s nearly still): past a grasp's pause, and the arm stands where it would stay (docs/RESULTS.md).
+# 20 steps (~2 s nearly still): past a grasp's pause, and the arm stands where it would stay (docs/experiments/026).
 STALL_HANDOVER_STEPS = STALL_WINDOW
 
 
@@ -485,7 +485,7 @@ def summary_line(r: TaskReport) -> str:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to generate ({', '.join(TASKS)})")
     p.add_argument("--episodes", type=int, default=50, help="successful demos per task (--keep-failures: attempts per task)")
@@ -516,7 +516,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "kept (world-model data; --episodes counts attempts)")
     p.add_argument("--report", type=Path, default=None, help="write per-task statistics to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def perturb_probs(values: list[str], tasks: list[str]) -> dict[str, float]:

@@ -508,7 +508,7 @@ def shard_fingerprint(files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-preprocess", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", nargs="+", type=Path, required=True, help="robomimic HDF5 files or folders of them")
     parser.add_argument("--out", type=Path, default=Path("data/hf_dataset"))
@@ -516,7 +516,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="validation share for files without mask/valid")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="max rows per parquet file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     def run() -> None:
         result = preprocess(args.inputs, args.out, args.seed, args.overwrite, args.valid_fraction, args.shard_rows)

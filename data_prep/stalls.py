@@ -1,9 +1,8 @@
 """When a policy's gripper counts as stalled: shared by DAgger's stall handover (`vla-generate --handover-on-stall`)
 and the failure analysis of benchmarks/stalls.py.
 
-On Square, almost every failed episode of both policies ends in a stall: the gripper has come down open next to the
-handle and the policy keeps commanding a small move that contact with the table or the nut does not let happen
-(docs/RESULTS.md "Where Square episodes stall").
+A stall: the gripper has come down open next to the object and the policy keeps commanding a small move that contact
+with the table or the object does not let happen (on Square, most failures: docs/experiments/022).
 """
 
 from __future__ import annotations

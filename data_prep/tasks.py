@@ -7,8 +7,8 @@ State vector (STATE_DIM = 29), identical for every task so one model serves all 
 Every orientation is stored as the first two columns of its rotation matrix (the continuous 6-D
 representation of Zhou et al., CVPR 2019) instead of robosuite's quaternion: a quaternion and its
 negation are the same rotation, and robosuite's matrix-to-quaternion conversion jumps between the two
-from one step to the next (83 % of the first world model's one-step error was such jumps in the
-object-to-eef quaternion). Rotation-matrix columns have no such branch, so equal poses give equal states.
+from one step to the next (such jumps made most of the first world model's one-step error,
+docs/experiments/003). Rotation-matrix columns have no such branch, so equal poses give equal states.
 
 The object block follows robomimic's "object" observation with each quaternion replaced by its 6-D
 form: Lift's cube -> pos 3 | rot6 6 | gripper-to-cube pos 3 (12, then 6 zeros of padding); Can's and

@@ -39,7 +39,7 @@ WORLD_MODEL_TYPE = "vla_world_model"
 POLICY_TYPES = ("vla_policy", "vla_mlp_policy")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-rollout", description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="saved VLAPolicy / MLPPolicy folder, or 'expert'")
     p.add_argument("--world-model", type=Path, nargs="+",
@@ -74,7 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--video-camera", default="agentview", help="robosuite camera (agentview, frontview, birdview...)")
     p.add_argument("--device", default="cpu", help="torch device for the models")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------

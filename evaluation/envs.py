@@ -44,16 +44,14 @@ from data_prep.tasks import (
 
 WORKER_REPLY_TIMEOUT_S = 600.0  # a worker silent this long is treated as crashed
 # What makes a dream succeed: the world model's success head ("head", the default), or the simulator's rule on the
-# imagined state ("state": a dreamed success is then one the dreamed trajectory shows). Measured on tuning seeds,
-# the head's success rates are closer to reality, although it fires on states that are not successes (the Square
-# nut 5-8 cm off the peg): the dreams are not precise enough for Square's 3 cm tolerance after ~100 steps.
+# imagined state ("state": a dreamed success is then one the dreamed trajectory shows). The head's success rates were
+# the closer to reality, though it can fire on states that are not successes: long dreams are not precise enough for
+# Square's 3 cm tolerance (docs/experiments/007).
 DREAM_SUCCESS = ("head", "state")
 # Where a dream's object-to-eef block comes from: robosuite's formula applied to the imagined eef and object poses
 # ("poses", the default, `data_prep.tasks.relative_pose_from_poses`), so that what the policy reads about the object
-# relative to its fingers agrees with where the dream put both; or the world model's own prediction ("model"). Measured
-# on tuning seeds, the model's own block let Square dreams hold the fingers beside the nut's handle while the poses put
-# them at it, so the policy did not close: with the ten-seed pool "poses" raised the MLP-BCs' Square dream/real
-# agreement from 60 to 79 % (docs/RESULTS.md "The dream's object-to-eef pose, derived from its poses").
+# relative to its fingers agrees with where the dream put both; or the world model's own prediction ("model"), which
+# could show the fingers beside the nut's handle while the poses put them at it (docs/experiments/037).
 DREAM_RELATIVE = ("poses", "model")
 
 

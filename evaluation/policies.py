@@ -47,9 +47,8 @@ class ChunkExecution:
 
     mode: Literal["ensemble", "receding"] = "ensemble"
     execute: int = 1  # receding: steps played from each chunk before re-planning
-    # ensemble: ACT's weight exp(-m * i), i = 0 for the oldest chunk. m = -0.5 (newest weigh most) solves more real
-    # episodes for the batch-256 VLA (Lift 98 vs 94 %) but its dreams drift (VLA Can dream - real -48 vs -12 points):
-    # ACT's 0.01 stays (docs/RESULTS.md "Action chunk size and ensembling weights").
+    # ensemble: ACT's weight exp(-m * i), i = 0 for the oldest chunk. ACT's 0.01 stays: favouring the newest chunks
+    # made the actions less smooth and the dreams drift (docs/experiments/027).
     decay: float = 0.01
 
 

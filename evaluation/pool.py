@@ -18,11 +18,15 @@ from data_prep.tasks import TASKS
 from evaluation.cli import WORLD_MODEL_TYPE, check_model_config, read_model_config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-pool-world-models", description=__doc__.split("\n\n")[0])
     p.add_argument("--inputs", type=Path, nargs="+", required=True, help="saved WorldModel folders (two or more)")
     p.add_argument("--out", type=Path, required=True, help="folder of the pooled WorldModel (replaced atomically)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def pool_world_models(inputs: list[Path], out: Path) -> Path:

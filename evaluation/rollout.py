@@ -8,6 +8,7 @@ ends at its first success, a `done`, an error, or the horizon.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 
@@ -93,6 +94,13 @@ def rollout(
         )
         for i in range(n)
     ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`vla-rollout`'s parser: see evaluation/cli.py."""
+    from evaluation.cli import build_parser as cli_parser
+
+    return cli_parser()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -208,7 +208,7 @@ def export_dataset(dataset_dir: Path, repo_id: str, out: Path, do_push: bool = F
     return result
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-export", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", type=Path, help="a save_pretrained folder, e.g. runs/x/best")
@@ -220,7 +220,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset-repo-id", help="the dataset repo the model was trained on (card metadata)")
     parser.add_argument("--out", type=Path, help="repo folder to write (default: exports/<name>)")
     parser.add_argument("--push", action="store_true", help="also upload to the Hub (needs a token and network)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _main(argv: Sequence[str] | None = None) -> ExportResult:

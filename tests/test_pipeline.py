@@ -264,7 +264,7 @@ def test_each_dagger_round_is_driven_per_task_by_a_policy_trained_on_that_tasks_
     assert seeds[0] > int(arg("generate_play", "--seed")) + SIZES["full"].play_episodes_per_task
     assert seeds[0] + attempts <= seeds[1] and seeds[1] + attempts < 100_000
     assert "local/dreaming-vla-dataset" in stages["export_mlp"].command
-    # no DAgger data for the world model (measured: its Square dreams turned pessimistic, docs/RESULTS.md)
+    # no DAgger data for the world model (its Square dreams turned pessimistic: docs/experiments/011)
     assert inputs("preprocess_world") == [str(paths.raw), str(paths.raw_play), str(paths.raw_onpolicy)]
 
 
