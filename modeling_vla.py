@@ -913,17 +913,20 @@ class InstructionPrefix:
     slot: torch.Tensor | None = None  # [B] row b's place in the flattened [U, n] grid
     source: torch.Tensor | None = None  # [U * n] the row in each place, B (a zero row) where the grid is padding
 
-    def reader(self, rows: torch.Tensor) -> InstructionPrefix:
-        """This recorded prefix, read by a batch whose row b has instruction rows[b]."""
+    def reader(self, rows: Sequence[int]) -> InstructionPrefix:
+        """This recorded prefix, read by a batch whose row b has instruction rows[b] (indices worked out on the host,
+        so an accelerator never waits for them)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
         counts = torch.bincount(rows, minlength=self.valid.shape[0])
         per_group = int(counts.max())
         order = torch.argsort(rows, stable=True)
         rank = torch.empty_like(rows)
-        rank[order] = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows[order]]
+        rank[order] = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows[order]]
         slot = rows * per_group + rank
-        source = torch.full((counts.numel() * per_group,), len(rows), dtype=torch.long, device=rows.device)
-        source[slot] = torch.arange(len(rows), device=rows.device)
-        return InstructionPrefix(self.keys, self.valid, rows, slot, source)
+        source = torch.full((counts.numel() * per_group,), len(rows), dtype=torch.long)
+        source[slot] = torch.arange(len(rows))
+        device = self.valid.device
+        return InstructionPrefix(self.keys, self.valid, rows.to(device), slot.to(device), source.to(device))
 
     def to_groups(self, x: torch.Tensor) -> torch.Tensor:
         """[B, heads, S, X] -> [U, heads, n * S, X], each instruction's rows side by side (zeros where padding)."""
@@ -1184,13 +1187,12 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
         """The state tokens' final hidden states [B, S, hidden], attending to the instruction's recorded keys/values."""
         prefix = self._instruction_prefix(instruction, state_embeds.device)
         row_of = {text: row for row, text in enumerate(dict.fromkeys(instruction))}
-        rows = torch.tensor([row_of[t] for t in instruction], dtype=torch.long, device=state_embeds.device)
+        reader = prefix.reader([row_of[t] for t in instruction])
         batch, steps = state_embeds.shape[:2]
-        if self.pooling == "last":
-            positions = prefix.valid.sum(-1)[rows][:, None] + torch.arange(steps, device=state_embeds.device)
+        if self.pooling == "last":  # the state tokens continue the instruction's positions
+            positions = prefix.valid.sum(-1)[reader.rows][:, None] + torch.arange(steps, device=state_embeds.device)
         else:
             positions = torch.arange(steps, device=state_embeds.device).expand(batch, steps)
-        reader = prefix.reader(rows)
         out = self.backbone(inputs_embeds=state_embeds, position_ids=positions, instruction_prefix=reader, use_cache=False)
         return out.last_hidden_state
 

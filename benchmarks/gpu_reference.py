@@ -106,6 +106,7 @@ class Settings:
     train_steps: int = 5  # timed optimizer steps
     latency_warmup: int = 5
     latency_iters: int = 50
+    latency_only: bool = False  # skip training and dreams (benchmarks/gpu_latency.sh)
     dreams: int = 65536  # parallel world-model rollouts
     dream_steps: int = 20  # timed imagined steps of each
     seed: int = 0
@@ -313,19 +314,27 @@ def measure_training(policy, settings: Settings, device: torch.device) -> dict[s
 
 
 def measure_latency(policy, settings: Settings, device: torch.device) -> dict[str, Any]:
-    """predict_actions at batch 1 (one control step: an H-step action chunk)."""
+    """predict_actions at batch 1 (one control step: an H-step action chunk), as a rollout calls it: the same
+    instruction every step, so with instruction_prefix its keys/values come from the eval cache. Also the joint
+    sequence (instruction_prefix off, the path before 2026-12-07) on the same weights, for the before / after."""
     policy.eval()
     generator = torch.Generator().manual_seed(settings.seed + 1)
     state = (torch.rand(1, STATE_DIM, generator=generator) * 2 - 1).to(device)
     instruction = all_instructions()[0]
-    for _ in range(settings.latency_warmup):
-        policy.predict_actions(state, instruction)
-    times = [timed(lambda: policy.predict_actions(state, instruction), device) for _ in range(settings.latency_iters)]
-    times.sort()
-    return {
-        "latency_ms_median": 1000 * statistics.median(times),
-        "latency_ms_p90": 1000 * times[min(len(times) - 1, int(0.9 * len(times)))],
-    }
+    results: dict[str, Any] = {}
+    prefix_setting = policy.config.instruction_prefix
+    for name, prefix in (("", prefix_setting), ("_joint", False)):
+        if name and not prefix_setting:
+            break  # the model's own path is the joint one already
+        policy.config.instruction_prefix = prefix
+        for _ in range(settings.latency_warmup):
+            policy.predict_actions(state, instruction)
+        times = sorted(timed(lambda: policy.predict_actions(state, instruction), device)
+                       for _ in range(settings.latency_iters))
+        results[f"latency{name}_ms_median"] = 1000 * statistics.median(times)
+        results[f"latency{name}_ms_p90"] = 1000 * times[min(len(times) - 1, int(0.9 * len(times)))]
+    policy.config.instruction_prefix = prefix_setting
+    return results
 
 
 def measure_dreams(settings: Settings, device: torch.device) -> dict[str, Any]:
@@ -385,12 +394,14 @@ def run_benchmark(settings: Settings, device: torch.device) -> dict[str, Any]:
         build_s=build_seconds,
         weights_gpu_gib=peak_gpu_gib(device),
     )
-    results.update(measure_training(policy, settings, device))
+    if not settings.latency_only:
+        results.update(measure_training(policy, settings, device))
     results.update(measure_latency(policy, settings, device))
     del policy
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    results.update(measure_dreams(settings, device))
+    if not settings.latency_only:
+        results.update(measure_dreams(settings, device))
     results["host_peak_rss_gib"] = host_peak_rss_gib()
     return results
 
@@ -422,6 +433,8 @@ ROWS = [
     ("training samples/s", lambda r: f"{r['train_samples_per_s']:.1f}"),
     ("training tokens/s", lambda r: f"{r['train_tokens_per_s']:.0f} ({r['tokens_per_sample']} tokens/sample)"),
     ("inference latency, batch 1 (median / p90)", lambda r: f"{r['latency_ms_median']:.1f} / {r['latency_ms_p90']:.1f} ms"),
+    ("... with the instruction as a joint sequence", lambda r: f"{r['latency_joint_ms_median']:.1f} / "
+                                                              f"{r['latency_joint_ms_p90']:.1f} ms"),
     ("world model imagined steps/s", lambda r: f"{r['imagined_steps_per_s']:,.0f} ({r['dreams']:,} parallel dreams)"),
     ("peak GPU memory, dreams", lambda r: gib(r["dream_peak_gpu_gib"])),
     ("peak host RSS", lambda r: gib(r["host_peak_rss_gib"])),
@@ -438,7 +451,11 @@ def gib(value: float | None) -> str:
 
 def markdown_table(results: dict[str, Any], env: dict[str, Any]) -> str:
     lines = [f"| measurement ({env['device']}) | value |", "| --- | --- |"]
-    lines += [f"| {name} | {fmt(results)} |" for name, fmt in ROWS]
+    for name, fmt in ROWS:
+        try:
+            lines.append(f"| {name} | {fmt(results)} |")
+        except KeyError:  # not measured in this run (--latency-only, or a model without instruction_prefix)
+            continue
     return "\n".join(lines)
 
 
@@ -473,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="fail allocations beyond this many GiB, as on a smaller card (e.g. 32)")
     parser.add_argument("--dreams", type=int, default=None, help="parallel world-model rollouts (default 65536)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only predict_actions latency at batch 1, instruction as a prefix and as a joint sequence")
     return parser
 
 
@@ -521,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.dreams < 1:
                 raise UserError(f"--dreams {args.dreams}: expected a positive number")
             settings.dreams = args.dreams
+        settings.latency_only = args.latency_only
         device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("no CUDA GPU visible: run on a GPU machine, or pass --tiny for the CPU smoke test")
