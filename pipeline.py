@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +64,8 @@ class Stage:
     outputs: tuple[Path, ...]  # must all exist after a successful run; shown in the final summary
     resume_dir: Path | None = None  # a training output dir: present but unfinished → rerun with --resume
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables for the command
+    needs: tuple[str, ...] | None = None  # the stages whose outputs it reads; None: every stage before it
+    cores: int | None = None  # None: the whole machine; n: n cores (n threads), beside other stages that fit
 
     def marker(self, workdir: Path, state: str = "done") -> Path:
         return workdir / ".stages" / f"{self.name}.{state}.json"
@@ -76,12 +79,17 @@ class StageReport:
     outputs: tuple[Path, ...]
 
 
-Runner = Callable[[Sequence[str], Mapping[str, str]], int]
+Runner = Callable[[Sequence[str], Mapping[str, str], Path | None], int]
 
 
-def run_subprocess(command: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run one stage with its output streamed to ours; returns the exit status."""
-    return subprocess.run(list(command), cwd=REPO_ROOT, env={**os.environ, **env}, check=False).returncode
+def run_subprocess(command: Sequence[str], env: Mapping[str, str], log: Path | None = None) -> int:
+    """Run one stage, its output streamed to ours or, for a stage beside others, to `log`; returns the exit status."""
+    if log is None:
+        return subprocess.run(list(command), cwd=REPO_ROOT, env={**os.environ, **env}, check=False).returncode
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        return subprocess.run(list(command), cwd=REPO_ROOT, env={**os.environ, **env}, stdout=out,
+                              stderr=subprocess.STDOUT, check=False).returncode
 
 
 def recorded_command(stage: Stage, workdir: Path, state: str) -> list[str] | None:
@@ -127,35 +135,96 @@ def write_marker(stage: Stage, workdir: Path, state: str, command: Sequence[str]
     os.replace(tmp, marker)
 
 
+def stage_needs(stages: Sequence[Stage]) -> dict[str, set[str]]:
+    """Each stage's prerequisites by name; refuses unknown names and stages that need a later one."""
+    needs: dict[str, set[str]] = {}
+    for index, stage in enumerate(stages):
+        earlier = [s.name for s in stages[:index]]
+        wanted = set(earlier) if stage.needs is None else set(stage.needs)
+        unknown = wanted - set(earlier)
+        if unknown:
+            raise ValueError(f"stage {stage.name!r} needs {sorted(unknown)}, which are not stages before it")
+        needs[stage.name] = wanted
+    return needs
+
+
 def run_stages(
-    stages: Sequence[Stage], workdir: Path, runner: Runner = run_subprocess, echo: Callable[[str], None] = print
+    stages: Sequence[Stage],
+    workdir: Path,
+    runner: Runner = run_subprocess,
+    echo: Callable[[str], None] = print,
+    cores: int | None = None,
 ) -> list[StageReport]:
-    """Run the stages in order, skipping finished ones; stops at the first failure (UserError)."""
+    """Run the stages, skipping finished ones, as soon as the stages they need are done and their cores are free
+    (in list order: a ready stage that does not fit yet is not overtaken). A stage that runs on fewer than all cores
+    gets that many threads and writes its output to <workdir>/logs/<name>.log. After a failure no stage starts; the
+    running ones finish, then the failure is raised (UserError)."""
+    cores = max(1, cores or os.cpu_count() or 1)
+    needs = stage_needs(stages)
     for stage in stages:  # before running anything: never mix two configurations in one workdir
         check_same_settings(stage, workdir)
-    reports: list[StageReport] = []
-    for index, stage in enumerate(stages, start=1):
-        prefix = f"[{index}/{len(stages)}] {stage.name}"
+    number = {stage.name: index for index, stage in enumerate(stages, start=1)}
+    reports: dict[str, StageReport] = {}
+    for stage in stages:
         if stage_is_done(stage, workdir):
-            echo(f"{prefix}: already done, skipping ({stage.marker(workdir)})")
-            reports.append(StageReport(stage.name, "skipped", 0.0, stage.outputs))
-            continue
+            echo(f"[{number[stage.name]}/{len(stages)}] {stage.name}: already done, skipping ({stage.marker(workdir)})")
+            reports[stage.name] = StageReport(stage.name, "skipped", 0.0, stage.outputs)
+    pending = [stage for stage in stages if stage.name not in reports]
+    running: dict[Future, tuple[Stage, list[str], float, int]] = {}
+    failures: list[str] = []
+
+    def start(stage: Stage, pool: ThreadPoolExecutor) -> None:
+        granted = min(stage.cores or cores, cores)
         command = stage_command(stage)
-        echo(f"{prefix}: running {' '.join(command)}")
+        env = dict(stage.env)
+        log = None
+        if granted < cores:
+            env.update(OMP_NUM_THREADS=str(granted), MKL_NUM_THREADS=str(granted))
+            log = workdir / "logs" / f"{stage.name}.log"
+        where = f" (on {granted} of {cores} cores, log {log})" if log else ""
+        echo(f"[{number[stage.name]}/{len(stages)}] {stage.name}: running {' '.join(command)}{where}")
         write_marker(stage, workdir, "started", command)
-        start = time.monotonic()
-        returncode = runner(command, dict(stage.env))
-        seconds = time.monotonic() - start
+        running[pool.submit(runner, command, env, log)] = (stage, command, time.monotonic(), granted)
+
+    def finish(future: Future) -> None:
+        stage, command, started, _ = running.pop(future)
+        seconds = time.monotonic() - started
+        try:
+            returncode = future.result()
+        except Exception as error:  # noqa: BLE001 -- a runner that raised failed its stage
+            returncode, reason = -1, f"{type(error).__name__}: {error}"
         missing = [str(path) for path in stage.outputs if not path.exists()]
         if returncode != 0 or missing:
             reason = f"exit status {returncode}" if returncode != 0 else f"missing outputs {missing}"
-            echo(f"{prefix}: FAILED after {seconds:.0f}s ({reason}); fix it and re-run to resume from here")
-            reports.append(StageReport(stage.name, "failed", seconds, stage.outputs))
-            raise UserError(f"pipeline stage {stage.name!r} failed ({reason}); command: {' '.join(command)}")
+            echo(f"[{number[stage.name]}/{len(stages)}] {stage.name}: FAILED after {seconds:.0f}s ({reason}); "
+                 "fix it and re-run to resume from here")
+            reports[stage.name] = StageReport(stage.name, "failed", seconds, stage.outputs)
+            failures.append(f"pipeline stage {stage.name!r} failed ({reason}); command: {' '.join(command)}")
+            return
         write_marker(stage, workdir, "done", command, seconds)
-        echo(f"{prefix}: done in {seconds:.0f}s")
-        reports.append(StageReport(stage.name, "done", seconds, stage.outputs))
-    return reports
+        echo(f"[{number[stage.name]}/{len(stages)}] {stage.name}: done in {seconds:.0f}s")
+        reports[stage.name] = StageReport(stage.name, "done", seconds, stage.outputs)
+
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        while running or (pending and not failures):
+            free = cores - sum(granted for *_, granted in running.values())
+            for stage in list(pending) if not failures else []:
+                if not all(reports.get(name, StageReport("", "", 0, ())).status in ("done", "skipped")
+                           for name in needs[stage.name]):
+                    continue  # waits for its inputs; a later independent stage may start
+                if min(stage.cores or cores, cores) > free:
+                    break  # the next ready stage in order waits for cores: nothing overtakes it
+                pending.remove(stage)
+                start(stage, pool)
+                free = cores - sum(granted for *_, granted in running.values())
+            if not running:
+                if pending and not failures:  # cannot happen with stage_needs' checks; never spin
+                    raise RuntimeError(f"stages {[s.name for s in pending]} can never start")
+                break
+            finish(next(as_completed(running)))
+    if failures:
+        raise UserError(failures[0])
+    return [reports[stage.name] for stage in stages if stage.name in reports]
 
 
 # ----------------------------------------------------------------------------------------------

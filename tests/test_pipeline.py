@@ -21,9 +21,13 @@ class FakeRunner:
         self.fail = fail or set()
         self.half_finish = half_finish or set()
         self.calls: list[list[str]] = []
+        self.envs: list[dict[str, str]] = []
+        self.logs: list[Path | None] = []
 
-    def __call__(self, command: Sequence[str], env: Mapping[str, str]) -> int:
+    def __call__(self, command: Sequence[str], env: Mapping[str, str], log: Path | None = None) -> int:
         self.calls.append(list(command))
+        self.envs.append(dict(env))
+        self.logs.append(log)
         base = tuple(arg for arg in command if arg != "--resume")
         stage = self.by_command[base]
         if stage.name in self.half_finish:  # a training run killed after its first checkpoint
@@ -101,7 +105,7 @@ def test_interrupted_training_is_resumed_with_flag(tmp_path: Path) -> None:
 def test_zero_exit_without_outputs_is_a_failure(tmp_path: Path) -> None:
     stages = [Stage("silent", ("noop",), (tmp_path / "never.json",))]
     with pytest.raises(UserError, match="missing outputs"):
-        run_stages(stages, tmp_path, runner=lambda command, env: 0, echo=lambda _: None)
+        run_stages(stages, tmp_path, runner=lambda command, env, log: 0, echo=lambda _: None)
     assert not stages[0].marker(tmp_path).exists()
 
 
@@ -136,7 +140,7 @@ def test_interrupted_stage_of_other_settings_is_not_resumed(tmp_path: Path) -> N
 def test_stage_environment_reaches_the_runner(tmp_path: Path) -> None:
     seen: list[Mapping[str, str]] = []
     stage = Stage("one", ("cmd",), (), env=(("HF_DATASETS_CACHE", "/x"),))
-    run_stages([stage], tmp_path, runner=lambda command, env: seen.append(env) or 0, echo=lambda _: None)
+    run_stages([stage], tmp_path, runner=lambda command, env, log: seen.append(env) or 0, echo=lambda _: None)
     assert seen == [{"HF_DATASETS_CACHE": "/x"}]
 
 
@@ -318,3 +322,64 @@ def test_the_vla_is_fine_tuned_on_its_own_dagger_round(tmp_path: Path) -> None:
     assert "train_policy_base" not in plain and "generate_dagger_vla" not in plain
     assert flag_value(plain["train_policy"], "--dataset") == str(tmp_path / "dataset_dagger1")
     assert not any(a.startswith("init_from=") for a in plain["train_policy"].command)
+
+
+def test_one_core_stages_run_side_by_side_with_one_thread_each_and_their_own_logs(tmp_path: Path) -> None:
+    """Two one-core stages that need only the first run at the same time on 2 cores: each waits at a barrier that
+    only the other can open (a sequential runner would time out there)."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=10)
+    stages = [
+        Stage("data", ("data",), (tmp_path / "data",)),
+        Stage("train_a", ("a",), (tmp_path / "a",), needs=("data",), cores=1),
+        Stage("train_b", ("b",), (tmp_path / "b",), needs=("data",), cores=1),
+        Stage("evaluate", ("eval",), (tmp_path / "eval",), needs=("train_a", "train_b")),
+    ]
+    fake = FakeRunner(stages)
+
+    def runner(command: Sequence[str], env: Mapping[str, str], log: Path | None) -> int:
+        if command[0] in ("a", "b"):
+            barrier.wait()
+        return fake(command, env, log)
+
+    reports = run_stages(stages, tmp_path, runner=runner, echo=lambda _: None, cores=2)
+    assert [r.status for r in reports] == ["done"] * 4
+    assert names(fake)[0] == "data" and names(fake)[-1] == "eval" and set(names(fake)[1:3]) == {"a", "b"}
+    by_name = {call[0]: (env, log) for call, env, log in zip(fake.calls, fake.envs, fake.logs, strict=True)}
+    assert by_name["a"] == ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, tmp_path / "logs" / "train_a.log")
+    assert by_name["eval"] == ({}, None)  # the whole machine, output streamed
+
+
+def test_a_failed_stage_stops_its_dependants_but_lets_running_siblings_finish(tmp_path: Path) -> None:
+    stages = [
+        Stage("data", ("data",), (tmp_path / "data",)),
+        Stage("train_a", ("a",), (tmp_path / "a",), needs=("data",), cores=1),
+        Stage("train_b", ("b",), (tmp_path / "b",), needs=("data",), cores=1),
+        Stage("evaluate", ("eval",), (tmp_path / "eval",), needs=("train_a", "train_b")),
+    ]
+    fake = FakeRunner(stages, fail={"train_a"})
+    with pytest.raises(UserError, match="train_a"):
+        run_stages(stages, tmp_path, runner=fake, echo=lambda _: None, cores=2)
+    assert "eval" not in names(fake) and "b" in names(fake)
+    assert stages[2].marker(tmp_path).is_file() and not stages[1].marker(tmp_path).exists()
+    rerun = FakeRunner(stages)
+    run_stages(stages, tmp_path, runner=rerun, echo=lambda _: None, cores=2)
+    assert names(rerun) == ["a", "eval"]
+
+
+def test_a_stage_that_needs_the_whole_machine_is_not_overtaken(tmp_path: Path) -> None:
+    stages = [
+        Stage("first", ("first",), (tmp_path / "first",), cores=1),
+        Stage("whole", ("whole",), (tmp_path / "whole",), needs=()),
+        Stage("small", ("small",), (tmp_path / "small",), needs=(), cores=1),
+    ]
+    fake = FakeRunner(stages)
+    run_stages(stages, tmp_path, runner=fake, echo=lambda _: None, cores=2)
+    assert names(fake) == ["first", "whole", "small"]
+
+
+def test_a_stage_may_only_need_stages_before_it(tmp_path: Path) -> None:
+    stages = [Stage("a", ("a",), (), needs=("b",)), Stage("b", ("b",), ())]
+    with pytest.raises(ValueError, match="needs"):
+        run_stages(stages, tmp_path, runner=FakeRunner(stages), echo=lambda _: None)
