@@ -310,6 +310,9 @@ class VLAConfig(RobotModelConfig):
     backbone: str = MINILM_NAME  # hub name (resolved in the local cache / PyPI package) or a local path
     backbone_config: dict | None = None  # the backbone's architecture, filled in when it is first loaded
     backbone_dtype: str = "float32"  # "bfloat16" for billion-parameter backbones on GPU
+    # The frozen backbone's dropout (hidden and attention probabilities) while the adapters train; None keeps the
+    # pretrained config's (MiniLM: 0.1).
+    backbone_dropout: float | None = None
     use_lora: bool = True
     lora_r: int = 16  # the reference Llama-3-8B setup uses 32
     lora_alpha: float = 32.0
@@ -353,6 +356,8 @@ class VLAConfig(RobotModelConfig):
         ):
             _fail(self, "backbone_config", "a transformers config dict with 'model_type'", type(self.backbone_config))
         _check_choice(self, "backbone_dtype", BACKBONE_DTYPES)
+        if self.backbone_dropout is not None:
+            _check_fraction(self, "backbone_dropout")
         _check_positive_int(
             self, "lora_r", "chunk_size", "num_state_tokens", "state_hidden_dim", "head_hidden_dim", "head_num_layers",
             "max_instruction_tokens",

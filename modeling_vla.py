@@ -987,15 +987,27 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+# The dropout fields of transformers' configs (BERT-like, Llama-like, GPT-2-like) that backbone_dropout sets.
+BACKBONE_DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
+                           "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
 def load_backbone(config: VLAConfig) -> PreTrainedModel:
     """Random weights from config.backbone_config when set (from_pretrained then loads the saved ones),
     else the pretrained weights of config.backbone, recording its architecture in the config."""
     dtype = _torch_dtype(config.backbone_dtype)
     if config.backbone_config is not None:
         arch = dict(config.backbone_config)
-        return AutoModel.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch), dtype=dtype)
-    path = resolve_pretrained_path(config.backbone)
-    backbone = AutoModel.from_pretrained(path, dtype=dtype)
+        backbone_config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    else:
+        backbone_config = AutoConfig.from_pretrained(resolve_pretrained_path(config.backbone))
+    if config.backbone_dropout is not None:
+        for name in BACKBONE_DROPOUT_FIELDS:
+            if hasattr(backbone_config, name):
+                setattr(backbone_config, name, config.backbone_dropout)
+    if config.backbone_config is not None:
+        return AutoModel.from_config(backbone_config, dtype=dtype)
+    backbone = AutoModel.from_pretrained(resolve_pretrained_path(config.backbone), config=backbone_config, dtype=dtype)
     config.backbone_config = backbone.config.to_dict()
     return backbone
 

@@ -756,3 +756,17 @@ def test_config_default_layout_mirrors_the_data_layout() -> None:
                RELATIVE_ROT6_OFFSET)
     assert offsets == tuple(STATE_SLICES[name].start for name in ("eef pos", "eef rot", "object pos", "object rot",
                                                                   "object-eef pos", "object-eef rot"))
+
+
+def test_vla_backbone_dropout_sets_the_frozen_backbones_dropout(tiny_llama):
+    def rates(model: VLAPolicy) -> set[float]:  # the backbone's own dropout layers, not LoRA's
+        return {m.p for n, m in model.base_backbone.named_modules() if isinstance(m, torch.nn.Dropout) and "lora" not in n}
+
+    assert rates(VLAPolicy(VLAConfig(head_hidden_dim=32, chunk_size=4))) == {0.1}  # MiniLM's own
+    quiet = VLAPolicy(VLAConfig(head_hidden_dim=32, chunk_size=4, backbone_dropout=0.0))
+    assert rates(quiet) == {0.0}
+    assert quiet.config.backbone_config["attention_probs_dropout_prob"] == 0.0  # saved with the model
+    llama = VLAPolicy(tiny_vla_config(tiny_llama, backbone_dropout=0.2))
+    assert llama.base_backbone.config.attention_dropout == 0.2
+    with pytest.raises(ValueError, match="backbone_dropout"):
+        VLAConfig(backbone_dropout=1.5)
