@@ -252,6 +252,8 @@ class PipelineSize:
     # Kept because it rebuilds the adopted VLA, not for a shown gain (docs/experiments/032). False: `train_policy` is
     # the VLA trained on the DAgger rounds.
     vla_dagger: bool = True
+    # Training and the world model's data stages on one core each, side by side (PipelineSize of 2 CPU cores).
+    overlap: bool = False
 
 
 SIZES = {
@@ -261,6 +263,11 @@ SIZES = {
                           eval_episodes=2,
                           checkpoint_every=100,
                           world_seeds=2),
+    # The default: no DAgger, the MLP-BC drives the world model's roll-outs, training beside the world model's data
+    # (docs/experiments/042).
+    "standard": PipelineSize(episodes_per_task=100, play_episodes_per_task=20, dagger_episodes_per_task=0,
+                             dagger_rounds=0, train_steps={"world": 1000, "policy": 2000, "mlp": 3000},
+                             eval_episodes=50, checkpoint_every=500, world_seeds=2, vla_dagger=False, overlap=True),
     "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, dagger_episodes_per_task=100,
                          dagger_rounds=DAGGER_ROUNDS,
                          train_steps={"world": 3000, "policy": 9000, "mlp": 9000, "mlp_driver": 3000,
@@ -377,11 +384,10 @@ def console(script: str, *args: str | Path) -> tuple[str, ...]:
 
 
 def data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
-    from data_prep.generate import OUTPUT_NAME, PLAY_PERTURB_PROB
+    """The expert demos and the policies' dataset."""
+    from data_prep.generate import OUTPUT_NAME
 
     report = paths.raw / "generate_report.json"
-    play_report = paths.raw_play / "generate_report.json"
-    play_probs = [f"{task}={PLAY_PERTURB_PROB[task]}" for task in tasks]
     return [
         Stage(
             "generate",
@@ -391,19 +397,31 @@ def data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], 
             (report, *(paths.raw / task / OUTPUT_NAME for task in tasks)),
         ),
         Stage(
-            "generate_play",
-            console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
-                    paths.raw_play, "--workers", size.workers, "--seed", PLAY_SEED_OFFSET + seed, "--keep-failures",
-                    "--perturb-prob", *play_probs, "--report", play_report),
-            (play_report, *(paths.raw_play / task / OUTPUT_NAME for task in tasks)),
-        ),
-        Stage(
             "preprocess",
             console("vla-preprocess", "--inputs", paths.raw, "--out", paths.dataset, "--seed", seed, "--overwrite"),
             (paths.dataset / "normalization.json", paths.dataset / "README.md"),
             env=paths.private_env,
         ),
     ]
+
+
+def side_workers(size: PipelineSize) -> int:
+    """Simulator workers of a data stage for the world model: one beside the policies' training when they overlap."""
+    return 1 if size.overlap else size.workers
+
+
+def play_stage(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> Stage:
+    """Play data for the world model: the expert with random wrong-move bursts, failures kept."""
+    from data_prep.generate import OUTPUT_NAME, PLAY_PERTURB_PROB
+
+    report = paths.raw_play / "generate_report.json"
+    return Stage(
+        "generate_play",
+        console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
+                paths.raw_play, "--workers", side_workers(size), "--seed", PLAY_SEED_OFFSET + seed, "--keep-failures",
+                "--perturb-prob", *(f"{task}={PLAY_PERTURB_PROB[task]}" for task in tasks), "--report", report),
+        (report, *(paths.raw_play / task / OUTPUT_NAME for task in tasks)),
+    )
 
 
 def train_stage(
@@ -512,19 +530,28 @@ def vla_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], s
     ]
 
 
+def rollout_driver(size: PipelineSize) -> str:
+    """Whose whole episodes the world model learns from: a three-task MLP-BC on the demos. Without DAgger rounds the
+    evaluated MLP-BC is that policy already (the same data), so it drives; with them, a driver of its own does."""
+    return "mlp" if size.dagger_rounds == 0 else ROLLOUT_DRIVER
+
+
 def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
     """The world model's dataset: demos + play data + whole episodes of a three-task MLP-BC trained on the demos,
     failures kept."""
     from data_prep.generate import OUTPUT_NAME
 
     report = paths.raw_onpolicy / "generate_report.json"
+    driver = rollout_driver(size)
     return [
-        train_stage("mlp", paths, size, seed, name=ROLLOUT_DRIVER, config=DRIVER_CONFIG, role="mlp_driver"),
+        *([] if driver == "mlp" else
+          [train_stage("mlp", paths, size, seed, name=driver, config=DRIVER_CONFIG, role="mlp_driver")]),
+        play_stage(paths, size, tasks, seed),
         Stage(
             "generate_onpolicy",
             console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
-                    paths.raw_onpolicy, "--workers", size.workers, "--seed", ONPOLICY_SEED_OFFSET + seed,
-                    "--policy", paths.best(ROLLOUT_DRIVER), "--policy-rollouts", "--report", report),
+                    paths.raw_onpolicy, "--workers", side_workers(size), "--seed", ONPOLICY_SEED_OFFSET + seed,
+                    "--policy", paths.best(driver), "--policy-rollouts", "--report", report),
             (report, *(paths.raw_onpolicy / task / OUTPUT_NAME for task in tasks)),
         ),
         Stage(
@@ -590,19 +617,83 @@ def export_stages(paths: PipelinePaths, size: PipelineSize) -> list[Stage]:
     return stages
 
 
+OUTPUT_FLAGS = ("--out", "--output-dir", "--report")  # their values are what a stage writes, not what it reads
+
+
+def read_paths(stage: Stage) -> list[Path]:
+    """The absolute paths a stage's command line names as inputs (`--set key=/path` included)."""
+    found, args = [], list(stage.command)
+    for index, arg in enumerate(args):
+        if index and args[index - 1] in OUTPUT_FLAGS:
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg and not arg.startswith("/") else arg
+        if value.startswith("/"):
+            found.append(Path(value))
+    return found
+
+
+def infer_needs(stages: Sequence[Stage]) -> list[Stage]:
+    """Each stage needs the earlier stages whose outputs lie in, or hold, a path it reads: derived from the command
+    lines, so the order of work is the data's own and a new stage needs no hand-written edges."""
+    inferred = []
+    for index, stage in enumerate(stages):
+        reads = read_paths(stage)
+        needs = tuple(
+            earlier.name for earlier in stages[:index]
+            if any(out == path or path in out.parents or out in path.parents for out in earlier.outputs for path in reads)
+        )
+        inferred.append(dataclasses.replace(stage, needs=needs))
+    return inferred
+
+
 def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int = 0) -> list[Stage]:
     """generate → preprocess → DAgger rounds → world-model data → train world/VLA/MLP → evaluate (dream + real) → export cards/repos."""
     paths = dataclasses.replace(paths, dagger_rounds=size.dagger_rounds, vla_dagger=size.vla_dagger)
-    return [
+    mlp = [train_stage("mlp", paths, size, seed)]
+    driver_first = rollout_driver(size) == "mlp"  # the MLP-BC drives the world model's roll-outs: it trains first
+    # List order is the priority among ready stages: the VLA, the longest, starts as soon as its data is there.
+    stages = infer_needs([
         *data_stages(paths, size, tasks, seed),
         *dagger_stages(paths, size, tasks, seed),
+        *vla_stages(paths, size, tasks, seed),
+        *(mlp if driver_first else []),
         *world_data_stages(paths, size, tasks, seed),
         *world_model_stages(paths, size, seed),
-        *vla_stages(paths, size, tasks, seed),
-        train_stage("mlp", paths, size, seed),
+        *([] if driver_first else mlp),
         *(evaluate_stage(policy, paths, size, tasks, seed) for policy in POLICY_LABELS),
         *export_stages(paths, size),
-    ]
+    ])
+    if size.overlap:  # training and the world model's data on one core each, side by side
+        one_core = ("train_", "generate_play", "generate_onpolicy", "preprocess_world", "pool_world")
+        stages = [dataclasses.replace(s, cores=1) if s.name.startswith(one_core) else s for s in stages]
+    return stages
+
+
+def percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f} %"
+
+
+def success_table(paths: PipelinePaths) -> list[str]:
+    """Per policy and task: real success (Wilson 95 % interval), dreamed success and dream - real, from the
+    evaluations' summary.json (the rows of policies not evaluated yet are left out)."""
+    lines = ["| policy | task | real success | 95 % CI | dream | dream - real |", "| --- | --- | ---: | --- | ---: | ---: |"]
+    for policy, label in POLICY_LABELS.items():
+        summary = paths.eval_dir(policy) / "summary.json"
+        if not summary.is_file():
+            continue
+        payload = json.loads(summary.read_text())
+        dream = {a["task"]: a for a in payload.get("agreement", []) if not a.get("world_model")}
+        for row in payload["results"]:
+            if row["env"] != "real":
+                continue
+            pair = dream.get(row["task"], {})
+            gap = pair.get("success_gap")
+            lines.append(
+                f"| {label} | {row['task']} | {row['successes']}/{row['episodes']} = {percent(row['success_rate'])} "
+                f"| [{percent(row['ci_low'])}, {percent(row['ci_high'])}] | {percent(pair.get('dream_success_rate'))} "
+                f"| {'n/a' if gap is None else f'{100 * gap:+.0f} pp'} |"
+            )
+    return lines
 
 
 def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_seconds: float) -> None:
@@ -610,20 +701,25 @@ def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_se
     for report in reports:
         print(f"  {report.name:<16} {report.status:<8} {report.seconds:7.0f}s  {', '.join(map(str, report.outputs))}")
     print(f"  total {total_seconds:.0f}s")
-    print("results:")
-    for policy, label in POLICY_LABELS.items():
-        print(f"  {label:<4} evaluation: {paths.eval_dir(policy) / 'summary.md'} (figures in {paths.eval_dir(policy) / 'figures'})")
     print("model cards / hub repos:")
     for name in (*EXPORT_NAMES.values(), *dict.fromkeys(DATASET_NAMES.values())):
         print(f"  {paths.repo_id(name):<36} {paths.export_dir(name) / 'README.md'}")
+    print("evaluations (tables, figures and, with an OpenGL backend, videos):")
+    for policy, label in POLICY_LABELS.items():
+        print(f"  {label:<4} {paths.eval_dir(policy) / 'summary.md'}  figures: {paths.eval_dir(policy) / 'figures'}")
+    print("\nsuccess on the evaluation starts (real robosuite; dreamed by the world model from the same starts):")
+    print("\n".join(success_table(paths)))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-pipeline", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="size", action="store_const", const="quick", help="small run, ~30 min on 2 CPU cores (default)")
-    mode.add_argument("--full", dest="size", action="store_const", const="full", help="the real-results size")
-    parser.set_defaults(size="quick")
+    mode.add_argument("--quick", dest="size", action="store_const", const="quick",
+                      help="smoke test: tiny data and trainings, every stage exercised (~15 min on 2 CPU cores)")
+    mode.add_argument("--standard", dest="size", action="store_const", const="standard",
+                      help="the default: a working robot and its dream in <= 30 min on 2 CPU cores")
+    mode.add_argument("--full", dest="size", action="store_const", const="full", help="the reported size (hours on a CPU)")
+    parser.set_defaults(size="standard")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--seed", type=int, default=0)
