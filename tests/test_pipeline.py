@@ -383,3 +383,20 @@ def test_a_stage_may_only_need_stages_before_it(tmp_path: Path) -> None:
     stages = [Stage("a", ("a",), (), needs=("b",)), Stage("b", ("b",), ())]
     with pytest.raises(ValueError, match="needs"):
         run_stages(stages, tmp_path, runner=FakeRunner(stages), echo=lambda _: None)
+
+
+def test_the_standard_size_trains_beside_the_world_models_data_and_its_mlp_drives_the_rollouts(tmp_path: Path) -> None:
+    paths = PipelinePaths(tmp_path)
+    stages = {stage.name: stage for stage in build_stages(paths, SIZES["standard"], ["lift", "square"])}
+    assert "train_mlp_demos" not in stages and not any(name.startswith("generate_dagger") for name in stages)
+    assert flag_value(stages["generate_onpolicy"], "--policy") == str(paths.best("mlp"))
+    # the order of work comes from the data: the VLA needs the demos only, the evaluations the pooled world model
+    assert stages["train_policy"].needs == ("preprocess",) == stages["train_mlp"].needs
+    assert set(stages["evaluate_policy"].needs) == {"train_policy", "pool_world"}
+    assert set(stages["preprocess_world"].needs) == {"generate", "generate_play", "generate_onpolicy"}
+    one_core = {name for name, stage in stages.items() if stage.cores == 1}
+    assert {"train_policy", "train_mlp", "generate_play", "generate_onpolicy", "train_world_s0"} <= one_core
+    assert not one_core & {"generate", "preprocess", "evaluate_policy", "evaluate_mlp"}
+    assert flag_value(stages["generate_play"], "--workers") == flag_value(stages["generate_onpolicy"], "--workers") == "1"
+    from pipeline import build_parser
+    assert build_parser().parse_args([]).size == "standard"  # the README's main command runs this size
