@@ -55,6 +55,8 @@ DAGGER_SEED_OFFSET, DAGGER_ROUND_SEEDS = 60_000, 1_000
 DAGGER_HANDOVER_STEPS = 150
 ONPOLICY_SEED_OFFSET = 70_000  # the world model's policy roll-outs: seeds 70000 + seed ..
 VLA_DAGGER_SEED_OFFSET = 90_000  # the VLA's own DAgger round: seeds 90000 + seed ..
+# The evaluation starts, the same for every training seed (paired): never a seed any data stage uses.
+EVAL_SEED = 100_000
 
 
 @dataclass(frozen=True)
@@ -586,7 +588,7 @@ def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks:
     return Stage(
         f"evaluate_{policy}",
         console("vla-rollout", "--policy", paths.best(policy), "--world-model", paths.best("world"), "--tasks", *tasks,
-                "--episodes", size.eval_episodes, "--env", "both", "--out", paths.eval_dir(policy), "--seed", 1000 + seed,
+                "--episodes", size.eval_episodes, "--env", "both", "--out", paths.eval_dir(policy), "--seed", EVAL_SEED,
                 "--workers", size.workers, "--name", POLICY_LABELS[policy], "--no-progress"),
         (paths.eval_dir(policy) / "summary.json", paths.eval_dir(policy) / "summary.md"),
         env=paths.private_env,

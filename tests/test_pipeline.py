@@ -400,3 +400,10 @@ def test_the_standard_size_trains_beside_the_world_models_data_and_its_mlp_drive
     assert flag_value(stages["generate_play"], "--workers") == flag_value(stages["generate_onpolicy"], "--workers") == "1"
     from pipeline import build_parser
     assert build_parser().parse_args([]).size == "standard"  # the README's main command runs this size
+
+
+def test_every_size_evaluates_on_the_evaluation_starts_whatever_the_training_seed(tmp_path: Path) -> None:
+    for size in SIZES.values():
+        for seed in (0, 1):
+            stages = {s.name: s for s in build_stages(PipelinePaths(tmp_path), size, ["lift"], seed=seed)}
+            assert flag_value(stages["evaluate_policy"], "--seed") == flag_value(stages["evaluate_mlp"], "--seed") == "100000"
