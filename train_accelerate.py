@@ -225,11 +225,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), **explic
             raise UserError(f"--set {item!r}: expected key=value")
         value = yaml.safe_load(raw) if raw else ""
         if key.startswith("model_config."):
+            if not all_finite(value):
+                raise UserError(f"--set {key}: {value!r}, expected finite numbers")
             values["model_config"][key.removeprefix("model_config.")] = value
         elif key in known:
             # String fields keep the text as typed (YAML would turn `mixed_precision=no` into False).
             as_text = str in _allowed_types(key) and value is not None
             values[key] = _coerce(key, raw if as_text else value, f"--set {key}")
+            if not all_finite(values[key]):  # named here: validate() would name the YAML file
+                raise UserError(f"--set {key}: {key}={values[key]!r}, expected a finite number")
         else:
             raise UserError(f"--set {key}: unknown key (expected one of {sorted(known)} or model_config.<field>)")
     for key, value in explicit.items():
@@ -544,7 +548,12 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
         raise UserError(f"{source}: trained on tasks {config.tasks}; dataset {cfg.dataset} also has {unknown}")
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"{source}: no model.safetensors there; expected a saved model folder (a run's best/ or final/)")
-    model = getattr(modeling_vla, model_name).from_pretrained(folder, config=config)
+    from safetensors import SafetensorError
+
+    try:
+        model = getattr(modeling_vla, model_name).from_pretrained(folder, config=config)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # e.g. weights that do not fit the config
+        raise UserError(f"{source}: cannot load the model ({type(err).__name__}: {first_line(err)})") from None
     if new_yaw:
         try:
             model.add_relative_yaw_input(

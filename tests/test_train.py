@@ -261,11 +261,12 @@ def test_yaml_and_set_overrides(tmp_path: Path) -> None:
         ("model: diffusion\n", [], "model='diffusion'"),
         ("best_checkpoint: lowest\n", [], "best_checkpoint='lowest', expected one of ['val_loss', 'last']"),
         # issue 40, case 2: non-finite values trained to NaN weights
-        ("lr: 0.1\n", ["lr=.inf"], "lr=inf, expected a finite number"),
+        ("lr: 0.1\n", ["lr=.inf"], "--set lr: lr=inf, expected a finite number"),
         ("lr: .nan\n", [], "lr=nan, expected a finite number"),
         ("batch_size: 4\n", ["max_grad_norm=.inf"], "max_grad_norm=inf, expected a finite number"),
         ("batch_size: 4\n", ["weight_decay=.nan"], "weight_decay=nan, expected a finite number"),
-        ("batch_size: 4\n", ["model_config.input_noise=.nan"], "model_config.input_noise=nan, expected finite numbers"),
+        ("batch_size: 4\n", ["model_config.input_noise=.nan"], "--set model_config.input_noise: nan, expected finite numbers"),
+        ("model_config:\n  input_noise: .inf\n", [], "model_config.input_noise=inf, expected finite numbers"),
         ("batch_size: 4\n", ["model_config.state_token_groups=[3, .inf]"], "model_config.state_token_groups"),
     ],
 )
@@ -436,6 +437,34 @@ def test_non_finite_training_data_is_refused(tmp_path: Path) -> None:
     write_rows_parquet(rows, shard)
     with pytest.raises(UserError, match=r"validation split: next_state holds NaN or inf \(row 7\)"):
         ta.train(tiny_config(dataset, tmp_path / "run"))
+
+
+def test_a_fresh_run_replaces_only_a_best_it_wrote(dataset: Path, tmp_path: Path) -> None:
+    """Issue 40, case 1 (where it applies to the trainer): best/ and final/ are replaced, so they must be its own."""
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "keep.txt").write_text("mine")
+    cfg = tiny_config(dataset, out, model="mlp", max_steps=2, eval_every=2, save_every=100)
+    with pytest.raises(UserError, match="best/ was not written by vla-train"):
+        ta.train(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["best"] and (out / "best" / "keep.txt").is_file()
+    shutil.rmtree(out / "best")
+    ta.train(cfg)
+    ta.train(cfg)  # its own best/ and final/ (no checkpoints: nothing to --resume)
+    assert (out / "best" / "model.safetensors").is_file()
+
+
+def test_an_unwritable_output_dir_is_one_line(dataset: Path, tmp_path: Path) -> None:
+    """Issue 40, case 6: a read-only output folder gave a PermissionError traceback."""
+    import os
+
+    if os.geteuid() == 0:  # root writes through file modes; sysfs refuses new folders even to root
+        out = Path("/sys/vla-test-run")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "run"
+    with pytest.raises(UserError, match="cannot write there"):
+        ta.train(tiny_config(dataset, out, model="mlp"))
 
 
 def write_config(tmp_path: Path, dataset: Path, out: Path, model: str) -> Path:
@@ -684,6 +713,17 @@ def test_init_from_can_start_reading_yaw_features_through_zero_weights(dataset: 
     assert sawed[:, 31].abs().max() < 1e-6
 
 
+def dropped_weight(folder: Path, copy: Path) -> Path:
+    """A copy of a saved model folder without the last of its weights."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(folder, copy)
+    weights = state_dict_of(copy)
+    del weights[sorted(weights)[-1]]
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
 def test_init_from_refuses_what_it_cannot_fine_tune(dataset: Path, tmp_path: Path) -> None:
     ta.train(tiny_config(dataset, tmp_path / "mlp", model="mlp", max_steps=2, eval_every=2, save_every=2))
     saved = tmp_path / "mlp" / "best"
@@ -691,6 +731,7 @@ def test_init_from_refuses_what_it_cannot_fine_tune(dataset: Path, tmp_path: Pat
         ("world", {}, saved, f"init_from {saved}: holds a MLPPolicy, but --model world trains a WorldModel"),
         ("mlp", {"chunk_size": 8}, saved, f"init_from {saved}: model_config.chunk_size=8, but the saved model has 4"),
         ("mlp", {}, tmp_path / "nowhere", "no config.json there"),
+        ("mlp", {}, dropped_weight(saved, tmp_path / "dropped"), "1 weights missing (mlp.8.weight)"),  # issue 40, case 4
     ]
     for n, (kind, model_config, folder, message) in enumerate(cases):
         cfg = tiny_config(dataset, tmp_path / f"out{n}", model=kind, model_config=model_config, init_from=str(folder))
