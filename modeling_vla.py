@@ -11,6 +11,7 @@ transformers (and its huggingface_hub), peft, safetensors and `configuration_vla
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -175,8 +176,6 @@ class NormalizedModelMixin:
         """transformers' loading, but weights that do not fit the config (a key missing, unexpected or of another
         shape) are an error instead of freshly initialised weights. Nothing is allowed to be missing: what is
         deliberately not saved, the frozen sentence encoder, is no submodule (get_sentence_embedder)."""
-        import logging
-
         kwargs.setdefault("ignore_mismatched_sizes", True)  # then reported below, with the rest, in one line
         log = logging.getLogger("transformers.modeling_utils")
 

@@ -155,23 +155,14 @@ class Probe:
         check(not (folder / "dataset").exists(), "the dataset was written inside the input folder")
         return self.one_line_error(proc, "input")
 
-    def foreign(self, name: str) -> Path:
+    def over_foreign_folder(self, name: str, write: Callable[..., subprocess.CompletedProcess], overwrite: bool) -> str:
+        """`write(out, *flags)` to an existing folder holding a file of the user's: refused, the file kept."""
         out = self.fresh(name) / "out"
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-        return out
-
-    def case_rollout_existing(self) -> str:
-        out = self.foreign("rollout_existing")
-        proc = self.rollout(out)
+        proc = write(out, *(["--overwrite"] if overwrite else []))
         check((out / "keep.txt").is_file(), "keep.txt in --out was deleted")
-        return self.one_line_error(proc, "--overwrite")
-
-    def case_rollout_foreign_overwrite(self) -> str:
-        out = self.foreign("rollout_foreign")
-        proc = self.rollout(out, "--overwrite")
-        check((out / "keep.txt").is_file(), "keep.txt in --out was deleted")
-        return self.one_line_error(proc, str(out))
+        return self.one_line_error(proc, str(out) if overwrite else "--overwrite")
 
     def case_rollout_own_overwrite(self) -> str:
         out = self.fresh("rollout_own") / "out"
@@ -185,24 +176,8 @@ class Probe:
     def pool(self, out: Path, *extra: str) -> subprocess.CompletedProcess:
         return self.run("vla-pool-world-models", "--inputs", self.world, self.world_run / "final", "--out", out, *extra)
 
-    def case_pool_existing(self) -> str:
-        out = self.foreign("pool_existing")
-        proc = self.pool(out)
-        check((out / "keep.txt").is_file(), "keep.txt in --out was deleted")
-        return self.one_line_error(proc, "--overwrite")
-
-    def case_pool_foreign_overwrite(self) -> str:
-        out = self.foreign("pool_foreign")
-        proc = self.pool(out, "--overwrite")
-        check((out / "keep.txt").is_file(), "keep.txt in --out was deleted")
-        return self.one_line_error(proc, str(out))
-
-    def case_export_foreign(self) -> str:
-        out = self.foreign("export_foreign")
-        proc = self.run("vla-export", "--model-dir", self.mlp, "--repo-id", "local/probe-mlp", "--out", out,
-                        "--overwrite")
-        check((out / "keep.txt").is_file(), "keep.txt in --out was deleted")
-        return self.one_line_error(proc, str(out))
+    def export(self, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return self.run("vla-export", "--model-dir", self.mlp, "--repo-id", "local/probe-mlp", "--out", out, *extra)
 
     def frozen_while_writing(self, out: Path) -> subprocess.Popen:
         """A vla-preprocess run to `out`, stopped (SIGSTOP) while its temporary folder exists: past its first check."""
@@ -270,31 +245,20 @@ class Probe:
 
     # ------------------------------------------------------------------ 2. nothing non-finite passes silently
 
-    def case_nan_obs(self) -> str:
-        import numpy as np
-
-        def edit(f):
-            values = f["data/demo_1/obs/robot0_eef_pos"][()]
-            values[3, 1] = np.nan
-            f["data/demo_1/obs/robot0_eef_pos"][...] = values
-
-        bad = self.edited_fixture(self.fresh("nan_obs"), edit)
+    def preprocess_edited(self, name: str, edit: Callable, *needles: str) -> str:
+        """vla-preprocess of a fixture changed by `edit(h5py.File)`: one line naming the needles, no dataset."""
+        bad = self.edited_fixture(self.fresh(name), edit)
         proc = self.run("vla-preprocess", "--inputs", bad, "--out", bad.parent / "dataset")
         check(not (bad.parent / "dataset").exists(), "a dataset was written")
-        return self.one_line_error(proc, str(bad), "demo_1", "robot0_eef_pos")
+        return self.one_line_error(proc, str(bad), *needles)
+
+    def case_nan_obs(self) -> str:
+        return self.preprocess_edited("nan_obs", set_value("data/demo_1/obs/robot0_eef_pos", (3, 1), float("nan")),
+                                      "demo_1", "robot0_eef_pos")
 
     def case_inf_actions(self) -> str:
-        import numpy as np
-
-        def edit(f):
-            values = f["data/demo_0/actions"][()]
-            values[5, 2] = np.inf
-            f["data/demo_0/actions"][...] = values
-
-        bad = self.edited_fixture(self.fresh("inf_actions"), edit)
-        proc = self.run("vla-preprocess", "--inputs", bad, "--out", bad.parent / "dataset")
-        check(not (bad.parent / "dataset").exists(), "a dataset was written")
-        return self.one_line_error(proc, str(bad), "demo_0", "actions")
+        return self.preprocess_edited("inf_actions", set_value("data/demo_0/actions", (5, 2), float("inf")),
+                                      "demo_0", "actions")
 
     def case_lr_inf(self) -> str:
         out = self.fresh("lr_inf") / "run"
@@ -331,27 +295,25 @@ class Probe:
         check(not (out / "best").exists(), "best/ was saved")
         return self.one_line_error(proc, "state")
 
-    def case_predict_nan_state(self) -> str:
+    def api_call(self, folder: Path, setup: str, call: str) -> str:
+        """Load `folder` with AutoModel in a fresh Python, run `setup` then `out = <call>`: refused (ValueError) or not."""
         proc = self.python(
             "import torch; from transformers import AutoModel; import modeling_vla\n"
-            f"m = AutoModel.from_pretrained({str(self.mlp)!r}, trust_remote_code=True)\n"
-            "s = torch.zeros(2, 29); s[1, 4] = float('nan')\n"
-            "try:\n    a = m.predict_actions(s, ['lift it'] * 2)\nexcept ValueError as e:\n    print('refused:', e)\n"
-            "else:\n    print('returned', 'NaN' if a.isnan().any() else 'finite', 'actions')\n")
+            f"m = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)\n{setup}\n"
+            f"try:\n    out = {call}\nexcept ValueError as e:\n    print('refused:', e)\n"
+            "else:\n    out = out[0] if isinstance(out, tuple) else out\n"
+            "    print('returned', 'NaN' if out.isnan().any() else 'finite', 'values')\n")
         check(proc.returncode == 0, f"exit {proc.returncode}: {last_line(proc.stderr)}")
         check(proc.stdout.startswith("refused:"), proc.stdout.strip())
         return proc.stdout.strip()
 
+    def case_predict_nan_state(self) -> str:
+        return self.api_call(self.mlp, "s = torch.zeros(2, 29); s[1, 4] = float('nan')",
+                             "m.predict_actions(s, ['lift it'] * 2)")
+
     def case_step_nan_action(self) -> str:
-        proc = self.python(
-            "import torch; from transformers import AutoModel; import modeling_vla\n"
-            f"m = AutoModel.from_pretrained({str(self.world)!r}, trust_remote_code=True)\n"
-            "a = torch.zeros(2, 7); a[0, 6] = float('inf')\n"
-            "try:\n    out = m.step(torch.zeros(2, 29), a, ['lift it'] * 2)\nexcept ValueError as e:\n"
-            "    print('refused:', e)\nelse:\n    print('returned', 'NaN' if out[0].isnan().any() else 'finite', 'states')\n")
-        check(proc.returncode == 0, f"exit {proc.returncode}: {last_line(proc.stderr)}")
-        check(proc.stdout.startswith("refused:"), proc.stdout.strip())
-        return proc.stdout.strip()
+        return self.api_call(self.world, "a = torch.zeros(2, 7); a[0, 6] = float('inf')",
+                             "m.step(torch.zeros(2, 29), a, ['lift it'] * 2)")
 
     def episodes(self, out: Path) -> list[dict]:
         return [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
@@ -536,43 +498,32 @@ class Probe:
 
     # ------------------------------------------------------------------ 6. remaining tracebacks
 
+    def unwritable(self, name: str) -> Path:
+        """A path whose folder refuses new entries: a 0o555 folder, or /sys for root (who writes through modes)."""
+        if os.geteuid() == 0:
+            return Path(f"/sys/vla-probe-{name}")
+        parent = self.fresh(f"read_only_{name}")
+        parent.chmod(0o555)
+        return parent / name
+
     def case_read_only_out(self) -> str:
-        if os.geteuid() == 0:  # root writes through file modes: /sys refuses even root
-            out = Path("/sys/vla-probe-dataset")
-        else:
-            parent = self.fresh("read_only")
-            parent.chmod(0o555)
-            out = parent / "dataset"
-        proc = self.run("vla-preprocess", "--inputs", self.raw, "--out", out)
-        return self.one_line_error(proc, str(out.parent))
+        out = self.unwritable("dataset")
+        return self.one_line_error(self.run("vla-preprocess", "--inputs", self.raw, "--out", out), str(out))
 
     def case_read_only_output_dir(self) -> str:
-        if os.geteuid() == 0:
-            out = Path("/sys/vla-probe-run")
-        else:
-            parent = self.fresh("read_only_train")
-            parent.chmod(0o555)
-            out = parent / "run"
+        out = self.unwritable("run")
         return self.one_line_error(self.train("mlp", out), str(out))
 
     def case_zero_length_episode(self) -> str:
-        import numpy as np
+        def edit(f):  # every array of demo_1 with no steps
+            demo, arrays = f["data/demo_1"], []
+            demo.visititems(lambda name, item: arrays.append(name) if hasattr(item, "shape") else None)
+            for name in arrays:
+                empty = demo[name][:0]
+                del demo[name]
+                demo.create_dataset(name, data=empty)
 
-        def edit(f):
-            demo = f["data/demo_1"]
-            for group in ("obs", "next_obs"):
-                for key in list(demo[group]):
-                    width = demo[group][key].shape[1:]
-                    del demo[group][key]
-                    demo[group].create_dataset(key, data=np.zeros((0, *width)))
-            for key in ("actions", "rewards", "dones", "states"):
-                width = demo[key].shape[1:]
-                del demo[key]
-                demo.create_dataset(key, data=np.zeros((0, *width)))
-
-        bad = self.edited_fixture(self.fresh("zero_length"), edit)
-        proc = self.run("vla-preprocess", "--inputs", bad, "--out", bad.parent / "dataset")
-        return self.one_line_error(proc, "demo_1")
+        return self.preprocess_edited("zero_length", edit, "demo_1")
 
     def case_string_actions(self) -> str:
         def edit(f):
@@ -580,9 +531,7 @@ class Probe:
             del f["data/demo_0/actions"]
             f["data/demo_0"].create_dataset("actions", data=values.astype(str).astype("S"))
 
-        bad = self.edited_fixture(self.fresh("string_actions"), edit)
-        proc = self.run("vla-preprocess", "--inputs", bad, "--out", bad.parent / "dataset")
-        return self.one_line_error(proc, "actions")
+        return self.preprocess_edited("string_actions", edit, "actions")
 
     def case_shard_rows_zero(self) -> str:
         out = self.fresh("shard_rows") / "dataset"
@@ -597,13 +546,17 @@ class Probe:
             ("1.1", "vla-preprocess --out = an input folder, --overwrite", self.case_out_is_input),
             ("1.2", "vla-preprocess --out = the parent of an input, --overwrite", self.case_out_is_parent),
             ("1.3", "vla-preprocess --out inside an input folder", self.case_out_inside_input),
-            ("1.4", "vla-rollout --out an existing folder, no --overwrite", self.case_rollout_existing),
-            ("1.5", "vla-rollout --out a folder it did not write, --overwrite", self.case_rollout_foreign_overwrite),
+            ("1.4", "vla-rollout --out an existing folder, no --overwrite",
+             lambda: self.over_foreign_folder("rollout_existing", self.rollout, overwrite=False)),
+            ("1.5", "vla-rollout --out a folder it did not write, --overwrite",
+             lambda: self.over_foreign_folder("rollout_foreign", self.rollout, overwrite=True)),
             ("1.6", "vla-rollout --overwrite of its own results", self.case_rollout_own_overwrite),
-            ("1.7", "vla-pool-world-models --out an existing folder, no --overwrite", self.case_pool_existing),
+            ("1.7", "vla-pool-world-models --out an existing folder, no --overwrite",
+             lambda: self.over_foreign_folder("pool_existing", self.pool, overwrite=False)),
             ("1.8", "vla-pool-world-models --out a folder it did not write, --overwrite",
-             self.case_pool_foreign_overwrite),
-            ("1.9", "vla-export --out a folder it did not write, --overwrite", self.case_export_foreign),
+             lambda: self.over_foreign_folder("pool_foreign", self.pool, overwrite=True)),
+            ("1.9", "vla-export --out a folder it did not write, --overwrite",
+             lambda: self.over_foreign_folder("export_foreign", self.export, overwrite=True)),
             ("1.10", "two vla-preprocess runs to one --out at once", self.case_concurrent_preprocess),
             ("1.11", "a folder appears at --out while vla-preprocess writes", self.case_folder_appears_during_run),
             ("1.12", "<out>.tmp-<pid> left by a killed vla-preprocess", self.case_stale_temp),
@@ -633,6 +586,16 @@ class Probe:
             ("6.4", "actions stored as strings in HDF5", self.case_string_actions),
             ("6.5", "vla-preprocess --shard-rows 0", self.case_shard_rows_zero),
         ]
+
+
+def set_value(key: str, index: tuple, value: float) -> Callable:
+    """An HDF5 edit: one number of the array at `key` set to `value`."""
+    def edit(f) -> None:
+        values = f[key][()]
+        values[index] = value
+        f[key][...] = values
+
+    return edit
 
 
 def write_crafted_pickle(path: Path, marker: Path) -> None:
