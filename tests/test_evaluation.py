@@ -431,11 +431,18 @@ def test_cli_writes_results_folder(tiny_models: dict[str, Path], tmp_path: Path,
 
 
 def test_cli_out_is_replaced_only_with_overwrite_and_only_its_own(tiny_models: dict[str, Path], tmp_path: Path,
-                                                                    offline: None, capsys: pytest.CaptureFixture) -> None:
+                                                                    offline: None, make_robomimic_file,
+                                                                    capsys: pytest.CaptureFixture) -> None:
     """Issue 40, case 1: vla-rollout --out X replaced an existing folder, its unrelated files deleted, without a flag."""
+    from data_prep.preprocess import preprocess
+
+    dataset = tmp_path / "dataset"  # dreams from its episodes: no simulator to start
+    preprocess([make_robomimic_file("lift", episodes=4, valid_fraction=0.5)], dataset)
+    capsys.readouterr()  # its progress bars
     out = tmp_path / "results"
     args = ["--policy", str(tiny_models["mlp"]), "--world-model", str(tiny_models["world"]), "--tasks", "lift",
-            "--episodes", "1", "--env", "dream", "--horizon", "2", "--no-progress", "--out", str(out)]
+            "--episodes", "1", "--env", "dream", "--dataset", str(dataset), "--horizon", "2", "--no-progress",
+            "--out", str(out)]
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     for extra, message in (([], "pass --overwrite"), (["--overwrite"], "not written by vla-rollout")):
