@@ -11,6 +11,7 @@ transformers (and its huggingface_hub), peft, safetensors and `configuration_vla
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -172,11 +173,45 @@ class NormalizedModelMixin:
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' loading, but weights that do not fit the config (a key missing, unexpected or of another
+        shape) are an error instead of freshly initialised weights. Nothing is allowed to be missing: what is
+        deliberately not saved, the frozen sentence encoder, is no submodule (get_sentence_embedder)."""
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # then reported below, with the rest, in one line
+        log = logging.getLogger("transformers.modeling_utils")
+
+        def without_load_report(record: logging.LogRecord) -> bool:  # its table would repeat our line at length
+            return "LOAD REPORT" not in record.getMessage()
+
+        log.addFilter(without_load_report)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        finally:
+            log.removeFilter(without_load_report)
+        problems = [(kind, sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ()))
+                    for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                                      ("of another shape", "mismatched_keys"))]
+        problems = [f"{len(keys)} weights {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                    for kind, keys in problems if keys]
+        if problems:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(f"{source}: its weights do not fit its config.json ({cls.__name__}): {'; '.join(problems)}")
+        return (model, info) if output_loading_info else model
+
     def _as_tensor(self, value: torch.Tensor | Sequence, width: int, name: str) -> torch.Tensor:
         tensor = torch.as_tensor(value, dtype=torch.float32, device=self._device)
         if tensor.dim() != 2 or tensor.shape[-1] != width:
             raise ValueError(f"{name}: expected shape [B, {width}], got {list(tensor.shape)}")
         return tensor
+
+    @staticmethod
+    def _require_finite(**inputs: torch.Tensor | None) -> None:
+        """Inference inputs: NaN in would be NaN out, and the caller would never learn where it came from."""
+        for name, tensor in inputs.items():
+            finite = None if tensor is None else torch.isfinite(torch.as_tensor(tensor)).flatten(1).all(-1)
+            if finite is not None and not finite.all():
+                raise ValueError(f"{name}: row {int((~finite).nonzero()[0])} holds NaN or inf; expected finite raw values")
 
     def normalize_state(self, state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c = self._constants(state.device)
@@ -741,6 +776,7 @@ class WorldModel(NormalizedModelMixin, PreTrainedModel):
         if action.shape[0] != state.shape[0]:
             raise ValueError(f"action: expected {state.shape[0]} rows like state, got {action.shape[0]}")
         prev = self._prev_state(state, prev_state)
+        self._require_finite(state=state, action=action, prev_state=prev)
         mask = self._mask(state_mask, state)
         text = self._text(instruction, text_emb, state.shape[0])
         chunk = STEP_CHUNK_ROWS.get(state.device.type, STEP_CHUNK_ROWS_ACCELERATOR)
@@ -878,6 +914,7 @@ class ChunkPolicyMixin(NormalizedModelMixin):
         Uses the current train/eval mode: call .eval() first (from_pretrained already does) so dropout is off.
         """
         state = self._as_tensor(state, self.config.state_dim, "state")
+        self._require_finite(state=state, prev_state=prev_state)
         instruction = check_instructions(instruction, state.shape[0])
         pred = self.predict_normalized(self._state_input(state, state_mask, prev_state), instruction)
         return self.denormalize_action(pred).clamp(-1.0, 1.0)
@@ -1090,9 +1127,9 @@ class VLAPolicy(ChunkPolicyMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> VLAPolicy:
-        model = super().from_pretrained(*args, **kwargs)
-        model.freeze_backbone_but_adapters()
-        return model
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_backbone_but_adapters()  # tuple: output_loading_info
+        return loaded
 
     def freeze_backbone_but_adapters(self) -> None:
         """With LoRA only the adapters train, as get_peft_model set up; transformers' loading creates the weights

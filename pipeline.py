@@ -578,7 +578,8 @@ def world_model_stages(paths: PipelinePaths, size: PipelineSize, seed: int) -> l
     if len(runs) > 1:
         stages.append(Stage(
             "pool_world",
-            console("vla-pool-world-models", "--inputs", *(paths.best(run) for run in runs), "--out", paths.best("world")),
+            console("vla-pool-world-models", "--inputs", *(paths.best(run) for run in runs), "--out", paths.best("world"),
+                    "--overwrite"),
             (paths.best("world") / "config.json",),
         ))
     return stages
@@ -589,7 +590,7 @@ def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks:
         f"evaluate_{policy}",
         console("vla-rollout", "--policy", paths.best(policy), "--world-model", paths.best("world"), "--tasks", *tasks,
                 "--episodes", size.eval_episodes, "--env", "both", "--out", paths.eval_dir(policy), "--seed", EVAL_SEED,
-                "--workers", size.workers, "--name", POLICY_LABELS[policy], "--no-progress"),
+                "--workers", size.workers, "--name", POLICY_LABELS[policy], "--no-progress", "--overwrite"),
         (paths.eval_dir(policy) / "summary.json", paths.eval_dir(policy) / "summary.md"),
         env=paths.private_env,
     )
@@ -606,14 +607,14 @@ def export_stages(paths: PipelinePaths, size: PipelineSize) -> list[Stage]:
             f"export_{model}",
             console("vla-export", "--model-dir", paths.best(model), "--repo-id", paths.repo_id(name),
                     "--card-results", *results, "--dataset-repo-id", paths.repo_id(DATASET_NAMES[model]),
-                    "--out", paths.export_dir(name)),
+                    "--out", paths.export_dir(name), "--overwrite"),
             (paths.export_dir(name) / "README.md",),
         ))
     for name, model in {name: model for model, name in DATASET_NAMES.items()}.items():  # one export per dataset
         stages.append(Stage(
             f"export_{name.replace('-', '_')}",
             console("vla-export", "--dataset-dir", paths.training_dataset(model), "--repo-id", paths.repo_id(name),
-                    "--out", paths.export_dir(name)),
+                    "--out", paths.export_dir(name), "--overwrite"),
             (paths.export_dir(name) / "README.md",),
         ))
     return stages

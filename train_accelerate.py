@@ -7,12 +7,18 @@ Reads a `vla-preprocess` dataset repo, cuts it into windows of H steps (docs/DES
 and trains with Accelerate (mixed precision, gradient accumulation, multi-GPU), logging to TensorBoard.
 Output folder:
 
-    <output_dir>/checkpoints/step_<N>/   accelerator.save_state + trainer_state.json (last `keep_checkpoints`)
+    <output_dir>/checkpoints/step_<N>/   accelerator.save_state + trainer_state.json (last `keep_checkpoints`); the
+                                         LR schedule's state is JSON in trainer_state.json, so no file of a checkpoint
+                                         is unpickled with code (torch.load runs with weights_only=True); an
+                                         unreadable newest checkpoint falls back to the one before, with a warning
     <output_dir>/best/                   save_pretrained of the lowest validation loss (best_checkpoint: val_loss)
                                          or of the latest evaluation (best_checkpoint: last)
     <output_dir>/final/                  save_pretrained at the end
     <output_dir>/logs/                   TensorBoard
     <output_dir>/train_summary.json
+
+Nothing non-finite passes: config values, the dataset's numbers, the training loss (the run stops with one line) and
+the weights before any save; a NaN validation loss is never the best.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -34,8 +41,8 @@ import numpy as np
 import torch
 import yaml
 
-from data_prep.atomic import replace_dir
-from data_prep.errors import UserError, run_cli
+from data_prep.atomic import mark, replace_dir, written_by
+from data_prep.errors import UserError, first_line, run_cli
 
 MODEL_KINDS = ("world", "policy", "mlp")
 BEST_CHECKPOINTS = ("val_loss", "last")
@@ -52,6 +59,8 @@ ACTION_COLUMNS = {"world": "action", "policy": "expert_action", "mlp": "expert_a
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
+LEGACY_SCHEDULER = "custom_checkpoint_0.pkl"  # checkpoints made before the schedule moved into trainer_state.json
+COMMAND = "vla-train"  # the name in the marker of best/ and final/
 
 
 # ----------------------------------------------------------------------------- config
@@ -103,6 +112,13 @@ class TrainConfig:
             raise UserError(
                 f"{source}: mixed_precision={self.mixed_precision!r}, expected one of {list(MIXED_PRECISION)}"
             )
+        for item in dataclasses.fields(self):  # before the range checks: nan > 0 is False, inf > 0 is True
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{source}: {item.name}={value!r}, expected a finite number")
+        for key, value in self.model_config.items():
+            if not all_finite(value):
+                raise UserError(f"{source}: model_config.{key}={value!r}, expected finite numbers")
         positive = (
             "batch_size",
             "grad_accum_steps",
@@ -124,6 +140,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{source}: {name}={value!r}, expected a positive integer or null")
+
+
+def all_finite(value: Any) -> bool:
+    """No NaN or inf anywhere in a config value (numbers, lists and dicts of them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(all_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    return True
 
 
 def _field_types() -> dict[str, Any]:
@@ -197,11 +224,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), **explic
             raise UserError(f"--set {item!r}: expected key=value")
         value = yaml.safe_load(raw) if raw else ""
         if key.startswith("model_config."):
+            if not all_finite(value):
+                raise UserError(f"--set {key}: {value!r}, expected finite numbers")
             values["model_config"][key.removeprefix("model_config.")] = value
         elif key in known:
             # String fields keep the text as typed (YAML would turn `mixed_precision=no` into False).
             as_text = str in _allowed_types(key) and value is not None
             values[key] = _coerce(key, raw if as_text else value, f"--set {key}")
+            if not all_finite(values[key]):  # named here: validate() would name the YAML file
+                raise UserError(f"--set {key}: {key}={values[key]!r}, expected a finite number")
         else:
             raise UserError(f"--set {key}: unknown key (expected one of {sorted(known)} or model_config.<field>)")
     for key, value in explicit.items():
@@ -267,7 +298,14 @@ class EpisodeTable:
         episode_end = (
             np.repeat(bounds, np.diff(np.concatenate([[0], bounds]))) if len(episode) else np.zeros(0, np.int64)
         )
-        state = take("state", np.float32)
+        numbers = {column: take(column, np.float32)
+                   for column in ("state", "state_mask", "action", "expert_action", "next_state")}
+        for column, values in numbers.items():  # a dataset not made by vla-preprocess (which refuses them) may hold some
+            bad = ~np.isfinite(values.reshape(len(values), -1)).all(1)
+            if bad.any():
+                raise UserError(f"{name}: {column} holds NaN or inf (row {int(np.flatnonzero(bad)[0])}); "
+                                "expected finite numbers")
+        state = numbers["state"]
         first = np.ones(len(episode), bool)
         first[1:] = episode[1:] != episode[:-1]
         prev_state = np.concatenate([state[:1], state[:-1]])
@@ -275,10 +313,10 @@ class EpisodeTable:
         return cls(
             state=state,
             prev_state=prev_state,
-            state_mask=take("state_mask", np.float32),
-            action=take("action", np.float32),
-            expert_action=take("expert_action", np.float32),
-            next_state=take("next_state", np.float32),
+            state_mask=numbers["state_mask"],
+            action=numbers["action"],
+            expert_action=numbers["expert_action"],
+            next_state=numbers["next_state"],
             success=take("success", np.float32),
             done=take("done", np.float32),
             instruction=take("instruction", object),
@@ -509,7 +547,12 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
         raise UserError(f"{source}: trained on tasks {config.tasks}; dataset {cfg.dataset} also has {unknown}")
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"{source}: no model.safetensors there; expected a saved model folder (a run's best/ or final/)")
-    model = getattr(modeling_vla, model_name).from_pretrained(folder, config=config)
+    from safetensors import SafetensorError
+
+    try:
+        model = getattr(modeling_vla, model_name).from_pretrained(folder, config=config)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # e.g. weights that do not fit the config
+        raise UserError(f"{source}: cannot load the model ({type(err).__name__}: {first_line(err)})") from None
     if new_yaw:
         try:
             model.add_relative_yaw_input(
@@ -561,7 +604,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict[str, Any], keep: 
     # the other ranks have written their RNG states into it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, allow_nan=False))
         replace_dir(tmp, final)
         for stale in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(stale)
@@ -580,8 +623,104 @@ def save_model(accelerator, model, output_dir: Path, name: str) -> None:
         tmp = output_dir / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, **extra)
+        mark(tmp, COMMAND)
         replace_dir(tmp, output_dir / name)
     accelerator.wait_for_everyone()
+
+
+def check_run_folder(output_dir: Path, resume: bool) -> None:
+    """Refuse a best/ or final/ that this trainer did not write (it would be replaced): no vla-train marker, in a
+    folder that is no training run (runs made before the marker have checkpoints or a train_summary.json)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output-dir {output_dir}: cannot write there ({err.strerror or err})") from None
+    earlier_run = resume or (output_dir / "train_summary.json").is_file() or bool(list_checkpoints(output_dir))
+    for name in ("best", "final"):
+        folder = output_dir / name
+        if folder.exists() and written_by(folder) != COMMAND and not earlier_run:
+            raise UserError(f"--output-dir {output_dir}: {name}/ was not written by {COMMAND} and would be replaced; "
+                            "move it away or pick another --output-dir")
+
+
+def require_finite_weights(accelerator, model, step: int, what: str) -> None:
+    """Stop before `what` is saved from weights holding NaN or inf; each process checks its own (shard of the)
+    trainable weights, and all stop together."""
+    params = [(name, p) for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).cpu() if params else torch.ones(0, dtype=torch.bool)
+    bad = [name for (name, _), ok in zip(params, finite.tolist(), strict=True) if not ok]
+    anywhere = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device), reduction="sum")
+    if anywhere.item() > 0:
+        where = bad[0] if bad else "on another process"
+        raise UserError(f"step {step}: the weights hold NaN or inf values ({where}); not saving {what} (lower lr?)")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be read back."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
+
+
+def read_checkpoint(folder: Path) -> TrainerState:
+    """Every file of a checkpoint read as resuming reads it, none unpickled with code (torch.load with
+    weights_only=True); raises CheckpointError naming the first unreadable file."""
+    from accelerate.utils import load
+    from safetensors import safe_open
+
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt") as weights:
+                    weights.keys()
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                load(path, map_location="cpu")  # weights_only: a crafted pickle is refused, not run
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # noqa: BLE001 - whatever a reader raises, the file is unusable
+            raise CheckpointError(path, f"unreadable, truncated or corrupt? ({type(err).__name__}: {first_line(err)})") from None
+    path = folder / TRAINER_STATE
+    try:
+        state = TrainerState(**json.loads(path.read_text()))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(path, f"not a trainer state ({first_line(err)})") from None
+    if state.lr_schedule is None and not (folder / LEGACY_SCHEDULER).is_file():
+        raise CheckpointError(path, "holds no lr_schedule")
+    return state
+
+
+def resume_from(accelerator, checkpoints: list[Path], scheduler) -> tuple[TrainerState, Path]:
+    """Load the newest readable checkpoint; an unreadable one is named in a warning and the one before it tried."""
+    from accelerate.utils import load
+
+    unreadable: list[CheckpointError] = []
+    for folder in reversed(checkpoints):
+        try:
+            state = read_checkpoint(folder)
+        except CheckpointError as err:
+            unreadable.append(err)
+            continue
+        for err in unreadable:
+            warn(accelerator, f"{err}; resuming from {folder} instead")
+        try:
+            accelerator.load_state(str(folder))
+            schedule = state.lr_schedule
+            if schedule is None:  # an older checkpoint: accelerate's pickle, now read with weights_only
+                schedule = load(folder / LEGACY_SCHEDULER, map_location="cpu")
+            scheduler.load_state_dict(schedule)
+        except (RuntimeError, ValueError, KeyError, OSError) as err:
+            raise UserError(f"{folder}: cannot resume from it ({type(err).__name__}: {first_line(err)})") from None
+        return state, folder
+    raise UserError(f"{unreadable[0]}; no earlier complete checkpoint to resume from")
+
+
+def warn(accelerator, message: str) -> None:
+    """One line on stderr, above the progress bar."""
+    from tqdm.auto import tqdm
+
+    if accelerator.is_main_process:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
@@ -607,6 +746,8 @@ class TrainerState:
     # Wall time of all processes of this run up to this checkpoint, so a resumed run reports its whole cost
     # (the work redone after a kill, from the last checkpoint on, counts once).
     wall_time_s: float = 0.0
+    # The LR schedule's state_dict (plain numbers): JSON here, not one of accelerate's pickled custom checkpoints.
+    lr_schedule: dict[str, Any] | None = None
 
 
 @dataclass
@@ -713,6 +854,7 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
         raise UserError(
             f"{output_dir} already has checkpoints ({checkpoints[-1].name}); pass --resume to continue or use another --output-dir"
         )
+    check_run_folder(output_dir, resume)
 
     data = load_training_data(cfg.dataset)
     accelerator = fresh_accelerator(cfg)
@@ -733,14 +875,14 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
     # Stepped once per optimizer step by us (not prepared), so warmup/max_steps mean optimizer steps on any number of GPUs.
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler is not registered with accelerate: its custom checkpoints are pickles loaded with
+    # weights_only=False (code would run on --resume). Its state travels in trainer_state.json instead.
 
     state = TrainerState()
     if resume and checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
-        state = TrainerState(**json.loads((checkpoints[-1] / TRAINER_STATE).read_text()))
+        state, folder = resume_from(accelerator, checkpoints, scheduler)
         accelerator.print(
-            f"resumed from {checkpoints[-1]} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})"
+            f"resumed from {folder} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})"
         )
     elif resume:
         accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting from step 0")
@@ -772,77 +914,90 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
         nonlocal last_val
         last_val = evaluate(accelerator, model, val_loader, cfg.max_eval_batches)
         accelerator.log({f"val/{k}": v for k, v in last_val.items()}, step=state.step)
-        improved = state.best_val_loss is None or last_val["loss"] < state.best_val_loss
+        finite = math.isfinite(last_val["loss"])  # a NaN is never the best, nor "the latest model" worth keeping
+        if not finite:
+            warn(accelerator, f"step {state.step}: validation loss is {last_val['loss']}; not taken as best/")
+        improved = finite and (state.best_val_loss is None or last_val["loss"] < state.best_val_loss)
         if improved:
             state.best_val_loss, state.evals_since_best = last_val["loss"], 0
         else:
             state.evals_since_best += 1
-        if improved or cfg.best_checkpoint == "last":
+        if improved or (finite and cfg.best_checkpoint == "last"):
+            require_finite_weights(accelerator, model, state.step, "best/")
             save_model(accelerator, model, output_dir, "best")
-        progress.set_postfix(val_loss=f"{last_val['loss']:.4g}", best=f"{state.best_val_loss:.4g}")
+        best = "-" if state.best_val_loss is None else f"{state.best_val_loss:.4g}"
+        progress.set_postfix(val_loss=f"{last_val['loss']:.4g}", best=best)
 
-    while not stop:
-        train_loader.set_epoch(state.epoch)  # accelerate passes it on to EpochShuffleSampler
-        epoch_loader = (
-            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-            if state.batches_in_epoch
-            else train_loader
-        )
-        for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                out = model(**batch)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            loss = out.loss.detach().float().item()
-            window.add(loss, out.metrics, batch_samples)
-            run.add(loss, None, batch_samples)
-            if not accelerator.sync_gradients:
-                continue
-
-            state.step += 1
-            scheduler.step()
-            progress.update(1)
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                logs = {
-                    **window.logs(),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": norm_value(grad_norm),
-                }
-                accelerator.log(logs, step=state.step)
-                if state.first_train_loss is None:
-                    state.first_train_loss = logs["train/loss"]
-                state.last_train_loss = logs["train/loss"]
-                progress.set_postfix(loss=f"{logs['train/loss']:.4g}", lr=f"{logs['train/lr']:.2e}")
-                window = LogWindow()
-            pause = time.time()
-            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
-                run_evaluation()
-            if state.step % cfg.save_every == 0:
-                state.wall_time_s = earlier_processes_s + time.time() - started
-                save_checkpoint(accelerator, output_dir, dataclasses.asdict(state), cfg.keep_checkpoints)
-            window.excluded_s += time.time() - pause
-            run.excluded_s += time.time() - pause
-            patience_out = (
-                cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience
+    try:  # a stop (a UserError) must not leave the bar open: its line would end in the error's
+        while not stop:
+            train_loader.set_epoch(state.epoch)  # accelerate passes it on to EpochShuffleSampler
+            epoch_loader = (
+                accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+                if state.batches_in_epoch
+                else train_loader
             )
-            if state.step >= cfg.max_steps or patience_out:
-                if patience_out:
-                    accelerator.print(
-                        f"early stopping at step {state.step}: no new best in {state.evals_since_best} evaluations"
-                    )
-                stop = True
-                break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    progress.close()
+            for batch in epoch_loader:
+                with accelerator.accumulate(model):
+                    out = model(**batch)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                loss = out.loss.detach().float().item()
+                if not math.isfinite(loss):
+                    raise UserError(f"step {state.step + 1}: training loss is {loss}; stopped, nothing saved from here on "
+                                    "(lower lr, or check the data)")
+                window.add(loss, out.metrics, batch_samples)
+                run.add(loss, None, batch_samples)
+                if not accelerator.sync_gradients:
+                    continue
+
+                state.step += 1
+                scheduler.step()
+                progress.update(1)
+                if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                    logs = {
+                        **window.logs(),
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/grad_norm": norm_value(grad_norm),
+                    }
+                    accelerator.log(logs, step=state.step)
+                    if state.first_train_loss is None:
+                        state.first_train_loss = logs["train/loss"]
+                    state.last_train_loss = logs["train/loss"]
+                    progress.set_postfix(loss=f"{logs['train/loss']:.4g}", lr=f"{logs['train/lr']:.2e}")
+                    window = LogWindow()
+                pause = time.time()
+                if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+                    run_evaluation()
+                if state.step % cfg.save_every == 0:
+                    state.wall_time_s = earlier_processes_s + time.time() - started
+                    state.lr_schedule = scheduler.state_dict()
+                    require_finite_weights(accelerator, model, state.step, f"checkpoint {CHECKPOINT_PREFIX}{state.step}")
+                    save_checkpoint(accelerator, output_dir, dataclasses.asdict(state), cfg.keep_checkpoints)
+                window.excluded_s += time.time() - pause
+                run.excluded_s += time.time() - pause
+                patience_out = (
+                    cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience
+                )
+                if state.step >= cfg.max_steps or patience_out:
+                    if patience_out:
+                        accelerator.print(
+                            f"early stopping at step {state.step}: no new best in {state.evals_since_best} evaluations"
+                        )
+                    stop = True
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+    finally:
+        progress.close()
 
     if not last_val:  # resumed at or past max_steps: still report a validation loss
         run_evaluation()
+    require_finite_weights(accelerator, model, state.step, "final/")
     save_model(accelerator, model, output_dir, "final")
     unwrapped = accelerator.unwrap_model(model)
     summary = {

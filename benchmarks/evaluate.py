@@ -137,7 +137,7 @@ def benchmark(args: argparse.Namespace) -> None:
         settings = {plan.policy_name: settings_of(a, plan) for a, plan in plans}
         return write_summary(records, tmp, settings, messages)
 
-    out, markdown = write_results(args.out, produce)
+    out, markdown = write_results(args.out, produce, "benchmarks/evaluate.py", overwrite=True)  # its own earlier results only
     print(markdown)
     print("\n".join(messages))
     if args.results_md:

@@ -9,7 +9,8 @@ Output (docs/DESIGN.md, "Dataset repo"):
     <out>/instructions.json     the instruction paraphrases used
 
 Every input is read and validated before anything is written, the repo is assembled in
-`<out>.tmp-<pid>` and renamed into place, so a bad input leaves nothing behind.
+`<out>.tmp-<host>-<pid>` and renamed into place, so a bad input leaves nothing behind. `--out` may not be, hold or
+lie inside an input, and `--overwrite` replaces only a dataset that vla-preprocess wrote (data_prep/atomic.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from datasets import DatasetDict, DatasetInfo, Features, List, Value, load_datas
 from huggingface_hub import DatasetCard, DatasetCardData
 from tqdm.auto import tqdm
 
-from data_prep.atomic import replace_dir
+from data_prep.atomic import check_output_dir, publish_dir, temp_dir
 from data_prep.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, RobomimicFile, read_robomimic_hdf5, split_demo_names
 from data_prep.tasks import (
@@ -45,6 +46,7 @@ from data_prep.tasks import (
     instructions_for,
 )
 
+COMMAND = "vla-preprocess"  # the name in the marker of the folders it writes
 SPLITS = ("train", "validation")
 ROBOMIMIC_MASK = {"train": "train", "validation": "valid"}  # our split name -> robomimic's filter key
 STD_FLOOR = 1e-3  # a dimension (nearly) constant over the train split is scaled as if std were this
@@ -446,19 +448,23 @@ def preprocess(
 ) -> PreprocessResult:
     """Convert robomimic HDF5 files (or folders of them) into the dataset repo at `out`."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    collected = collect(find_inputs([Path(p) for p in inputs]), seed, valid_fraction)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if shard_rows < 1:
+        raise UserError(f"--shard-rows {shard_rows}: expected a positive number of rows per Parquet file")
+    if not 0 <= valid_fraction < 1:
+        raise UserError(f"--valid-fraction {valid_fraction}: expected a share in [0, 1)")
+    given = [Path(p) for p in inputs]
+    found = find_inputs(given)
+    check_output_dir(out, COMMAND, overwrite, inputs=[*given, *found])
+    collected = collect(found, seed, valid_fraction)
+    tmp = temp_dir(out)
     try:
-        (tmp / "data").mkdir(parents=True)
+        (tmp / "data").mkdir()
         shards = {split: write_split(collected.columns[split], split, tmp / "data", shard_rows) for split in SPLITS}
         stats = normalization_stats(collected.columns["train"])
         (tmp / "normalization.json").write_text(json.dumps(stats, indent=2) + "\n")
         shutil.copyfile(INSTRUCTIONS_FILE, tmp / "instructions.json")
         dataset_card(collected, seed).save(tmp / "README.md")
-        replace_dir(tmp, out)
+        publish_dir(tmp, out, COMMAND, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreprocessResult(
@@ -509,13 +515,13 @@ def shard_fingerprint(files: list[Path]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vla-preprocess", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", nargs="+", type=Path, required=True, help="robomimic HDF5 files or folders of them")
     parser.add_argument("--out", type=Path, default=Path("data/hf_dataset"))
     parser.add_argument("--seed", type=int, default=0, help="seeds instruction choice and splits of mask-less files")
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="validation share for files without mask/valid")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="max rows per parquet file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out written by vla-preprocess")
     return parser
 
 

@@ -246,14 +246,17 @@ class RobomimicFile:
             if key not in group:
                 raise UserError(f"{where}: missing {key!r}")
         try:
-            actions = np.asarray(group["actions"][()], dtype=np.float32)
-            obs = {k: np.asarray(v[()]) for k, v in group["obs"].items()}
-            next_obs = {k: np.asarray(v[()]) for k, v in group["next_obs"].items()}
+            actions = _numbers(group["actions"], f"{where}/actions").astype(np.float32)
+            obs = {k: _numbers(v, f"{where}/obs/{k}") for k, v in group["obs"].items()}
+            next_obs = {k: _numbers(v, f"{where}/next_obs/{k}") for k, v in group["next_obs"].items()}
             arrays = {
-                k: np.asarray(group[k][()]) if k in group else None for k in ("rewards", "dones", "states", EXPERT_ACTIONS)
+                k: _numbers(group[k], f"{where}/{k}") if k in group else None
+                for k in ("rewards", "dones", "states", EXPERT_ACTIONS)
             }
         except OSError as err:
             raise UserError(f"{where}: cannot read data (truncated or corrupt?): {first_line(err)}") from None
+        if len(actions) == 0:
+            raise UserError(f"{where} has no steps (actions of length 0); expected at least one step per episode")
         if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
             width = actions.shape[1] if actions.ndim == 2 else actions.shape
             raise UserError(f"{where}/actions has width {width}, expected {ACTION_DIM}")
@@ -274,6 +277,12 @@ class RobomimicFile:
             labels = labels.astype(np.float32)
             if labels.shape != actions.shape:
                 raise UserError(f"{where}/{EXPERT_ACTIONS} has shape {labels.shape}, expected {actions.shape} like actions")
+        # What becomes dataset rows must be finite: a NaN would reach the Parquet rows and normalization.json.
+        finite = {"actions": actions, EXPERT_ACTIONS: labels, "rewards": rewards,
+                  **{f"{group_name}/{key}": values[key] for group_name, values in (("obs", obs), ("next_obs", next_obs))
+                     for key in STATE_KEYS if key in values}}
+        for key, value in finite.items():
+            _check_finite(value, f"{where}/{key}")
         model_file = group.attrs.get("model_file", "")
         if isinstance(model_file, bytes):
             model_file = model_file.decode()
@@ -288,6 +297,24 @@ class RobomimicFile:
             name=name,
             expert_actions=labels,
         )
+
+
+def _numbers(dataset: h5py.Dataset, where: str) -> np.ndarray:
+    """An HDF5 dataset's values, refused unless stored as numbers (strings would be parsed silently, or not at all)."""
+    if not isinstance(dataset, h5py.Dataset):
+        raise UserError(f"{where} is a group, expected an array")
+    if dataset.dtype.kind not in "biuf":
+        raise UserError(f"{where} is stored as {dataset.dtype} ({dataset.dtype.kind!r} kind), expected numbers")
+    return np.asarray(dataset[()])
+
+
+def _check_finite(values: np.ndarray | None, where: str) -> None:
+    if values is None or values.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        step = int(np.argwhere(bad)[0][0])
+        raise UserError(f"{where} holds NaN or inf (first at step {step}); expected finite numbers")
 
 
 def _plain(value):

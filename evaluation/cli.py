@@ -8,7 +8,8 @@ Initial states: real episode i of a task starts from `make_env` reset with seed 
 `--env both` each dream starts from its real twin's initial state (paired by seed). With
 `--env dream`, dreams start from the first state of the held-out validation episodes of
 `--dataset` when given, else from seeded simulator resets. Every check (folders, state layouts,
-tasks) happens before the first rollout; the results folder appears atomically at the end.
+tasks, --out) happens before the first rollout; the results folder appears atomically at the end. An existing --out
+is replaced only with --overwrite, and only when vla-rollout wrote it (data_prep/atomic.py).
 `--world-model A B C` (e.g. one dream model trained with three seeds) dreams every start in each model; the
 report then gives each model's dream - real gap and their mean and spread.
 """
@@ -18,29 +19,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from data_prep.atomic import check_output_dir, write_output_dir
+from data_prep.errors import UserError, first_line, run_cli
 from data_prep.tasks import STATE_LAYOUT, TASKS, get_task
 from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS, DreamEnv, RobosuiteEnv, Start, VideoSpec
 from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
 from evaluation.records import EpisodeRecord, write_episodes
 from evaluation.rollout import rollout
 
+COMMAND = "vla-rollout"  # the name in the marker of the results folders it writes
 EXPERT = "expert"
 WORLD_MODEL_TYPE = "vla_world_model"
 POLICY_TYPES = ("vla_policy", "vla_mlp_policy")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vla-rollout", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="saved VLAPolicy / MLPPolicy folder, or 'expert'")
     p.add_argument("--world-model", type=Path, nargs="+",
                    help="saved WorldModel folder (needed for --env dream/both); several (e.g. training seeds) dream the "
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to play (default: {' '.join(TASKS)})")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task and env")
     p.add_argument("--env", choices=("dream", "real", "both"), default="both")
-    p.add_argument("--out", type=Path, default=Path("results"), help="results folder (replaced atomically)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results folder (appears atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out written by vla-rollout")
     # Far from vla-generate's seeds (attempt i uses seed i), so evaluation never replays a training start.
     p.add_argument("--seed", type=int, default=100_000, help="episode i starts from simulator seed seed+i")
     p.add_argument("--workers", type=int, default=2, help="simulator processes for real rollouts (1 = in-process)")
@@ -165,7 +167,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
         load_normalization(args.dataset)  # exists and has our state layout
     name = args.name or (EXPERT if expert else policy_dir.resolve().name)
-    return Plan(name, policy_dir, world_model_dirs, tasks, envs)
+    plan = Plan(name, policy_dir, world_model_dirs, tasks, envs)
+    check_output_dir(Path(args.out), COMMAND, args.overwrite, plan_inputs(args, plan))
+    return plan
+
+
+def plan_inputs(args: argparse.Namespace, plan: Plan) -> list[Path]:
+    """The folders a run reads: --out may be none of them, nor hold or lie inside one."""
+    return [*([plan.policy_dir] if plan.policy_dir else []), *plan.world_model_dirs,
+            *([args.dataset] if args.dataset is not None else [])]
 
 
 def world_model_labels(folders: list[Path]) -> list[str]:
@@ -181,13 +191,18 @@ def world_model_labels(folders: list[Path]) -> list[str]:
 
 
 def load_model(folder: Path, flag: str, device: str) -> Any:
-    """AutoModel.from_pretrained(folder, trust_remote_code=True), offline, in eval mode on `device`."""
+    """AutoModel.from_pretrained(folder, trust_remote_code=True), offline, in eval mode on `device`.
+
+    Weights that do not fit the folder's config are refused by the models' from_pretrained (modeling_vla.py)."""
+    from safetensors import SafetensorError
     from transformers import AutoModel
 
     try:
         model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{flag} {folder}: cannot load the model ({type(err).__name__}: {err})") from None
+    except SafetensorError as err:
+        raise UserError(f"{flag} {folder}: cannot read its weights, truncated or corrupt? ({first_line(err)})") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{flag} {folder}: cannot load the model ({type(err).__name__}: {first_line(err)})") from None
     return model.to(device).eval()
 
 
@@ -279,19 +294,11 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
     return records, messages
 
 
-def write_results(out: Path, produce: Callable[[Path], str]) -> tuple[Path, str]:
-    """Build a results folder in a temp dir with `produce(tmp) -> markdown`, then swap it in atomically."""
-    from data_prep.atomic import replace_dir
-
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        markdown = produce(tmp)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out, markdown
+def write_results(out: Path, produce: Callable[[Path], str], command: str, overwrite: bool,
+                  inputs: Sequence[Path] = ()) -> tuple[Path, str]:
+    """Build a results folder in a temp dir with `produce(tmp) -> markdown`, then move it into place atomically
+    (never over a folder that `command` did not write, data_prep/atomic.py)."""
+    return out, write_output_dir(out, command, overwrite, produce, inputs)
 
 
 def evaluate(args: argparse.Namespace) -> Path:
@@ -307,7 +314,7 @@ def evaluate(args: argparse.Namespace) -> Path:
         write_episodes(records, tmp)
         return write_summary(records, tmp, settings_of(args, plan), messages)
 
-    out, markdown = write_results(Path(args.out), produce)
+    out, markdown = write_results(Path(args.out), produce, COMMAND, args.overwrite, plan_inputs(args, plan))
     print(markdown)
     for message in messages:
         print(message)

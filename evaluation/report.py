@@ -197,7 +197,7 @@ def publish_benchmark(out: Path, results: dict[str, Any], section: str, figures:
         (tmp / markdown_name).write_text(section)
         return section
 
-    write_results(out, produce)
+    write_results(out, produce, "benchmark", overwrite=True)  # replaces a benchmark's earlier folder, nothing else
     print(section)
     if results_md:
         replace_markdown_section(results_md, heading, section)

@@ -3,7 +3,8 @@
     records = rollout(env, policy, starts, instructions, horizon)
 
 Each control step: the policy acts for the active episodes, the env steps them, and an episode
-ends at its first success, a `done`, an error, or the horizon.
+ends at its first success, a `done`, an error, or the horizon. A non-finite state (a dream that diverged, a NaN
+start) or a non-finite action ends its episode as an error: nothing NaN reaches a policy or a simulator.
 """
 
 from __future__ import annotations
@@ -49,12 +50,17 @@ def rollout(
     lengths = np.zeros(n, int)
     bar = tqdm(total=horizon, desc=f"{policy.name} {env.task} {env.kind}", unit="step", disable=not progress, leave=False)
     for t in range(horizon):
+        stop_where(active & ~np.isfinite(states[:, t]).all(1), f"non-finite state (NaN or inf) at step {t}", errors, active)
         if not active.any():
             break
-        action = np.clip(np.asarray(policy.act(states[:, t], instructions, active), np.float32), -1.0, 1.0)
+        action = np.asarray(policy.act(states[:, t], instructions, active), np.float32)
         for i, error in enumerate(policy.errors):
             if error is not None and active[i]:
                 errors[i], active[i] = f"policy: {error}", False
+        # Checked before clipping, which would pass NaN on and turn inf into a full-range command.
+        stop_where(active & ~np.isfinite(action).all(1), f"policy: non-finite action (NaN or inf) at step {t}", errors,
+                   active)
+        action = np.where(active[:, None], np.clip(action, -1.0, 1.0), 0.0).astype(np.float32)  # ended rows: not stepped
         result = env.step(action, active)
         actions[active, t] = action[active]
         states[:, t + 1] = result.states
@@ -101,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluation.cli import build_parser as cli_parser
 
     return cli_parser()
+
+
+def stop_where(rows: np.ndarray, error: str, errors: list[str | None], active: np.ndarray) -> None:
+    """End the episodes in `rows` with `error` (in place)."""
+    for i in np.flatnonzero(rows):
+        errors[i] = error
+    active &= ~rows
 
 
 def main(argv: list[str] | None = None) -> None:

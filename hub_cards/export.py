@@ -6,7 +6,8 @@
 
 A model repo holds config.json (with `auto_map`), modeling_vla.py, configuration_vla.py, the safetensors
 weights (plus the tokenizer for the VLA) and README.md, the model card written from the results files.
-The folder is assembled under a temporary name and renamed into place. By default it is then placed
+The folder is assembled under a temporary name and renamed into place (an existing --out only with --overwrite, and
+only when vla-export wrote it: data_prep/atomic.py). By default it is then placed
 into the local Hugging Face cache as the `main` revision of `--repo-id`, so
 
     HF_HUB_OFFLINE=1 python -c 'from transformers import AutoModel; AutoModel.from_pretrained("org/name", trust_remote_code=True)'
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -28,10 +28,12 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
+from data_prep.atomic import MARKER, check_output_dir, publish_dir, temp_dir
 from data_prep.errors import UserError, run_cli
 from hub_cards.cards import Results, dataset_card, model_card, model_kind, read_json
 from hub_cards.hub_cache import place_in_hub_cache
 
+COMMAND = "vla-export"  # the name in the marker of the folders it writes
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE_FILES = ("configuration_vla.py", "modeling_vla.py")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -65,13 +67,6 @@ def check_repo_id(repo_id: str) -> None:
         raise UserError(f"--repo-id {repo_id!r}: expected 'org/name' (the cache layout needs a namespace)")
 
 
-def staging_dir(out: Path) -> Path:
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    return staging
-
-
 def with_auto_map(config: dict, source: Path) -> dict:
     """config.json with the auto_map trust_remote_code needs (save_pretrained normally writes it already)."""
     model_kind(config, source)
@@ -90,9 +85,9 @@ def copy_model_files(model_dir: Path, staging: Path) -> dict:
     if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"{model_dir}: no {' or '.join(WEIGHT_FILES)}; expected the weights written by save_pretrained")
     config = with_auto_map(read_json(config_path, "model config"), config_path)
-    staging.mkdir(parents=True)
     for path in sorted(model_dir.iterdir()):
-        if path.is_file() and path.name not in SKIPPED_FILES and path.name not in ("config.json", "README.md"):
+        hidden = path.name.startswith(".")  # e.g. the marker of the command that wrote model_dir
+        if path.is_file() and not hidden and path.name not in (*SKIPPED_FILES, "config.json", "README.md"):
             shutil.copy2(path, staging / path.name)
     # The code saved next to the weights is the code they were trained with; older folders get the project's.
     for name in CODE_FILES:
@@ -127,34 +122,35 @@ def push(folder: Path, repo_id: str, repo_type: str, token: str) -> str:
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
-        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type,
+        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type, ignore_patterns=[MARKER],
                                    commit_message="Upload with vla-export")
     except (HfHubHTTPError, OSError) as err:
         raise UserError(f"--push to {repo_type} repo {repo_id}: {str(err).splitlines()[0]}") from None
     return str(commit.commit_url)
 
 
-def publish(staging: Path, out: Path, repo_id: str, repo_type: str, token: str | None, cache_dir: Path | None) -> ExportResult:
+def publish(staging: Path, out: Path, repo_id: str, repo_type: str, token: str | None, cache_dir: Path | None,
+            overwrite: bool) -> ExportResult:
     """Rename the finished folder into place, then cache it (and push it when given a token)."""
-    from data_prep.atomic import replace_dir
-
-    replace_dir(staging, out)
+    publish_dir(staging, out, COMMAND, overwrite)
     snapshot = place_in_hub_cache(out, repo_id, repo_type=repo_type, cache_dir=cache_dir)
     url = push(out, repo_id, repo_type, token) if token else None
     return ExportResult(out, repo_id, repo_type, snapshot, url)
 
 
 def export_model(model_dir: Path, repo_id: str, out: Path, results_files: Sequence[Path] | None = None,
-                 dataset_repo_id: str | None = None, do_push: bool = False, cache_dir: Path | None = None) -> ExportResult:
+                 dataset_repo_id: str | None = None, do_push: bool = False, cache_dir: Path | None = None,
+                 overwrite: bool = False) -> ExportResult:
     check_repo_id(repo_id)
     token = push_token() if do_push else None
     results = Results.from_files(default_results(model_dir) if results_files is None else results_files)
-    staging = staging_dir(out)
+    check_output_dir(out, COMMAND, overwrite, inputs=[model_dir], flag="--out")
+    staging = temp_dir(out)
     try:
         config = copy_model_files(model_dir, staging)
         card = model_card(config, repo_id, results, dataset_repo_id, source=model_dir / "config.json")
         card.save(staging / "README.md")
-        return publish(staging, out, repo_id, "model", token, cache_dir)
+        return publish(staging, out, repo_id, "model", token, cache_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -190,17 +186,19 @@ def prepare_datasets_cache(snapshot: Path, repo_id: str, cache_root: Path | None
 
 
 def export_dataset(dataset_dir: Path, repo_id: str, out: Path, do_push: bool = False,
-                   cache_dir: Path | None = None, datasets_cache_dir: Path | None = None) -> ExportResult:
+                   cache_dir: Path | None = None, datasets_cache_dir: Path | None = None,
+                   overwrite: bool = False) -> ExportResult:
     check_repo_id(repo_id)
     token = push_token() if do_push else None
     if not (dataset_dir / "normalization.json").is_file():
         raise UserError(f"{dataset_dir}: no normalization.json; --dataset-dir must be a vla-preprocess output folder")
     card = dataset_card(dataset_dir, repo_id)
-    staging = staging_dir(out)
+    check_output_dir(out, COMMAND, overwrite, inputs=[dataset_dir], flag="--out")
+    staging = temp_dir(out)
     try:
-        shutil.copytree(dataset_dir, staging, ignore=shutil.ignore_patterns(".*"))
+        shutil.copytree(dataset_dir, staging, ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
         card.save(staging / "README.md")
-        result = publish(staging, out, repo_id, "dataset", token, cache_dir)
+        result = publish(staging, out, repo_id, "dataset", token, cache_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     assert result.snapshot is not None
@@ -209,7 +207,7 @@ def export_dataset(dataset_dir: Path, repo_id: str, out: Path, do_push: bool = F
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vla-export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", type=Path, help="a save_pretrained folder, e.g. runs/x/best")
     source.add_argument("--dataset-dir", type=Path, help="a vla-preprocess output folder")
@@ -220,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset-repo-id", help="the dataset repo the model was trained on (card metadata)")
     parser.add_argument("--out", type=Path, help="repo folder to write (default: exports/<name>)")
     parser.add_argument("--push", action="store_true", help="also upload to the Hub (needs a token and network)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out written by vla-export")
     return parser
 
 
@@ -231,11 +230,12 @@ def _main(argv: Sequence[str] | None = None) -> ExportResult:
     args = parse_args(argv)
     out = args.out or Path("exports") / args.repo_id.split("/")[-1]
     if args.model_dir is not None:
-        result = export_model(args.model_dir, args.repo_id, out, args.card_results, args.dataset_repo_id, args.push)
+        result = export_model(args.model_dir, args.repo_id, out, args.card_results, args.dataset_repo_id, args.push,
+                              overwrite=args.overwrite)
     else:
         if args.card_results:
             raise UserError("--card-results applies to --model-dir exports only")
-        result = export_dataset(args.dataset_dir, args.repo_id, out, args.push)
+        result = export_dataset(args.dataset_dir, args.repo_id, out, args.push, overwrite=args.overwrite)
     print(f"{result.repo_type} repo {result.repo_id}: folder {result.folder}")
     print(f"  local HF cache: {result.snapshot}")
     if result.url:

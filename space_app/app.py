@@ -7,12 +7,17 @@ Models are local `save_pretrained` folders or Hub repo ids (resolved in the loca
 outputs of `vla-pipeline` (runs/pipeline). A dream is one closed-loop rollout of the policy inside the
 world model (evaluation's `DreamEnv` + `rollout`); with robosuite installed and a simulator-seed start,
 the same start is also played in robosuite and both are shown side by side.
+
+Every request is bounded and checked before any work, whatever a raw HTTP client sends: the instruction has at most
+512 characters (it is drawn into the figure title, shortened there), numbers must be finite whole numbers in range,
+and each request's figures are drawn in a temporary folder that is gone when the answer leaves.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -43,6 +48,10 @@ from pipeline import EXPORT_NAMES, PipelinePaths  # noqa: E402
 
 HELD_OUT, SEED = "held-out episode", "simulator seed"
 DEFAULT_HORIZON = 200
+MAX_INSTRUCTION = 512  # characters: a 1 MB one took 155 s and 532 MB, drawn into the figure title
+TITLE_INSTRUCTION = 60  # characters of the instruction shown in a figure title
+MAX_SEED = 2**31 - 1  # numpy seeds robosuite's resets
+GRADIO_CACHE = (3600, 3600)  # gradio's copies of the answers' figures: every hour, those older than an hour go
 HAS_ROBOSUITE = importlib.util.find_spec("robosuite") is not None
 
 
@@ -63,12 +72,76 @@ class SpaceConfig:
 
 @dataclass
 class Outcome:
-    """What one request shows: figure paths and a markdown verdict."""
+    """What one request shows: figures (images, their files already gone) and a markdown verdict."""
 
-    trajectory_png: str
-    uncertainty_png: str
+    trajectory: Any
+    uncertainty: Any
     verdict: str
-    comparison_png: str | None = None
+    comparison: Any = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One checked request: what `DreamSession.run` plays."""
+
+    instruction: str
+    task: str
+    start_kind: str
+    number: int
+    horizon: int
+    with_real: bool
+
+
+def whole_number(value: Any, name: str, low: int, high: int) -> int:
+    """A finite whole number in [low, high] from a raw request value (JSON allows NaN, Infinity, strings, lists)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number) or number != int(number):
+        raise UserError(f"{name} must be a whole number, got {str(value)[:40]!r}")
+    if not low <= number <= high:
+        raise UserError(f"{name} must be in [{low}, {high}], got {int(number)}")
+    return int(number)
+
+
+def check_request(instruction: Any, task: Any, start_kind: Any, number: Any, horizon: Any, with_real: Any) -> Request:
+    """The raw values of a request (UI or HTTP), checked before any work: one readable error for anything else."""
+    if not isinstance(task, str) or task not in TASKS:
+        raise UserError(f"task must be one of {sorted(TASKS)}, got {str(task)[:40]!r}")
+    if start_kind not in (HELD_OUT, SEED):
+        raise UserError(f"initial state must be {HELD_OUT!r} or {SEED!r}, got {str(start_kind)[:40]!r}")
+    if instruction is not None and not isinstance(instruction, str):
+        raise UserError(f"instruction must be text, got {type(instruction).__name__}")
+    if instruction is not None and len(instruction) > MAX_INSTRUCTION:
+        raise UserError(f"instruction has {len(instruction)} characters; at most {MAX_INSTRUCTION}")
+    if not isinstance(with_real, bool):
+        raise UserError(f"the robosuite checkbox must be true or false, got {str(with_real)[:40]!r}")
+    return Request(
+        instruction=(instruction or "").strip() or get_task(task).instruction,
+        task=task,
+        start_kind=start_kind,
+        number=whole_number(number, "the episode index / seed", 0, MAX_SEED),
+        horizon=whole_number(horizon, "max steps", 1, get_task(task).horizon),
+        with_real=with_real,
+    )
+
+
+def shortened(text: str, length: int = TITLE_INSTRUCTION) -> str:
+    return text if len(text) <= length else text[: length - 3] + "..."
+
+
+def read_image(path: Path | None) -> Any:
+    """The figure as an in-memory image, so that its file can go with the request's temporary folder."""
+    from PIL import Image
+
+    if path is None:
+        return None
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
 
 
 class DreamSession:
@@ -78,7 +151,6 @@ class DreamSession:
         self.config = config
         self._lock = threading.Lock()  # one rollout at a time: the models are shared and the CPU is small
         self._models: dict[str, Any] = {}
-        self.figures = Path(tempfile.mkdtemp(prefix="vla-space-"))
 
     def model(self, kind: str) -> Any:
         if kind not in self._models:
@@ -112,21 +184,19 @@ class DreamSession:
                            horizon, progress=False)[0]
         return dream, twin
 
-    def run(self, instruction: str, task: str, start_kind: str, number: int, horizon: int, with_real: bool) -> Outcome:
-        instruction = (instruction or "").strip() or get_task(task).instruction
-        horizon = int(horizon)
-        if not 1 <= horizon <= get_task(task).horizon:
-            raise UserError(f"horizon must be in [1, {get_task(task).horizon}], got {horizon}")
-        real = bool(with_real) and HAS_ROBOSUITE and start_kind == SEED
+    def run(self, request: Request) -> Outcome:
+        real = request.with_real and HAS_ROBOSUITE and request.start_kind == SEED
         with self._lock:
-            start = self.start(task, start_kind, int(number))
-            dream, twin = self.play(task, instruction, start, horizon, real)
-        folder = Path(tempfile.mkdtemp(dir=self.figures))
-        title = f"dream: {instruction!r} ({task}, {start_kind} {int(number)})"
-        trajectory = plot_trajectories_3d([dream], folder / "dream_trajectory.png", title)
-        uncertainty = plot_uncertainty(dream, folder / "dream_uncertainty.png")
-        comparison = plot_dream_vs_real(dream, twin, folder / "dream_vs_real.png") if twin is not None else None
-        return Outcome(str(trajectory), str(uncertainty), verdict(dream, twin, horizon), str(comparison) if comparison else None)
+            start = self.start(request.task, request.start_kind, request.number)
+            dream, twin = self.play(request.task, request.instruction, start, request.horizon, real)
+        title = f"dream: {shortened(request.instruction)!r} ({request.task}, {request.start_kind} {request.number})"
+        with tempfile.TemporaryDirectory(prefix="vla-space-") as tmp:
+            folder = Path(tmp)
+            trajectory = plot_trajectories_3d([dream], folder / "dream_trajectory.png", title)
+            uncertainty = plot_uncertainty(dream, folder / "dream_uncertainty.png")
+            comparison = plot_dream_vs_real(dream, twin, folder / "dream_vs_real.png") if twin is not None else None
+            return Outcome(read_image(trajectory), read_image(uncertainty), verdict(dream, twin, request.horizon),
+                           read_image(comparison))
 
 
 def plot_uncertainty(record: EpisodeRecord, path: Path) -> Path:
@@ -172,15 +242,15 @@ def verdict(dream: EpisodeRecord, real: EpisodeRecord | None, horizon: int) -> s
 def build_app(session: DreamSession) -> Any:
     import gradio as gr
 
-    def on_run(instruction: str, task: str, start_kind: str, number: float, horizon: float, with_real: bool):
-        try:
-            outcome = session.run(instruction, task, start_kind, int(number), int(horizon), with_real)
+    def on_run(instruction: Any, task: Any, start_kind: Any, number: Any, horizon: Any, with_real: Any):
+        try:  # raw values (preprocess=False below): gradio's own parsing answered NaN with {"error": null}
+            outcome = session.run(check_request(instruction, task, start_kind, number, horizon, with_real))
         except UserError as err:
             raise gr.Error(str(err)) from None
-        comparison = gr.Image(value=outcome.comparison_png, visible=outcome.comparison_png is not None)
-        return outcome.trajectory_png, outcome.uncertainty_png, outcome.verdict, comparison
+        comparison = gr.Image(value=outcome.comparison, visible=outcome.comparison is not None)
+        return outcome.trajectory, outcome.uncertainty, outcome.verdict, comparison
 
-    with gr.Blocks(title="Dreaming VLA") as app:
+    with gr.Blocks(title="Dreaming VLA", delete_cache=GRADIO_CACHE) as app:
         gr.Markdown(
             "# Dreaming VLA\nType an instruction in your own words, pick a task and a start, and the policy plays it "
             "inside the learned world model (a *dream*)" + (", and in robosuite for a simulator-seed start." if HAS_ROBOSUITE else ".")
@@ -188,7 +258,7 @@ def build_app(session: DreamSession) -> Any:
         )
         with gr.Row():
             with gr.Column(scale=1):
-                instruction = gr.Textbox(label="instruction", value=get_task("lift").instruction)
+                instruction = gr.Textbox(label="instruction", value=get_task("lift").instruction, max_length=MAX_INSTRUCTION)
                 task = gr.Dropdown(list(TASKS), value="lift", label="task")
                 start_kind = gr.Radio([HELD_OUT, SEED], value=HELD_OUT, label="initial state")
                 number = gr.Number(value=0, precision=0, label="held-out episode index / simulator seed")
@@ -198,12 +268,12 @@ def build_app(session: DreamSession) -> Any:
                 run = gr.Button("Dream", variant="primary")
             with gr.Column(scale=2):
                 verdict_box = gr.Markdown(label="predicted outcome")
-                trajectory = gr.Image(label="dream: 3-D trajectory", type="filepath")
-                uncertainty = gr.Image(label="dream: per-step uncertainty", type="filepath")
-        comparison = gr.Image(label="dream vs real (same start)", type="filepath", visible=False)
+                trajectory = gr.Image(label="dream: 3-D trajectory", type="filepath", format="png")
+                uncertainty = gr.Image(label="dream: per-step uncertainty", type="filepath", format="png")
+        comparison = gr.Image(label="dream vs real (same start)", type="filepath", format="png", visible=False)
         task.change(lambda t: get_task(t).instruction, task, instruction)
         run.click(on_run, [instruction, task, start_kind, number, horizon, with_real],
-                  [trajectory, uncertainty, verdict_box, comparison], api_name="dream")
+                  [trajectory, uncertainty, verdict_box, comparison], api_name="dream", preprocess=False)
     return app
 
 

@@ -44,6 +44,16 @@ def datasets_never_hash_tables() -> Iterator[None]:
     patch.undo()
 
 
+@pytest.fixture
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder that refuses new entries to anyone: mode 0o555, or sysfs for root (who writes through file modes)."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o555)
+    return folder
+
+
 def synthetic_episode(task: str, steps: int, rng: np.random.Generator, success_steps: int = 3) -> Episode:
     """Random-walk observations in robomimic's key layout (plus a key the state ignores), sparse reward at the end."""
     widths = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2,

@@ -123,6 +123,47 @@ def test_rollout_ends_each_episode_on_success_done_error_or_horizon() -> None:
     assert [r.seed for r in records] == [0, 1, 2, 3]
 
 
+class NanPolicy(Policy):
+    """Episode 3's actions turn NaN at step 2, episode 2's inf at step 0; the others stay finite."""
+
+    name = "nan"
+
+    def reset(self, n: int) -> None:
+        super().reset(n)
+        self.t = 0
+
+    def act(self, states, instructions, active):
+        actions = np.zeros((len(states), 7), np.float32)
+        if self.t == 2:
+            actions[3, 3] = np.nan
+        if self.t == 0:
+            actions[2, 0] = np.inf
+        self.t += 1
+        return actions
+
+
+def test_non_finite_policy_actions_end_the_episode_as_an_error_and_never_reach_the_env() -> None:
+    """Issue 40, case 2: NaN actions were sent to robosuite and the episode counted as an ordinary failure."""
+    env = CountingEnv()
+    records = rollout(env, NanPolicy(), [Start(seed=i) for i in range(4)], [INSTRUCTION] * 4, horizon=6, progress=False)
+    assert np.isfinite(np.concatenate(env.seen_actions)).all()
+    assert records[3].error == "policy: non-finite action (NaN or inf) at step 2" and records[3].length == 2
+    assert records[2].error == "policy: non-finite action (NaN or inf) at step 0" and records[2].length == 0
+    assert [(r.error, r.length, r.success) for r in records[:2]] == [(None, 3, True), (None, 2, False)]
+
+
+def test_a_dream_from_a_non_finite_start_is_an_error(tiny_models: dict[str, Path]) -> None:
+    """Issue 40, case 2: a dream from a NaN start was counted as an ordinary failure."""
+    world, policy = load(tiny_models["world"]), ChunkPolicy(load(tiny_models["mlp"]), "mlp")
+    good = np.random.default_rng(0).normal(size=STATE_DIM).astype(np.float32)
+    bad = good.copy()
+    bad[4] = np.nan
+    records = rollout(DreamEnv(world, "lift", 1.0, 1.0), policy, [Start(0, good), Start(1, bad)], [INSTRUCTION] * 2,
+                      horizon=3, progress=False)
+    assert records[0].error is None and records[0].length == 3
+    assert records[1].error == "non-finite state (NaN or inf) at step 0" and records[1].length == 0
+
+
 class ChunkModel(torch.nn.Module):
     """predict_actions returns chunk[b, h] = 10 * calls + h in every action dim."""
 
@@ -389,6 +430,55 @@ def test_cli_writes_results_folder(tiny_models: dict[str, Path], tmp_path: Path,
     assert not list(tmp_path.glob("results.tmp-*"))
 
 
+def test_cli_out_is_replaced_only_with_overwrite_and_only_its_own(tiny_models: dict[str, Path], tmp_path: Path,
+                                                                    offline: None, make_robomimic_file,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Issue 40, case 1: vla-rollout --out X replaced an existing folder, its unrelated files deleted, without a flag."""
+    from data_prep.preprocess import preprocess
+
+    dataset = tmp_path / "dataset"  # dreams from its episodes: no simulator to start
+    preprocess([make_robomimic_file("lift", episodes=4, valid_fraction=0.5)], dataset)
+    capsys.readouterr()  # its progress bars
+    out = tmp_path / "results"
+    args = ["--policy", str(tiny_models["mlp"]), "--world-model", str(tiny_models["world"]), "--tasks", "lift",
+            "--episodes", "1", "--env", "dream", "--dataset", str(dataset), "--horizon", "2", "--no-progress",
+            "--out", str(out)]
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for extra, message in (([], "pass --overwrite"), (["--overwrite"], "not written by vla-rollout")):
+        code, err = run_rollout_cli(args + extra, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert run_rollout_cli(args, capsys)[0] == 0
+    assert run_rollout_cli(args, capsys)[0] == 2  # its own results, but no --overwrite
+    code, err = run_rollout_cli(args + ["--overwrite"], capsys)
+    assert code == 0, err
+    code, err = run_rollout_cli(args[:-1] + [str(tiny_models["world"])], capsys)  # --out = an input
+    assert code == 2 and "is the input" in err
+
+
+def test_cli_refuses_a_model_folder_whose_weights_do_not_fit(tiny_models: dict[str, Path], tmp_path: Path,
+                                                             offline: None, capsys: pytest.CaptureFixture) -> None:
+    """Issue 40, case 4: MLP weights in a world-model folder loaded as random weights and dreamed "100 % success"."""
+    import shutil
+
+    mismatched, truncated = tmp_path / "mismatched", tmp_path / "truncated"
+    for folder in (mismatched, truncated):
+        shutil.copytree(tiny_models["world"], folder)
+    shutil.copy(tiny_models["mlp"] / "model.safetensors", mismatched / "model.safetensors")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for folder, message in ((mismatched, "weights missing (action_token.bias"), (truncated, "truncated or corrupt")):
+        code, err = run_rollout_cli(["--policy", str(tiny_models["mlp"]), "--world-model", str(folder), "--tasks",
+                                     "lift", "--episodes", "1", "--env", "dream", "--horizon", "2", "--no-progress",
+                                     "--out", str(tmp_path / "results")], capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and "Traceback" not in err and len(errors) == 1, err
+        assert str(folder) in errors[0] and message in errors[0], errors
+    assert not (tmp_path / "results").exists()
+
+
 def edit_config(folder: Path, tmp_path: Path, **changes) -> Path:
     import shutil
 
@@ -472,7 +562,7 @@ def test_pooled_world_model_is_the_ensemble_of_its_inputs(tiny_models: dict[str,
     out = tmp_path / "pool" / "best"
     pool_main(["--inputs", str(tiny_models["world"]), str(other), "--out", str(out)])
     a, b, pooled = load(tiny_models["world"]), load(other), load(out)
-    assert pooled.config.num_ensemble == 6 and not list(out.parent.glob(".tmp-*"))
+    assert pooled.config.num_ensemble == 6 and not list(out.parent.glob("*.tmp-*"))
     rng = np.random.default_rng(0)
     state = torch.tensor(rng.normal(size=(4, STATE_DIM)), dtype=torch.float32)
     action = torch.tensor(rng.normal(size=(4, 7)), dtype=torch.float32)
@@ -490,6 +580,20 @@ def test_pooled_world_model_is_the_ensemble_of_its_inputs(tiny_models: dict[str,
         errors = [line for line in err.splitlines() if line.startswith("error:")]  # (stderr also has load progress)
         assert exit_.value.code == 2 and len(errors) == 1 and message in errors[0], err
     assert not (tmp_path / "bad").exists()
+
+    # issue 40, case 1: --out is replaced only with --overwrite, and only when vla-pool-world-models wrote it
+    for target, extra, message in ((out, [], "pass --overwrite"), (tiny_models["world"].parent, ["--overwrite"], "contains the input")):
+        with pytest.raises(SystemExit):
+            pool_main(["--inputs", str(tiny_models["world"]), str(other), "--out", str(target), *extra])
+        assert message in capsys.readouterr().err
+    pool_main(["--inputs", str(tiny_models["world"]), str(other), "--out", str(out), "--overwrite"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        pool_main(["--inputs", str(tiny_models["world"]), str(other), "--out", str(foreign), "--overwrite"])
+    assert "not written by vla-pool-world-models" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
 
 
 def test_cli_refuses_bad_setups_before_any_rollout(tiny_models: dict[str, Path], tmp_path: Path, offline: None,

@@ -201,7 +201,7 @@ def test_exported_model_loads_by_repo_id_offline_in_a_fresh_process(
     assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"] == f"modeling_vla.{class_name}"
     assert "0.07319" in (out / "README.md").read_text()  # the train_summary.json next to best/ was found
     assert result.snapshot is not None and result.snapshot.parent.parent.name == f"models--org--tiny-{kind}"
-    assert not list(out.parent.glob(".*tmp*"))  # no staging folder left behind
+    assert not list(out.parent.glob("*tmp*"))  # no staging folder left behind
 
     stdout = run_fresh_python(LOAD_MODEL, f"org/tiny-{kind}", str(best), env=offline_env(tmp_path), cwd=tmp_path)
     assert f"LOADED {class_name} {shape}" in stdout
@@ -244,9 +244,25 @@ def test_export_refuses_a_folder_without_weights_and_writes_nothing(tmp_path: Pa
     out = tmp_path / "export"
     with pytest.raises(UserError, match="model.safetensors"):
         export_model(best, "org/x", out, results_files=[], cache_dir=tmp_path / "hub")
-    assert not out.exists() and not list(tmp_path.glob(".export*"))
+    assert not out.exists() and not list(tmp_path.glob("export.tmp*"))
     with pytest.raises(UserError, match="repo-id"):
         export_model(save_tiny_model("mlp", tmp_path / "ok"), "no-namespace", out, results_files=[])
+
+
+def test_export_replaces_only_its_own_folder(tmp_path: Path) -> None:
+    """Issue 40, case 1: vla-export --out replaced any existing folder, its unrelated files deleted."""
+    best = save_tiny_model("mlp", tmp_path / "best")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for overwrite, message in ((False, "pass --overwrite"), (True, "not written by vla-export")):
+        with pytest.raises(UserError, match=message):
+            export_model(best, "org/x", out, results_files=[], cache_dir=tmp_path / "hub", overwrite=overwrite)
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    export_model(best, "org/x", out, results_files=[], cache_dir=tmp_path / "hub")
+    export_model(best, "org/x", out, results_files=[], cache_dir=tmp_path / "hub", overwrite=True)  # its own: replaced
+    assert (out / "model.safetensors").is_file() and not list(tmp_path.glob("export.tmp*"))
 
 
 LOAD_DATASET = """

@@ -641,6 +641,55 @@ def test_policy_prev_state_defaults_to_rest_and_is_checked():
               actions=torch.zeros(3, 4, ACTION_DIM), step_mask=torch.ones(3, 4))
 
 
+def test_inference_refuses_non_finite_inputs_naming_them():
+    """Issue 40, case 2: predict_actions / WorldModel.step with a NaN state returned NaN actions / states."""
+    torch.manual_seed(0)
+    policy = MLPPolicy(MLPPolicyConfig(hidden_dim=16, num_layers=1, chunk_size=2, velocity_input=True)).eval()
+    world = WorldModel(WorldModelConfig(hidden_dim=8, token_mlp_dim=8, channel_mlp_dim=8, num_layers=1,
+                                        num_ensemble=2, velocity_input=True)).eval()
+    state, action = torch.randn(3, STATE_DIM), torch.zeros(3, ACTION_DIM)
+    broken = state.clone()
+    broken[2, 5] = float("nan")
+    cases = [
+        (lambda: policy.predict_actions(broken, INSTRUCTIONS[0]), "state: row 2"),
+        (lambda: policy.predict_actions(state, INSTRUCTIONS[0], prev_state=broken), "prev_state: row 2"),
+        (lambda: world.step(broken, action, INSTRUCTIONS[0]), "state: row 2"),
+        (lambda: world.step(state, action + torch.tensor([0, float("inf")] + [0] * 5), INSTRUCTIONS[0]), "action: row 0"),
+        (lambda: world.step(state, action, INSTRUCTIONS[0], prev_state=broken), "prev_state: row 2"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=rf"^{message} holds NaN or inf"):
+            call()
+    assert policy.predict_actions(state, INSTRUCTIONS[0]).isfinite().all()
+
+
+@pytest.mark.parametrize("edit", ["drop", "add", "reshape"])
+def test_weights_that_do_not_fit_the_config_are_refused(tiny_llama, tmp_path, edit):
+    """Issue 40, case 4: a folder whose weights do not match its config loaded with freshly initialised weights."""
+    torch.manual_seed(0)
+    models = {
+        "vla": VLAPolicy(tiny_vla_config(tiny_llama)),
+        "mlp": MLPPolicy(MLPPolicyConfig(hidden_dim=16, num_layers=1, chunk_size=2)),
+        "world": WorldModel(WorldModelConfig(hidden_dim=8, token_mlp_dim=8, channel_mlp_dim=8, num_layers=1, num_ensemble=2)),
+    }
+    for name, model in models.items():
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        assert type(model).from_pretrained(folder) is not None  # as saved: nothing missing, nothing unexpected
+        weights = load_file(folder / "model.safetensors")
+        key = sorted(weights)[-1]
+        if edit == "drop":
+            del weights[key]
+        elif edit == "add":
+            weights["extra.weight"] = torch.zeros(2)
+        else:
+            weights[key] = torch.zeros(*weights[key].shape[:-1], weights[key].shape[-1] + 1)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        kind = {"drop": "missing", "add": "unexpected", "reshape": "of another shape"}[edit]
+        with pytest.raises(ValueError, match=rf"its weights do not fit its config.json .*1 weights {kind} \("):
+            type(model).from_pretrained(folder)
+
+
 def yaw_state(batch: int, eef_yaw: torch.Tensor, object_yaw: torch.Tensor) -> torch.Tensor:
     """Random states whose gripper and object rot6 are pure turns about z by the given angles."""
     state = torch.randn(batch, STATE_DIM, generator=torch.Generator().manual_seed(0))

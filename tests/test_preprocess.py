@@ -41,7 +41,8 @@ def converted(inputs, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_repo_layout(converted):
     out, rows = converted
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "data", "instructions.json", "normalization.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".vla-output.json", "README.md", "data", "instructions.json",
+                                                     "normalization.json"]  # the first: who wrote it (data_prep/atomic.py)
     n_train = -(-len(rows["train"]["episode"]) // 40)  # shard_rows=40
     assert n_train > 1
     expected = [f"train-{i:05d}-of-{n_train:05d}.parquet" for i in range(n_train)] + ["validation-00000-of-00001.parquet"]
@@ -185,15 +186,85 @@ def test_cli_output_loads_offline_in_a_fresh_process(inputs, tmp_path):
 
 def test_refuses_existing_output_unless_overwrite(inputs, tmp_path, capsys):
     out = tmp_path / "repo"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    pp.main(["--inputs", str(inputs["lift"]), "--out", str(out)])
     with pytest.raises(SystemExit) as exit_info:
         pp.main(["--inputs", str(inputs["lift"]), "--out", str(out)])
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    assert (out / "keep.txt").exists()
-    pp.main(["--inputs", str(inputs["lift"]), "--out", str(out), "--overwrite"])
-    assert not (out / "keep.txt").exists() and (out / "normalization.json").exists()
+    (out / "normalization.json").unlink()
+    pp.main(["--inputs", str(inputs["lift"]), "--out", str(out), "--overwrite"])  # its own output: replaced
+    assert (out / "normalization.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_overwrite_never_replaces_a_folder_it_did_not_write(inputs, tmp_path, capsys):
+    """Issue 40, case 1: --overwrite replaced any folder, its unrelated files deleted."""
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        pp.main(["--inputs", str(inputs["lift"]), "--out", str(out), "--overwrite"])
+    assert exit_info.value.code == 2 and "not written by vla-preprocess" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("relation", ["is", "contains", "lies inside"])
+def test_out_overlapping_an_input_is_refused_and_deletes_nothing(relation, tmp_path, capsys):
+    """Issue 40, case 1: `--inputs D --out D --overwrite` (or --out a parent of D) deleted the raw inputs."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(FIXTURES / "tiny_lift.hdf5", raw / "tiny_lift.hdf5")
+    (tmp_path / "notes.txt").write_text("mine")
+    out = {"is": raw, "contains": tmp_path, "lies inside": raw / "dataset"}[relation]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        pp.main(["--inputs", str(raw), "--out", str(out), "--overwrite"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and f"{relation} the input" in errors[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_folder_made_at_out_during_the_run_is_kept(inputs, tmp_path, monkeypatch, capsys):
+    """Issue 40, case 1: the "already exists" check ran only before reading; what appeared meanwhile was deleted."""
+    out = tmp_path / "repo"
+    real_write_split = pp.write_split
+
+    def write_split_then_someone_makes_out(*args, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "keep.txt").write_text("made while vla-preprocess ran")
+        return real_write_split(*args, **kwargs)
+
+    monkeypatch.setattr(pp, "write_split", write_split_then_someone_makes_out)
+    with pytest.raises(SystemExit) as exit_info:
+        pp.main(["--inputs", str(inputs["lift"]), "--out", str(out)])
+    assert exit_info.value.code == 2 and "appeared while vla-preprocess ran" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temporary folder left
+
+
+def test_temporary_folders_of_killed_runs_are_removed(inputs, tmp_path):
+    """Issue 40, case 1: a SIGKILLed run left <out>.tmp-<pid> behind forever."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"repo.tmp-{dead.pid}"
+    (stale / "data").mkdir(parents=True)
+    pp.preprocess([inputs["lift"]], tmp_path / "repo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_unwritable_out_is_one_line(inputs, unwritable_folder, capsys):
+    """Issue 40, case 6: a read-only output folder gave a PermissionError traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        pp.main(["--inputs", str(inputs["lift"]), "--out", str(unwritable_folder / "vla-test-dataset")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot write there" in err and "Traceback" not in err
+
+
+def test_zero_shard_rows_is_one_line(inputs, tmp_path, capsys):
+    """Issue 40, case 6: --shard-rows 0 gave a ZeroDivisionError traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        pp.main(["--inputs", str(inputs["lift"]), "--out", str(tmp_path / "repo"), "--shard-rows", "0"])
+    assert exit_info.value.code == 2 and "--shard-rows" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
 
 
 def test_file_without_masks_gets_seeded_split(make_downloaded_style_file, tmp_path):
@@ -218,7 +289,42 @@ def narrow_actions(f: h5py.File) -> None:
     f["data/demo_1"].create_dataset("actions", data=actions[:, :6])
 
 
+def set_value(key: str, index: tuple, value: float):
+    def edit(f: h5py.File) -> None:
+        values = f[key][()]
+        values[index] = value
+        f[key][...] = values
+
+    return edit
+
+
+def zero_length_episode(f: h5py.File) -> None:
+    demo = f["data/demo_1"]
+    for group in ("obs", "next_obs"):
+        for key in list(demo[group]):
+            width = demo[group][key].shape[1:]
+            del demo[group][key]
+            demo[group].create_dataset(key, data=np.zeros((0, *width)))
+    for key in ("actions", "rewards", "dones", "states"):
+        width = demo[key].shape[1:]
+        del demo[key]
+        demo.create_dataset(key, data=np.zeros((0, *width)))
+
+
+def string_actions(f: h5py.File) -> None:
+    actions = f["data/demo_1/actions"][()]
+    del f["data/demo_1/actions"]
+    f["data/demo_1"].create_dataset("actions", data=actions.astype(str).astype("S"))
+
+
 BAD_INPUTS = {
+    # issue 40, case 2: non-finite numbers were written into the Parquet rows and normalization.json
+    "nan_obs": (set_value("data/demo_1/obs/robot0_eef_pos", (3, 1), np.nan), "data/demo_1/obs/robot0_eef_pos"),
+    "inf_actions": (set_value("data/demo_1/actions", (2, 0), -np.inf), "data/demo_1/actions"),
+    "nan_next_obs": (set_value("data/demo_1/next_obs/object", (0, 2), np.nan), "data/demo_1/next_obs/object"),
+    # issue 40, case 6: tracebacks
+    "zero_length": (zero_length_episode, "data/demo_1 has no steps"),
+    "string_actions": (string_actions, "data/demo_1/actions is stored as"),
     "missing": (None, "file not found"),
     "corrupt": ("garbage", "cannot read as HDF5"),
     "truncated": ("truncate", "truncated or corrupt"),

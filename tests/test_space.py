@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,19 +30,25 @@ def private_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.fixture
-def space_url(tmp_path: Path, make_robomimic_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+def session(tmp_path: Path, make_robomimic_file: Callable[..., Path]):
     from configuration_vla import MLPPolicyConfig, WorldModelConfig
     from data_prep.preprocess import preprocess
     from modeling_vla import MLPPolicy, WorldModel
-    from space_app.app import DreamSession, SpaceConfig, build_app
+    from space_app.app import DreamSession, SpaceConfig
 
     torch.manual_seed(0)
     WorldModel(WorldModelConfig(hidden_dim=8, token_mlp_dim=8, channel_mlp_dim=8, num_layers=1, num_ensemble=2,
                                 tasks=["lift"])).save_pretrained(tmp_path / "world")
     MLPPolicy(MLPPolicyConfig(hidden_dim=8, num_layers=1, chunk_size=2, tasks=["lift"])).save_pretrained(tmp_path / "mlp")
     preprocess([make_robomimic_file("lift", episodes=10)], tmp_path / "dataset")
-    session = DreamSession(SpaceConfig(str(tmp_path / "world"), str(tmp_path / "mlp"), str(tmp_path / "dataset")))
+    return DreamSession(SpaceConfig(str(tmp_path / "world"), str(tmp_path / "mlp"), str(tmp_path / "dataset")))
+
+
+@pytest.fixture
+def space_url(session, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    from space_app.app import build_app
+
     app = build_app(session)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -68,3 +75,56 @@ def test_space_reports_a_bad_start_as_a_readable_error(space_url: str) -> None:
     client = gradio_client.Client(space_url, verbose=False)
     with pytest.raises(Exception, match="held-out episodes"):
         client.predict("lift it", "lift", "held-out episode", 99, 5, False, api_name="/dream")
+
+
+def raw_request(url: str, body: str) -> tuple[str, str]:
+    """POST a raw JSON body (NaN and Infinity as such) to the /dream endpoint; (event, data) of its answer."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}gradio_api/call/dream", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    event_id = json.loads(urllib.request.urlopen(request, timeout=60).read())["event_id"]
+    stream = urllib.request.urlopen(f"{url}gradio_api/call/dream/{event_id}", timeout=120).read().decode()
+    events = [line.split(":", 1)[1].strip() for line in stream.splitlines() if line.startswith("event:")]
+    data = [line.split(":", 1)[1].strip() for line in stream.splitlines() if line.startswith("data:")]
+    answer = next(i for i, event in enumerate(events) if event != "heartbeat")
+    return events[answer], data[answer]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ('"lift it", "lift", "held-out episode", NaN, 5, false', "must be a whole number, got 'nan'"),
+    ('"lift it", "lift", "held-out episode", "abc", 5, false', "must be a whole number, got 'abc'"),
+    ('"lift it", "lift", "held-out episode", 0, Infinity, false', "max steps must be a whole number, got 'inf'"),
+    ('"lift it", "lift", "held-out episode", 1.5, 5, false', "must be a whole number, got '1.5'"),
+    ('"lift it", ["lift"], "held-out episode", 0, 5, false', "task must be one of"),
+    ('"lift it", "lift", "held-out episode", 0, 5, "yes"', "checkbox must be true or false"),
+    (f'"{"x" * 100_000}", "lift", "held-out episode", 0, 5, false', "instruction has 100000 characters; at most 512"),
+])
+def test_raw_http_values_get_a_readable_error(space_url: str, values: str, message: str) -> None:
+    """Issue 40, case 5: NaN / Infinity / non-numeric numbers over raw HTTP returned {"error": null} with a server
+    traceback, and a 1 MB instruction was drawn into the figure title (155 s, 532 MB)."""
+    event, data = raw_request(space_url, f'{{"data": [{values}]}}')
+    assert event == "error"
+    assert message in (json.loads(data) or {}).get("error", ""), data
+
+
+def test_figure_title_is_bounded_and_figures_leave_no_files(session, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 40, case 5: the instruction went whole into the title; the figure folder was never cleaned."""
+    import tempfile
+
+    import space_app.app as space
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    titles = []
+    real_plot = space.plot_trajectories_3d
+    monkeypatch.setattr(space, "plot_trajectories_3d", lambda records, path, title: titles.append(title) or real_plot(records, path, title))
+    session = space.DreamSession(session.config)
+    instruction = "lift " * 102  # 510 characters: allowed, but not into a title
+    for _ in range(2):
+        outcome = session.run(space.check_request(instruction, "lift", space.HELD_OUT, 0, 4, False))
+        assert outcome.trajectory.size[0] > 100 and outcome.uncertainty.size[0] > 100  # images, in memory
+    assert all(len(title) < 100 for title in titles), titles
+    assert list(temp.iterdir()) == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +260,14 @@ def test_yaml_and_set_overrides(tmp_path: Path) -> None:
         ("batch_size: 4\n", ["batch_size=four"], "--set batch_size: batch_size='four' is not a valid int"),
         ("model: diffusion\n", [], "model='diffusion'"),
         ("best_checkpoint: lowest\n", [], "best_checkpoint='lowest', expected one of ['val_loss', 'last']"),
+        # issue 40, case 2: non-finite values trained to NaN weights
+        ("lr: 0.1\n", ["lr=.inf"], "--set lr: lr=inf, expected a finite number"),
+        ("lr: .nan\n", [], "lr=nan, expected a finite number"),
+        ("batch_size: 4\n", ["max_grad_norm=.inf"], "max_grad_norm=inf, expected a finite number"),
+        ("batch_size: 4\n", ["weight_decay=.nan"], "weight_decay=nan, expected a finite number"),
+        ("batch_size: 4\n", ["model_config.input_noise=.nan"], "--set model_config.input_noise: nan, expected finite numbers"),
+        ("model_config:\n  input_noise: .inf\n", [], "model_config.input_noise=inf, expected finite numbers"),
+        ("batch_size: 4\n", ["model_config.state_token_groups=[3, .inf]"], "model_config.state_token_groups"),
     ],
 )
 def test_bad_config_is_one_line_error(tmp_path: Path, capsys, text: str, overrides: list[str], message: str) -> None:
@@ -364,6 +374,181 @@ def test_best_checkpoint_keeps_the_lowest_validation_loss_or_the_latest_model(
     best, final = state_dict_of(out / "best"), state_dict_of(out / "final")
     same = all(torch.equal(best[name], final[name]) for name in final)
     assert same is best_is_final
+
+
+def test_a_nan_validation_loss_is_never_the_best(dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 40, case 2: a NaN validation loss was accepted as best (and best/ saved from it)."""
+    real_evaluate = ta.evaluate
+    losses = iter([float("nan"), 2.0, float("nan"), 1.0, float("nan")])
+
+    def evaluate(*args, **kwargs) -> dict[str, float]:
+        return {**real_evaluate(*args, **kwargs), "loss": next(losses)}
+
+    monkeypatch.setattr(ta, "evaluate", evaluate)
+    out = tmp_path / "run"
+    saved = []
+    real_save = ta.save_model
+    monkeypatch.setattr(ta, "save_model", lambda acc, model, out_dir, name: saved.append(name) or real_save(acc, model, out_dir, name))
+    summary = ta.train(tiny_config(dataset, out, model="mlp", max_steps=10, eval_every=2, save_every=100))
+    assert summary["best_val_loss"] == 1.0
+    assert saved == ["best", "best", "final"]  # at the evaluations with losses 2 and 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3 and all("validation loss is nan" in w for w in warnings), warnings
+
+
+def test_a_non_finite_training_loss_stops_the_run_and_saves_nothing(dataset: Path, tmp_path: Path, capsys) -> None:
+    """Issue 40, case 2: lr=1e30 trained to NaN weights and saved best/ and final/ from them."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        ta.main(["--model", "mlp", "--config", str(write_config(tmp_path, dataset, out, "mlp")),
+                 "--set", "lr=1e30", "eval_every=100", "save_every=100"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1, err
+    assert re.search(r"step \d+: training loss is (nan|inf)", errors[0]), errors[0]
+    assert not (out / "best").exists() and not (out / "final").exists()
+
+
+def test_non_finite_weights_are_never_saved(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    """Issue 40, case 2: best/ and final/ are never written from NaN weights, whatever the loss said."""
+    real_evaluate = ta.evaluate
+
+    def evaluate_then_weights_break(accelerator, model, loader, max_batches):
+        result = real_evaluate(accelerator, model, loader, max_batches)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(ta, "evaluate", evaluate_then_weights_break)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^step 5: the weights hold NaN or inf values \(mlp\.0\.weight\); not saving best/"):
+        ta.train(tiny_config(dataset, out, model="mlp"))
+    assert not (out / "best").exists() and not (out / "final").exists()
+
+
+def test_non_finite_training_data_is_refused(tmp_path: Path) -> None:
+    """Issue 40, case 2: nothing non-finite passes silently, also from a dataset not made by vla-preprocess."""
+    import pyarrow.parquet as pq
+
+    dataset = write_dataset(tmp_path / "ds")
+    shard = dataset / "data" / "validation-00000-of-00001.parquet"
+    rows = pq.read_table(shard).to_pydict()
+    rows["next_state"][7][3] = float("inf")
+    write_rows_parquet(rows, shard)
+    with pytest.raises(UserError, match=r"validation split: next_state holds NaN or inf \(row 7\)"):
+        ta.train(tiny_config(dataset, tmp_path / "run"))
+
+
+def test_a_fresh_run_replaces_only_a_best_it_wrote(dataset: Path, tmp_path: Path) -> None:
+    """Issue 40, case 1 (where it applies to the trainer): best/ and final/ are replaced, so they must be its own."""
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "keep.txt").write_text("mine")
+    cfg = tiny_config(dataset, out, model="mlp", max_steps=2, eval_every=2, save_every=100)
+    with pytest.raises(UserError, match="best/ was not written by vla-train"):
+        ta.train(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["best"] and (out / "best" / "keep.txt").is_file()
+    shutil.rmtree(out / "best")
+    ta.train(cfg)
+    ta.train(cfg)  # its own best/ and final/ (no checkpoints: nothing to --resume)
+    assert (out / "best" / "model.safetensors").is_file()
+
+
+def test_an_unwritable_output_dir_is_one_line(dataset: Path, unwritable_folder: Path) -> None:
+    """Issue 40, case 6: a read-only output folder gave a PermissionError traceback."""
+    with pytest.raises(UserError, match="cannot write there"):
+        ta.train(tiny_config(dataset, unwritable_folder / "vla-test-run", model="mlp"))
+
+
+def write_config(tmp_path: Path, dataset: Path, out: Path, model: str) -> Path:
+    """A YAML file of tiny_config's values, for the command-line tests."""
+    import yaml
+
+    cfg = dataclasses.asdict(tiny_config(dataset, out, model=model))
+    path = tmp_path / f"{model}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def crafted_pickle(path: Path, marker: Path) -> None:
+    """A torch.save file whose unpickling would create `marker`: what a crafted checkpoint runs on load."""
+
+    class Crafted:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"state": Crafted()}, path)
+
+
+def two_checkpoints(dataset: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A world-model run with checkpoints step_2 and step_4; returns (run, newest checkpoint)."""
+    run = tmp_path / "run"
+    ta.train(tiny_config(dataset, run, max_steps=4, save_every=2, eval_every=2))
+    return run, ta.list_checkpoints(run)[-1]
+
+
+# What a checkpoint holds; the last is accelerate's pickled scheduler, which only runs made before issue 40 have.
+CHECKPOINT_FILES = ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json",
+                    "custom_checkpoint_0.pkl"]
+
+
+def test_checkpoints_keep_the_lr_schedule_as_json(dataset: Path, tmp_path: Path) -> None:
+    _, newest = two_checkpoints(dataset, tmp_path)
+    assert sorted(p.name for p in newest.iterdir()) == sorted(CHECKPOINT_FILES[:-1])
+    schedule = json.loads((newest / ta.TRAINER_STATE).read_text())["lr_schedule"]
+    assert schedule["last_epoch"] == 4 and schedule["base_lrs"] == [3e-3]
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_resume_runs_no_pickled_code_from_any_checkpoint_file(dataset: Path, tmp_path: Path, capsys, name: str) -> None:
+    """Issue 40, case 3: accelerate loaded the scheduler's custom_checkpoint_0.pkl with weights_only=False."""
+    run, newest = two_checkpoints(dataset, tmp_path)
+    marker = tmp_path / "code_ran"
+    crafted_pickle(newest / name, marker)
+    try:
+        summary, error = ta.train(tiny_config(dataset, run, max_steps=5, save_every=2, eval_every=2), resume=True), None
+    except Exception as err:  # noqa: BLE001 - checked below, after the marker
+        error = err
+    assert not marker.exists(), "the crafted pickle ran code on --resume"
+    if error is not None:
+        assert isinstance(error, UserError) and name in str(error), repr(error)
+    else:
+        assert summary["steps"] == 5
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and name in warnings[0] and "step_2" in warnings[0], warnings
+
+
+@pytest.mark.parametrize(("name", "damage"), [("model.safetensors", "truncate"), ("optimizer.bin", "truncate"),
+                                              ("trainer_state.json", "break"), ("random_states_0.pkl", "truncate")])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
+    dataset: Path, tmp_path: Path, capsys, name: str, damage: str
+) -> None:
+    """Issue 40, case 4: a truncated or broken checkpoint file gave a traceback without the file's name."""
+    run, newest = two_checkpoints(dataset, tmp_path)
+    path = newest / name
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text('{"step": 4, "epoch"')
+    summary = ta.train(tiny_config(dataset, run, max_steps=5, save_every=2, eval_every=2), resume=True)
+    assert summary["steps"] == 5
+    out = capsys.readouterr()
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "step_2" in warnings[0], warnings
+    assert "resumed from" in out.out and "step_2" in out.out
+
+
+def test_a_corrupt_only_checkpoint_is_one_line_naming_the_file(dataset: Path, tmp_path: Path, capsys) -> None:
+    """Issue 40, case 4: with no earlier checkpoint to fall back on, stop with one line naming the file."""
+    run, newest = two_checkpoints(dataset, tmp_path)
+    shutil.rmtree(ta.list_checkpoints(run)[0])
+    (newest / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(SystemExit) as exit_info:
+        ta.main(["--model", "world", "--config", str(write_config(tmp_path, dataset, run, "world")), "--resume"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert len(errors) == 1 and str(newest / "model.safetensors") in errors[0], errors
 
 
 @pytest.mark.parametrize("setting", [{"input_noise": 0.3}, {"loss_units": "step"}])
@@ -521,6 +706,17 @@ def test_init_from_can_start_reading_yaw_features_through_zero_weights(dataset: 
     assert sawed[:, 31].abs().max() < 1e-6
 
 
+def dropped_weight(folder: Path, copy: Path) -> Path:
+    """A copy of a saved model folder without the last of its weights."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(folder, copy)
+    weights = state_dict_of(copy)
+    del weights[sorted(weights)[-1]]
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
 def test_init_from_refuses_what_it_cannot_fine_tune(dataset: Path, tmp_path: Path) -> None:
     ta.train(tiny_config(dataset, tmp_path / "mlp", model="mlp", max_steps=2, eval_every=2, save_every=2))
     saved = tmp_path / "mlp" / "best"
@@ -528,6 +724,7 @@ def test_init_from_refuses_what_it_cannot_fine_tune(dataset: Path, tmp_path: Pat
         ("world", {}, saved, f"init_from {saved}: holds a MLPPolicy, but --model world trains a WorldModel"),
         ("mlp", {"chunk_size": 8}, saved, f"init_from {saved}: model_config.chunk_size=8, but the saved model has 4"),
         ("mlp", {}, tmp_path / "nowhere", "no config.json there"),
+        ("mlp", {}, dropped_weight(saved, tmp_path / "dropped"), "1 weights missing (mlp.8.weight)"),  # issue 40, case 4
     ]
     for n, (kind, model_config, folder, message) in enumerate(cases):
         cfg = tiny_config(dataset, tmp_path / f"out{n}", model=kind, model_config=model_config, init_from=str(folder))
