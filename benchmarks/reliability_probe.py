@@ -633,12 +633,16 @@ def markdown(results: list[Result], seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reliability_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="where the tiny data, models and outputs go (default: a temp dir)")
     parser.add_argument("--only", nargs="+", default=[], help="run only cases whose number starts with one of these")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="vla-reliability-"))
     root.mkdir(parents=True, exist_ok=True)
     probe = Probe(root.resolve())
