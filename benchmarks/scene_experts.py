@@ -5,12 +5,13 @@
 Each goal's expert runs from the initial state of seeds seed .. seed+episodes-1 (its action noise seeded by the same
 seed, as `vla-generate` does), until `--steps-after-success` steps after its goal first holds or the scene's horizon.
 Per goal it reports: success (the named object's rule at the last step), the wrong-object rate (another goal of the
-scene holds at the last step: another object lifted / placed), how often another object was pushed more than 2 cm,
+scene holds at the last step: another object lifted / placed), how often the robot touched another object, how
+often another object moved more than 2 cm horizontally (pushed by the robot or the carried object, or settling after the reset),
 the mean length and the failures' last phase. It also checks, along every step, that the simulator's rule
 (`goal_success`) and the pose rule (`success_from_poses`) agree for every goal, on the live poses and on the step's
-recorded observation, and that a seed's initial
-state (MuJoCo state and observation) is bit-identical whichever goal runs (the goal lives only in the instruction).
-Goals run one after another in one env per scene, so the check also covers what earlier episodes left behind.
+recorded observation, and that a seed's initial state (MuJoCo state and observation) is bit-identical whichever
+goal runs (the goal lives only in the instruction). Goals run one after another in one env per scene, so that
+check also covers what earlier episodes left behind.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from data_prep.scenes import (
 )
 from evaluation.metrics import wilson_interval
 
-DISTURBED = 0.02  # m an object other than the named one may move before it counts as knocked
+DISTURBED = 0.02  # m an object other than the named one may move horizontally before it counts as moved
 
 
 @dataclass
@@ -50,6 +51,7 @@ class EpisodeResult:
     first_success: int | None
     wrong_object: list[str]  # other goals that hold at the last step
     disturbed: list[str]  # other slots moved more than DISTURBED (max over the episode)
+    touched: list[str]  # other slots the robot (arm, hand or fingers) touched at some step
     last_phase: str
     restarts: int
     rule_checks: int  # steps x goals
@@ -70,6 +72,7 @@ class GoalReport:
     wilson_95: tuple[float, float]
     wrong_object_rate: float
     disturbed_rate: float
+    touched_rate: float
     mean_length: float
     mean_steps_to_success: float
     failures: dict[str, int]  # last phase of the failed episodes -> count
@@ -86,6 +89,18 @@ def digest(sim, obs: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
+def robot_contacts(env, slots: dict[str, set[int]]) -> set[str]:
+    """The slots whose geoms touch a geom of the robot (its arm, hand or fingers) now."""
+    model, data = env.sim.model, env.sim.data
+    robot = {g for g in range(model.ngeom) if model.body(model.geom_bodyid[g]).name.startswith(("robot0_", "gripper0_"))}
+    touched = set()
+    for contact in data.contact[: data.ncon]:
+        for a, b in ((contact.geom1, contact.geom2), (contact.geom2, contact.geom1)):
+            if a in robot:
+                touched |= {slot for slot, geoms in slots.items() if b in geoms}
+    return touched
+
+
 def run_episode(sim, scene: str, goal: str, seed: int, steps_after_success: int, noise: float) -> EpisodeResult:
     obs = sim.reset(seed)
     initial = digest(sim, obs)
@@ -93,6 +108,11 @@ def run_episode(sim, scene: str, goal: str, seed: int, steps_after_success: int,
     expert.reset(sim.env, seed=seed)
     start = object_poses(sim.env)
     moved = dict.fromkeys(start, 0.0)
+    spec = get_scene(scene)
+    models = {model.name: model for model in sim.env.model.mujoco_objects}
+    others = {slot: {sim.env.sim.model.geom_name2id(g) for g in models[spec.object_name(slot)].contact_geoms}
+              for slot in spec.slots if slot != spec.goals[goal].slot}
+    touched: set[str] = set()
     first, checks, mismatches, obs_mismatches, examples, step, obs_lag = None, 0, 0, 0, [], 0, 0.0
     for step in range(get_scene(scene).horizon):
         obs, _, _, _ = sim.env.step(expert.act(obs))
@@ -111,8 +131,9 @@ def run_episode(sim, scene: str, goal: str, seed: int, steps_after_success: int,
                     examples.append(f"step {step} goal {g} ({source} poses): poses {bool(by_pose[g])}, sim {by_sim[g]},"
                                     f" object {poses[slot][0].tolist()}, eef {np.asarray(eef).tolist()}")
         checks += len(by_sim)
+        touched |= robot_contacts(sim.env, others)
         for slot, (pos, _) in object_poses(sim.env).items():
-            moved[slot] = max(moved[slot], float(np.linalg.norm(pos - start[slot][0])))
+            moved[slot] = max(moved[slot], float(np.linalg.norm(pos[:2] - start[slot][0][:2])))  # objects drop at reset
         if by_sim[goal] and first is None:
             first = step
         if first is not None and step >= first + steps_after_success:
@@ -123,6 +144,7 @@ def run_episode(sim, scene: str, goal: str, seed: int, steps_after_success: int,
         seed=seed, success=bool(final[goal]), length=step + 1, first_success=first,
         wrong_object=[g for g, ok in final.items() if g != goal and ok],
         disturbed=[slot for slot, distance in moved.items() if slot != named and distance > DISTURBED],
+        touched=sorted(touched),
         last_phase=expert.phase, restarts=expert.restarts, rule_checks=checks, rule_mismatches=mismatches,
         obs_rule_mismatches=obs_mismatches, mismatch_examples=examples, obs_lag=obs_lag,
         initial_digest=initial,
@@ -137,6 +159,7 @@ def summarise(scene: str, goal: str, episodes: list[EpisodeResult], wall: float)
         scene=scene, goal=goal, seeds=[e.seed for e in episodes], successes=successes, success_rate=successes / n,
         wilson_95=wilson_interval(successes, n), wrong_object_rate=sum(bool(e.wrong_object) for e in episodes) / n,
         disturbed_rate=sum(bool(e.disturbed) for e in episodes) / n,
+        touched_rate=sum(bool(e.touched) for e in episodes) / n,
         mean_length=float(np.mean([e.length for e in episodes])),
         mean_steps_to_success=float(np.mean(solved)) if solved else float("nan"),
         failures=dict(Counter(e.last_phase for e in episodes if not e.success)),
@@ -158,15 +181,15 @@ def goal_independent(reports: list[GoalReport]) -> dict[str, bool]:
 
 
 def table(reports: list[GoalReport]) -> str:
-    lines = ["| scene | goal | seeds | success | Wilson 95 % | wrong object | others pushed > 2 cm | mean length "
-             "(to success) | failures (last phase) |",
-             "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines = ["| scene | goal | seeds | success | Wilson 95 % | wrong object | robot touched another | another moved "
+             "> 2 cm | mean length (to success) | failures (last phase) |",
+             "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in reports:
         low, high = r.wilson_95
         failures = ", ".join(f"{phase} {count}" for phase, count in sorted(r.failures.items())) or "-"
         lines.append(f"| {r.scene} | {r.goal} | {r.seeds[0]}-{r.seeds[-1]} | {100 * r.success_rate:.0f} % "
                      f"({r.successes}/{len(r.seeds)}) | {100 * low:.1f}-{100 * high:.1f} % | "
-                     f"{100 * r.wrong_object_rate:.0f} % | {100 * r.disturbed_rate:.0f} % | "
+                     f"{100 * r.wrong_object_rate:.0f} % | {100 * r.touched_rate:.0f} % | {100 * r.disturbed_rate:.0f} % | "
                      f"{r.mean_length:.1f} ({r.mean_steps_to_success:.1f}) | {failures} |")
     return "\n".join(lines)
 
@@ -201,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[GoalReport]:
                 if not episodes[-1].success:
                     e = episodes[-1]
                     print(f"  {scene}/{goal} seed {seed} failed: last phase {e.last_phase}, {e.restarts} restarts, "
-                          f"wrong object {e.wrong_object}, pushed {e.disturbed}", flush=True)
+                          f"wrong object {e.wrong_object}, touched {e.touched}, moved {e.disturbed}", flush=True)
             reports.append(summarise(scene, goal, episodes, time.perf_counter() - start))
             print(table(reports[-1:]).splitlines()[-1], f"({reports[-1].wall_seconds:.0f} s)", flush=True)
         sim.env.close()
