@@ -30,10 +30,11 @@ from data_prep.experts import (
 )
 from data_prep.scenes import get_goal, get_scene, object_body_id
 
-# The open Panda gripper seen from the eef site (measured on its collision meshes), along the fingers' closing axis:
-# fingertips out to 5 cm, from 1 cm below the site; the hand out to 10 cm, from 2.9 cm above it.
+# The open Panda gripper seen from the eef site (measured on its collision meshes): along the fingers' closing axis,
+# fingertips out to 5 cm, from 1 cm below the site; the hand out to 10 cm and 3.5 cm across, from 2.9 cm above it.
 FINGER_REACH, FINGER_BELOW = 0.05, 0.01
-HAND_REACHES, HAND_ABOVE = (0.05, 0.075, 0.1), 0.029
+HAND_REACHES, HAND_ACROSS, HAND_ABOVE = (0.05, 0.075, 0.1), 0.035, 0.029
+WIDTH_WEIGHT = 0.5  # weight of the clearance of the hand's full width, next to that of its centre line
 CLEARANCE = 0.02  # m of free space around the fingers and hand that counts as clear of obstacles
 TURN_COST = 0.01  # m of clearance a quarter turn of the wrist is worth (prefer small turns among clear yaws)
 FREE_STEP = np.pi / 8  # rad between the candidate yaws of an object that fits the fingers at any yaw
@@ -74,14 +75,18 @@ class Walls:
         return float(np.min(np.concatenate([point - self.low, self.high - point])))
 
 
-def clearance(grasp: np.ndarray, yaw: float, blocks: list[Block], walls: Walls | None = None) -> float:
+def clearance(grasp: np.ndarray, yaw: float, blocks: list[Block], walls: Walls | None = None,
+              across: float = 0.0) -> float:
     """Smallest gap between the open gripper at eef position `grasp` (xyz, yaw) and the obstacles tall enough to reach
-    its fingertips or its hand."""
-    probes = [(FINGER_REACH, grasp[2] - FINGER_BELOW)] + [(reach, grasp[2] + HAND_ABOVE) for reach in HAND_REACHES]
+    its fingertips or its hand; `across`: also probe the hand that far to each side of the closing axis."""
+    along, side_axis = closing_axis(yaw), closing_axis(yaw + np.pi / 2)
+    probes = [(FINGER_REACH * along, grasp[2] - FINGER_BELOW)]
+    probes += [(reach * along + offset * side_axis, grasp[2] + HAND_ABOVE)
+               for reach in HAND_REACHES for offset in sorted({-across, 0.0, across})]
     gaps = []
     for side in (-1.0, 1.0):
-        for reach, z in probes:
-            point = grasp[:2] + side * reach * closing_axis(yaw)
+        for offset, z in probes:
+            point = grasp[:2] + side * offset
             gaps += [block.gap(point) for block in blocks if block.top > z]
             if walls is not None and walls.top > z:
                 gaps.append(walls.gap(point))
@@ -105,8 +110,10 @@ def clearest_yaw(eef_yaw: float, object_yaw: float, period: float, grasp: np.nda
 
     def score(yaw: float) -> float:
         off_face = abs(wrap_angle(yaw - object_yaw, period))
-        return (min(clearance(grasp, yaw, blocks, walls), CLEARANCE) - TURN_COST * abs(yaw - eef_yaw) / (np.pi / 2)
-                - OFF_FACE_COST * off_face)
+        # The fingers and the hand's centre line first; among yaws as good, the one that also clears the hand's width.
+        return (min(clearance(grasp, yaw, blocks, walls), CLEARANCE)
+                + WIDTH_WEIGHT * min(clearance(grasp, yaw, blocks, walls, HAND_ACROSS), CLEARANCE)
+                - TURN_COST * abs(yaw - eef_yaw) / (np.pi / 2) - OFF_FACE_COST * off_face)
 
     return max(candidates, key=score)
 
