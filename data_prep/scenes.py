@@ -131,6 +131,9 @@ SCENES: dict[str, SceneSpec] = {
     ),
 }
 ENV_TO_SCENE = {spec.env_name: name for name, spec in SCENES.items()}
+# Each (scene, goal) is one task: "<scene>_<goal>", e.g. "cubes_red" (SceneSim.task and the expert's task).
+GOAL_TASKS: dict[str, tuple[str, str]] = {f"{scene}_{goal}": (scene, goal) for scene, spec in SCENES.items()
+                                          for goal in spec.goals}
 
 
 def get_scene(name: str) -> SceneSpec:

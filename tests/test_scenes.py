@@ -8,6 +8,7 @@ import pytest
 from data_prep.errors import UserError
 from data_prep.experts_multi import CLEARANCE, Block, clearance, clearest_yaw, make_scene_expert
 from data_prep.scenes import (
+    GOAL_TASKS,
     SCENES,
     eef_pos,
     goal_success,
@@ -183,6 +184,7 @@ def test_expert_places_the_named_object_and_only_it(scene: str, goal: str, seed:
         obs = sim.reset(seed)
         expert = make_scene_expert(scene, goal, seed=seed)
         expert.reset(sim.env)
+        assert GOAL_TASKS[sim.task] == (scene, goal) and expert.task == sim.task
         observed_disagreements = 0
         for _ in range(SCENES[scene].horizon):
             obs, _, _, _ = sim.env.step(expert.act(obs))
