@@ -3,6 +3,10 @@
     vla-rollout --policy runs/vla --world-model runs/world --tasks lift can square --episodes 50 \
         --env both --out results/ --seed 0 --workers 2 [--instruction "custom text"] [--video]
 
+`--video` films the first --video-episodes episodes of each task: `<policy>_<task>_seed<seed>.mp4` (real),
+`dream_<task>_seed<seed>.mp4` (the dream drawn in MuJoCo, with its ensemble spread) and, with `--env both`,
+`side_by_side_<task>_seed<seed>.mp4` (dream | real), all under <out>/videos/.
+
 `--policy expert` plays the scripted expert (real only: it reads simulator ground truth).
 Initial states: real episode i of a task starts from `make_env` reset with seed `--seed + i`; with
 `--env both` each dream starts from its real twin's initial state (paired by seed). With
@@ -71,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         " robosuite's formula (default) or the world model's own prediction")
     p.add_argument("--success-threshold", type=float, default=0.5, help="dream success when p_success exceeds it")
     p.add_argument("--done-threshold", type=float, default=0.5, help="dream ends when p_done exceeds it")
-    p.add_argument("--video", action="store_true", help="MP4 of real rollouts (offscreen MuJoCo; MUJOCO_GL=egl|osmesa)")
-    p.add_argument("--video-episodes", type=int, default=2, help="filmed real episodes per task")
+    p.add_argument("--video", action="store_true",
+                   help="MP4s (offscreen MuJoCo; MUJOCO_GL=egl|osmesa) of real rollouts, of dreams (the dreamed poses drawn"
+                        " in MuJoCo) and of both side by side, under <out>/videos (evaluation/dream_video.py)")
+    p.add_argument("--video-episodes", type=int, default=2, help="filmed episodes per task (real and dream)")
     p.add_argument("--video-camera", default="agentview", help="robosuite camera (agentview, frontview, birdview...)")
     p.add_argument("--device", default="cpu", help="torch device for the models")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -138,6 +144,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise UserError(f"--horizon must be >= 1, got {args.horizon}")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.video_episodes < 0:
+        raise UserError(f"--video-episodes must be >= 0, got {args.video_episodes}")
     if args.instruction is not None and not args.instruction.strip():
         raise UserError("--instruction: expected a non-empty instruction")
     envs = {"dream": ["dream"], "real": ["real"], "both": ["real", "dream"]}[args.env]
@@ -289,9 +297,18 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
                     for dream in dreams:
                         dream.world_model = label
                     records += dreams
-    if args.video and "real" not in plan.envs:
-        messages.append("video skipped: videos are filmed from real rollouts (use --env real or both)")
+                    if args.video:
+                        messages += [f"{plan.policy_name} {task}: {m}" for m in film_dreams(args, plan, folder, dreams, real, label)]
     return records, messages
+
+
+def film_dreams(args: argparse.Namespace, plan: Plan, folder: Path, dreams: list[EpisodeRecord],
+                real: list[EpisodeRecord] | None, label: str) -> list[str]:
+    """`--video`: the first --video-episodes dreams drawn in MuJoCo, beside their real twins' videos where filmed."""
+    from evaluation.dream_video import write_dream_videos
+
+    return write_dream_videos(dreams, folder / "videos", args.video_episodes, plan.policy_name if real else None,
+                              real or (), args.video_camera, suffix=f"_{label}" if label else "")[0]
 
 
 def write_results(out: Path, produce: Callable[[Path], str], command: str, overwrite: bool,

@@ -206,6 +206,7 @@ class VideoSpec:
     camera: str = "agentview"
     size: int = 256
     fps: int = 20
+    every: int = 1  # film every k-th step (and the last): shorter videos where rendering time is bounded (the Space)
 
 
 @dataclass
@@ -300,11 +301,12 @@ class Simulators:
     def _start_video(self, index: int, slot: _Slot, seed: int) -> None:
         if self.video is None or index >= self.video.episodes:
             return
-        from evaluation.video import RenderingUnavailable, VideoRecorder
+        from evaluation.video import RenderingUnavailable, VideoRecorder, video_path
 
-        path = self.video.out_dir / f"{self.video.prefix}_{self.task}_seed{seed}.mp4"
+        path = video_path(self.video.out_dir, self.video.prefix, self.task, seed)
         try:
-            slot.video = VideoRecorder(slot.sim.env, path, self.video.camera, self.video.size, self.video.fps)
+            slot.video = VideoRecorder(slot.sim.env, path, self.video.camera, self.video.size, self.video.fps,
+                                       self.video.every)
         except RenderingUnavailable as err:
             self.messages.append(f"video skipped: {err}")
             self.video = None

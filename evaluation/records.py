@@ -1,8 +1,10 @@
 """One finished episode (`EpisodeRecord`) and how records are stored in a results folder.
 
     episodes.jsonl       one JSON line per episode (no trajectories)
-    trajectories.npz     states / actions / ensemble std per episode, keyed "<policy>__<task>__<env>__<index>__<field>"
-                         (env "dream@<world model>" when several world models dreamed the same starts)
+    trajectories.npz     states / actions / ensemble std / p_success per episode, keyed
+                         "<policy>__<task>__<env>__<index>__<field>" (env "dream@<world model>" when several world models
+                         dreamed the same starts); std and p_success only for dreams, p_success only from folders
+                         written since the dream videos (older folders read back with p_success None)
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import UserError
+
+OPTIONAL_ARRAYS = ("std", "p_success")  # per-step arrays only some records have (dreams); absent keys read as None
 
 
 def source_label(env: str, world_model: str) -> str:
@@ -37,6 +41,7 @@ class EpisodeRecord:
     states: np.ndarray  # [length + 1, 29]: initial state, then the state after every step
     actions: np.ndarray  # [length, 7]
     std: np.ndarray | None = None  # [length + 1, 29] world-model ensemble spread (dreams)
+    p_success: np.ndarray | None = None  # [length + 1] dreams: the success head after each step (0 at the start)
     success_step: int | None = None  # step (1-based) at which success was first reported
     world_model: str = ""  # which world model dreamed it, when several did ("" for real episodes or a single one)
     batch_seconds: float = float("nan")  # wall time of the whole batch of episodes it was played in
@@ -77,8 +82,9 @@ def write_episodes(records: Iterable[EpisodeRecord], folder: Path) -> None:
     for record in records:
         arrays[f"{record.key}__states"] = record.states.astype(np.float32)
         arrays[f"{record.key}__actions"] = record.actions.astype(np.float32)
-        if record.std is not None:
-            arrays[f"{record.key}__std"] = record.std.astype(np.float32)
+        for name in OPTIONAL_ARRAYS:
+            if getattr(record, name) is not None:
+                arrays[f"{record.key}__{name}"] = getattr(record, name).astype(np.float32)
     np.savez_compressed(folder / "trajectories.npz", **arrays)
 
 
@@ -105,7 +111,8 @@ def read_episodes(folder: Path) -> list[EpisodeRecord]:
             if f"{key}__states" not in arrays:
                 raise UserError(f"{arrays_path}: no arrays for episode {key!r} of {lines_path.name}")
             record.states, record.actions = arrays[f"{key}__states"], arrays[f"{key}__actions"]
-            record.std = arrays[f"{key}__std"] if f"{key}__std" in arrays else None
+            for name in OPTIONAL_ARRAYS:
+                setattr(record, name, arrays[f"{key}__{name}"] if f"{key}__{name}" in arrays else None)
             records.append(record)
     return records
 

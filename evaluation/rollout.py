@@ -40,6 +40,7 @@ def rollout(
     policy.reset(n)
     states = np.zeros((n, horizon + 1, STATE_DIM), np.float32)
     stds = np.zeros_like(states)
+    p_success = np.zeros((n, horizon + 1), np.float32)  # dreams: the env's reward is the success head's probability
     actions = np.zeros((n, horizon, ACTION_DIM), np.float32)
     states[:, 0] = first.states
     errors = list(first.errors)
@@ -66,6 +67,7 @@ def rollout(
         states[:, t + 1] = result.states
         if result.std is not None:
             stds[:, t + 1] = result.std
+        p_success[active, t + 1] = result.reward[active]
         returns[active] += result.reward[active]
         lengths[active] += 1
         for i in np.flatnonzero(active):
@@ -95,6 +97,7 @@ def rollout(
             states=states[i, : lengths[i] + 1].copy(),
             actions=actions[i, : lengths[i]].copy(),
             std=stds[i, : lengths[i] + 1].copy() if dream else None,
+            p_success=p_success[i, : lengths[i] + 1].copy() if dream else None,
             success_step=success_step[i],
             batch_seconds=seconds,
         )

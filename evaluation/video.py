@@ -19,20 +19,28 @@ import numpy as np
 class RenderingUnavailable(RuntimeError):
     """Offscreen rendering cannot be set up on this machine."""
 
+    @staticmethod
+    def explain(err: BaseException) -> str:
+        return (f"offscreen rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL', '<unset>')} "
+                f"({type(err).__name__}: {err}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa (apt-get install libosmesa6)")
+
+
+def video_path(out_dir: Path, prefix: str, task: str, seed: int) -> Path:
+    """Where a real roll-out's video goes: <out_dir>/<prefix>_<task>_seed<seed>.mp4 (the dream videos pair by it)."""
+    return Path(out_dir) / f"{prefix}_{task}_seed{seed}.mp4"
+
 
 class VideoRecorder:
     """Streams frames of one episode into an MP4 (GIF if no ffmpeg) as they are captured."""
 
-    def __init__(self, env: Any, path: Path, camera: str = "agentview", size: int = 256, fps: int = 20):
+    def __init__(self, env: Any, path: Path, camera: str = "agentview", size: int = 256, fps: int = 20, every: int = 1):
         self.env, self.camera, self.size = env, camera, size
+        self.every, self.steps, self.pending = every, 0, False  # film every `every`-th step, and the last
         try:
             attach_offscreen_context(env)
             first = self.render()
         except Exception as err:  # noqa: BLE001 - any GL failure means: no video, keep evaluating
-            raise RenderingUnavailable(
-                f"offscreen rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL', '<unset>')} "
-                f"({type(err).__name__}: {err}); try MUJOCO_GL=egl or MUJOCO_GL=osmesa (apt-get install libosmesa6)"
-            ) from None
+            raise RenderingUnavailable(RenderingUnavailable.explain(err)) from None
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.writer, self.path = open_writer(Path(path), fps)
         self.writer.append_data(first)
@@ -43,11 +51,26 @@ class VideoRecorder:
         return np.ascontiguousarray(frame[::-1])
 
     def capture(self) -> None:
-        self.writer.append_data(self.render())
+        """After a step: its frame, if the step is one the stride films."""
+        self.steps += 1
+        self.pending = self.steps % self.every != 0
+        if not self.pending:
+            self.writer.append_data(self.render())
 
     def close(self) -> Path:
+        try:
+            if self.pending:  # the episode's last state is always filmed, whatever the stride
+                self.writer.append_data(self.render())
+        except Exception:  # noqa: BLE001 - a simulator that just failed may not render; keep the frames so far
+            pass
         self.writer.close()
         return self.path
+
+
+def shown_steps(length: int, every: int) -> list[int]:
+    """The steps a video of a `length`-step episode films at stride `every`: 0, every, 2 every, ..., and the last."""
+    steps = list(range(0, length + 1, every))
+    return steps if steps[-1] == length else [*steps, length]
 
 
 def attach_offscreen_context(env: Any) -> None:
