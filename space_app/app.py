@@ -6,11 +6,16 @@ Models are local `save_pretrained` folders or Hub repo ids (resolved in the loca
 `vla-export`); defaults come from the env vars VLA_WORLD_MODEL / VLA_POLICY / VLA_DATASET, else the
 outputs of `vla-pipeline` (runs/pipeline). A dream is one closed-loop rollout of the policy inside the
 world model (evaluation's `DreamEnv` + `rollout`); with robosuite installed and a simulator-seed start,
-the same start is also played in robosuite and both are shown side by side.
+the same start is also played in robosuite and both are shown side by side; with robosuite and an OpenGL backend
+(MUJOCO_GL=egl or osmesa) the dream is also drawn in MuJoCo as a video (evaluation/dream_video.py), beside the real
+roll-out's video for simulator-seed starts, with at most VIDEO_MAX_FRAMES frames (a longer episode is filmed every
+k-th step).
 
 Every request is bounded and checked before any work, whatever a raw HTTP client sends: the instruction has at most
 512 characters (it is drawn into the figure title, shortened there), numbers must be finite whole numbers in range,
-and each request's figures are drawn in a temporary folder that is gone when the answer leaves.
+and each request's figures are drawn in a temporary folder that is gone when the answer leaves. The answer's video
+must outlive the request until gradio has copied it into its cache: only the latest answer's video is kept, in one
+folder (`dreaming-vla-space-videos-*` in TMPDIR) removed when the Space exits.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import argparse
 import importlib.util
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +45,7 @@ import numpy as np  # noqa: E402
 from data_prep.errors import UserError  # noqa: E402
 from data_prep.tasks import TASKS, get_task  # noqa: E402
 from evaluation.cli import dataset_starts, load_model, real_initial_states  # noqa: E402
-from evaluation.envs import DreamEnv, RobosuiteEnv, Start  # noqa: E402
+from evaluation.envs import DreamEnv, RobosuiteEnv, Start, VideoSpec  # noqa: E402
 from evaluation.metrics import EEF_POS, OBJECT_POS  # noqa: E402
 from evaluation.plots import plot_dream_vs_real, plot_trajectories_3d  # noqa: E402
 from evaluation.policies import ChunkPolicy  # noqa: E402
@@ -53,6 +60,8 @@ TITLE_INSTRUCTION = 60  # characters of the instruction shown in a figure title
 MAX_SEED = 2**31 - 1  # numpy seeds robosuite's resets
 GRADIO_CACHE = (3600, 3600)  # gradio's copies of the answers' figures: every hour, those older than an hour go
 HAS_ROBOSUITE = importlib.util.find_spec("robosuite") is not None
+VIDEO_MAX_FRAMES = 100  # per video: ~0.15 s each to render on a CPU (Mesa), so a request's videos stay under a minute
+VIDEO_SIZE = 256  # px per view: the dream alone is 256 wide, dream | real 512
 
 
 def default_model(kind: str) -> str:
@@ -78,6 +87,8 @@ class Outcome:
     uncertainty: Any
     verdict: str
     comparison: Any = None
+    video: bytes | None = None  # MP4: the dream drawn in MuJoCo (| the real roll-out), see VIDEO_MAX_FRAMES
+    video_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -174,29 +185,69 @@ class DreamSession:
             raise UserError("simulator-seed starts need robosuite; install it or pick a held-out episode")
         return real_initial_states(task, [Start(seed=number)], workers=1)[0]
 
-    def play(self, task: str, instruction: str, start: Start, horizon: int, real: bool) -> tuple[EpisodeRecord, EpisodeRecord | None]:
+    def play(self, task: str, instruction: str, start: Start, horizon: int, real: bool,
+             video: VideoSpec | None = None) -> tuple[EpisodeRecord, EpisodeRecord | None]:
+        """The dream, and its real twin when `real` (filmed into `video` when given)."""
         policy = ChunkPolicy(self.model("policy"), "policy")
         dream = rollout(DreamEnv(self.model("world"), task), policy, [start], [instruction], horizon, progress=False)[0]
         if not real:
             return dream, None
-        with RobosuiteEnv(task, workers=1) as env:
+        with RobosuiteEnv(task, workers=1, video=video) as env:
             twin = rollout(env, ChunkPolicy(self.model("policy"), "policy"), [Start(seed=start.seed)], [instruction],
                            horizon, progress=False)[0]
+            env.finish()
         return dream, twin
 
     def run(self, request: Request) -> Outcome:
         real = request.with_real and HAS_ROBOSUITE and request.start_kind == SEED
-        with self._lock:
-            start = self.start(request.task, request.start_kind, request.number)
-            dream, twin = self.play(request.task, request.instruction, start, request.horizon, real)
         title = f"dream: {shortened(request.instruction)!r} ({request.task}, {request.start_kind} {request.number})"
+        every = math.ceil((request.horizon + 1) / VIDEO_MAX_FRAMES)
         with tempfile.TemporaryDirectory(prefix="vla-space-") as tmp:
             folder = Path(tmp)
+            with self._lock:
+                start = self.start(request.task, request.start_kind, request.number)
+                video = VideoSpec(folder / "videos", 1, "real", size=VIDEO_SIZE, every=every)
+                dream, twin = self.play(request.task, request.instruction, start, request.horizon, real, video)
+                notes, films = film_dream(dream, twin, folder / "videos", every)
             trajectory = plot_trajectories_3d([dream], folder / "dream_trajectory.png", title)
             uncertainty = plot_uncertainty(dream, folder / "dream_uncertainty.png")
             comparison = plot_dream_vs_real(dream, twin, folder / "dream_vs_real.png") if twin is not None else None
-            return Outcome(read_image(trajectory), read_image(uncertainty), verdict(dream, twin, request.horizon),
-                           read_image(comparison))
+            film = films[0].paths[-1] if films else None  # dream | real where both were filmed, else the dream
+            return Outcome(read_image(trajectory), read_image(uncertainty),
+                           "\n\n".join([verdict(dream, twin, request.horizon), *notes]), read_image(comparison),
+                           film.read_bytes() if film else None, film.name if film else "")
+
+
+def film_dream(dream: EpisodeRecord, twin: EpisodeRecord | None, folder: Path, every: int) -> tuple[list[str], list[Any]]:
+    """The dream drawn in MuJoCo (beside the twin's video when filmed): notes for the verdict, and the videos."""
+    if not HAS_ROBOSUITE:
+        return [], []
+    from evaluation.dream_video import write_dream_videos
+
+    notes, films = write_dream_videos([dream], folder, 1, "real" if twin is not None else None,
+                                      [twin] if twin is not None else [], size=VIDEO_SIZE, every=every)
+    return [f"*{note}*" for note in notes], films
+
+
+class VideoShelf:
+    """Where an answer's video waits for gradio to copy it: the latest one only, in a folder gone at exit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.folder: Path | None = None
+
+    def put(self, data: bytes | None, name: str) -> str | None:
+        with self._lock:
+            if self.folder is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="dreaming-vla-space-videos-"))
+                weakref.finalize(self, shutil.rmtree, self.folder, True)
+            for old in self.folder.iterdir():  # the previous answer's, long copied by gradio
+                old.unlink(missing_ok=True)
+            if data is None:
+                return None
+            path = self.folder / name
+            path.write_bytes(data)
+            return str(path)
 
 
 def plot_uncertainty(record: EpisodeRecord, path: Path) -> Path:
@@ -242,13 +293,16 @@ def verdict(dream: EpisodeRecord, real: EpisodeRecord | None, horizon: int) -> s
 def build_app(session: DreamSession) -> Any:
     import gradio as gr
 
+    shelf = VideoShelf()
+
     def on_run(instruction: Any, task: Any, start_kind: Any, number: Any, horizon: Any, with_real: Any):
         try:  # raw values (preprocess=False below): gradio's own parsing answered NaN with {"error": null}
             outcome = session.run(check_request(instruction, task, start_kind, number, horizon, with_real))
         except UserError as err:
             raise gr.Error(str(err)) from None
         comparison = gr.Image(value=outcome.comparison, visible=outcome.comparison is not None)
-        return outcome.trajectory, outcome.uncertainty, outcome.verdict, comparison
+        film = shelf.put(outcome.video, outcome.video_name)
+        return outcome.trajectory, outcome.uncertainty, outcome.verdict, comparison, gr.Video(value=film, visible=film is not None)
 
     with gr.Blocks(title="Dreaming VLA", delete_cache=GRADIO_CACHE) as app:
         gr.Markdown(
@@ -271,9 +325,11 @@ def build_app(session: DreamSession) -> Any:
                 trajectory = gr.Image(label="dream: 3-D trajectory", type="filepath", format="png")
                 uncertainty = gr.Image(label="dream: per-step uncertainty", type="filepath", format="png")
         comparison = gr.Image(label="dream vs real (same start)", type="filepath", format="png", visible=False)
+        video = gr.Video(label="the dream drawn in MuJoCo (left) | the real roll-out (right, simulator-seed starts)",
+                         visible=False, autoplay=True, loop=True)
         task.change(lambda t: get_task(t).instruction, task, instruction)
         run.click(on_run, [instruction, task, start_kind, number, horizon, with_real],
-                  [trajectory, uncertainty, verdict_box, comparison], api_name="dream", preprocess=False)
+                  [trajectory, uncertainty, verdict_box, comparison, video], api_name="dream", preprocess=False)
     return app
 
 

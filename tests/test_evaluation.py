@@ -653,6 +653,25 @@ def test_real_rollout_video_or_a_clear_skip(tmp_path: Path) -> None:
     assert len(frames) == records[0].length + 1 and frames[0].shape == (64, 64, 3) and frames[0].std() > 0
 
 
+def test_cli_video_films_the_dream_beside_the_real_rollout(tiny_models: dict[str, Path], tmp_path: Path, offline: None,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "results"
+    code, err = run_rollout_cli(
+        ["--policy", str(tiny_models["mlp"]), "--world-model", str(tiny_models["world"]), "--tasks", "lift",
+         "--episodes", "2", "--env", "both", "--out", str(out), "--workers", "1", "--horizon", "3", "--video",
+         "--video-episodes", "1", "--success-threshold", "1.0", "--done-threshold", "1.0", "--no-progress"], capsys)
+    assert code == 0, err
+    printed = (out / "summary.md").read_text()  # the run's notes are listed there
+    dream_p = np.load(out / "trajectories.npz")["mlp__lift__dream__0__p_success"]
+    assert dream_p.shape == (4,) and dream_p[0] == 0 and (dream_p[1:] > 0).all()  # the success head, per step
+    videos = {p.name for p in (out / "videos").iterdir()} if (out / "videos").is_dir() else set()
+    if not videos:
+        assert "video skipped" in printed, printed
+        pytest.skip("no offscreen rendering here")
+    assert videos == {"mlp_lift_seed100000.mp4", "dream_lift_seed100000.mp4", "side_by_side_lift_seed100000.mp4"}
+    assert "dream video written: dream_lift_seed100000.mp4, side_by_side_lift_seed100000.mp4 (IK reached" in printed
+
+
 def test_benchmark_passes_its_settings_to_every_rollout() -> None:
     """benchmarks/evaluate.py builds each policy's vla-rollout command line: the ensembling weight reaches it."""
     import importlib.util
