@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dream success from the world model's head (default) or robosuite's rule on the dreamed state")
     p.add_argument("--dream-relative", choices=DREAM_RELATIVE, default=DREAM_RELATIVE[0],
                    help="the dream's object-to-eef pose: derived from the imagined poses or the world model's own")
-    p.add_argument("--video", action="store_true", help="film 2 real episodes per task and policy")
+    p.add_argument("--video", action="store_true", help="film 2 episodes per task and policy: real, dream, side by side")
     p.add_argument("--ensemble-decay", type=float, default=ChunkExecution.decay,
                    help="temporal ensembling weight exp(-m * i) of the i-th oldest chunk, both policies (vla-rollout's)")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"))

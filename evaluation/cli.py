@@ -271,6 +271,7 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
     execution = ChunkExecution(args.chunk_mode, args.execute, args.ensemble_decay)
     records: list[EpisodeRecord] = []
     messages: list[str] = []
+    films: list[Any] = []  # --video: dream videos, filmed once every real roll-out is done (film_dreams)
     for task in plan.tasks:
         horizon = args.horizon or get_task(task).horizon
         instruction = args.instruction or get_task(task).instruction
@@ -298,17 +299,27 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
                         dream.world_model = label
                     records += dreams
                     if args.video:
-                        messages += [f"{plan.policy_name} {task}: {m}" for m in film_dreams(args, plan, folder, dreams, real, label)]
-    return records, messages
+                        films.append(film_job(args, plan, folder, dreams, real, label))
+    return records, messages + film_dreams(films, plan.policy_name)
 
 
-def film_dreams(args: argparse.Namespace, plan: Plan, folder: Path, dreams: list[EpisodeRecord],
-                real: list[EpisodeRecord] | None, label: str) -> list[str]:
+def film_job(args: argparse.Namespace, plan: Plan, folder: Path, dreams: list[EpisodeRecord],
+             real: list[EpisodeRecord] | None, label: str) -> Any:
     """`--video`: the first --video-episodes dreams drawn in MuJoCo, beside their real twins' videos where filmed."""
-    from evaluation.dream_video import write_dream_videos
+    from evaluation.dream_video import FilmJob
 
-    return write_dream_videos(dreams, folder / "videos", args.video_episodes, plan.policy_name if real else None,
-                              real or (), args.video_camera, suffix=f"_{label}" if label else "")[0]
+    return FilmJob(dreams, folder / "videos", args.video_episodes, plan.policy_name if real else None, real or [],
+                   args.video_camera, suffix=f"_{label}" if label else "")
+
+
+def film_dreams(films: list[Any], policy_name: str) -> list[str]:
+    """The dream videos, rendered in another process (evaluation.dream_video.film_apart); their notes."""
+    if not films:
+        return []
+    from evaluation.dream_video import film_apart
+
+    return [f"{policy_name} {job.dreams[0].task}: {note}" for job, notes in zip(films, film_apart(films), strict=True)
+            for note in notes]
 
 
 def write_results(out: Path, produce: Callable[[Path], str], command: str, overwrite: bool,

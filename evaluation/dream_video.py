@@ -18,12 +18,17 @@ Files, per filmed dream (the first `episodes` of each task):
 The strip plots the dreamed state's ensemble std summed over the pose dims (end effector and objects, positions in
 m and rot6 entries) and the success head's probability over the steps, with a cursor at the frame's step, red ticks
 where IK missed, and the dream's and the real episode's success steps. Several world models: `_<label>` is added.
+
+A process that has rendered with EGL cannot fork simulator workers that render in turn (they hang in their first GL
+call), so `vla-rollout` films its dreams with `film_apart`: in a fresh spawned process, after its real roll-outs.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +367,41 @@ def write_dream_videos(dreams: Sequence[EpisodeRecord], folder: Path, episodes: 
         notes.append(f"dream video written: {', '.join(p.name for p in video.paths)} "
                      f"(IK reached {ok}/{len(video.ik)} frames{stopped})")
     return notes, videos
+
+
+@dataclass
+class FilmJob:
+    """One `write_dream_videos` call: the dreams of one task (and world model), their real twins, the settings."""
+
+    dreams: list[EpisodeRecord]
+    folder: Path
+    episodes: int
+    real_prefix: str | None = None
+    reals: list[EpisodeRecord] = field(default_factory=list)
+    camera: str = "agentview"
+    size: int = 256
+    suffix: str = ""
+
+
+def film(jobs: Sequence[FilmJob]) -> list[list[str]]:
+    """Every job's videos, in this process; its notes, per job."""
+    return [write_dream_videos(job.dreams, job.folder, job.episodes, job.real_prefix, job.reals, job.camera, job.size,
+                               job.suffix)[0] for job in jobs]
+
+
+def film_apart(jobs: Sequence[FilmJob]) -> list[list[str]]:
+    """`film` in a fresh spawned process, which leaves this process's GL untouched (see the module docstring)."""
+    jobs = [only_filmed(job) for job in jobs]
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(film, jobs).result()
+    except Exception as err:  # noqa: BLE001 - the videos are an extra: a failure costs them, not the results
+        return [[f"dream video skipped: {type(err).__name__}: {err}".replace("\n", " ")] for _ in jobs]
+
+
+def only_filmed(job: FilmJob) -> FilmJob:
+    """The job with only the dreams it films and their twins (less to send to the other process)."""
+    dreams = job.dreams[: max(job.episodes, 0)]
+    seeds = {dream.seed for dream in dreams}
+    return FilmJob(dreams, job.folder, job.episodes, job.real_prefix, [r for r in job.reals if r.seed in seeds],
+                   job.camera, job.size, job.suffix)
