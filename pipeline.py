@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("runs/pipeline")

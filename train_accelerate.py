@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import yaml
 
-from data_prep.atomic import mark, replace_dir, written_by
-from data_prep.errors import UserError, first_line, run_cli
+from common.atomic import mark, replace_dir, written_by
+from common.errors import UserError, first_line, run_cli
 
 MODEL_KINDS = ("world", "policy", "mlp")
 BEST_CHECKPOINTS = ("val_loss", "last")

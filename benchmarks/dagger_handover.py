@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.robomimic_io import read_robomimic_hdf5
 from data_prep.tasks import OBJECT_KEY
 

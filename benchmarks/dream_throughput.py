@@ -31,8 +31,8 @@ from benchmarks.gpu_reference import (  # noqa: E402
     timed,
     write_json_atomically,
 )
+from common.errors import UserError, run_cli  # noqa: E402
 from configuration_vla import WorldModelConfig  # noqa: E402
-from data_prep.errors import UserError, run_cli  # noqa: E402
 
 
 def rows_per_pass(device: torch.device, rows: int) -> None:

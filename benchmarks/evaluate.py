@@ -20,7 +20,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.tasks import TASKS
 from evaluation.cli import make_plan, parse_args, play, settings_of, write_results
 from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS

@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from data_prep.errors import UserError, run_cli  # noqa: E402
+from common.errors import UserError, run_cli  # noqa: E402
 from data_prep.tasks import ACTION_DIM, STATE_DIM, TASKS, instructions_for  # noqa: E402
 
 # transformers.LlamaConfig of meta-llama/Meta-Llama-3-8B(-Instruct): 8.03 B parameters with the LM head,

@@ -39,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 import train_accelerate as ta  # noqa: E402
-from data_prep.errors import UserError, run_cli  # noqa: E402
+from common.errors import UserError, run_cli  # noqa: E402
 from data_prep.tasks import load_instructions  # noqa: E402
 from evaluation.report import publish_benchmark  # noqa: E402
 

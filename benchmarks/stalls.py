@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.stalls import STALL_MOVE, STALL_STEPS, STALL_WINDOW, stall_step
 from data_prep.tasks import STATE_SLICES, TASKS, state_from_obs
 from evaluation.envs import DREAM_RELATIVE

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.tasks import STATE_SLICES, rot6_to_matrix
 from evaluation.report import publish_benchmark
 

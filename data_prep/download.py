@@ -28,7 +28,7 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.file_download import http_get
 
-from data_prep.errors import UserError, first_line, run_cli
+from common.errors import UserError, first_line, run_cli
 from data_prep.robomimic_io import read_robomimic_hdf5
 from data_prep.tasks import TASKS, get_task
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 GRIPPER_OPEN, GRIPPER_CLOSED = -1.0, 1.0
 # OSC_POSE delta scaling in robosuite's BASIC controller: action 1 = 5 cm / 0.5 rad goal offset.

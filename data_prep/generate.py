@@ -80,7 +80,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, write_robomimic_hdf5
 from data_prep.stalls import STALL_WINDOW, stalled_for
 from data_prep.tasks import OBJECT_KEY, TASKS, get_task, object_obs, state_from_obs

@@ -10,7 +10,7 @@ Output (docs/DESIGN.md, "Dataset repo"):
 
 Every input is read and validated before anything is written, the repo is assembled in
 `<out>.tmp-<host>-<pid>` and renamed into place, so a bad input leaves nothing behind. `--out` may not be, hold or
-lie inside an input, and `--overwrite` replaces only a dataset that vla-preprocess wrote (data_prep/atomic.py).
+lie inside an input, and `--overwrite` replaces only a dataset that vla-preprocess wrote (common/atomic.py).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from datasets import DatasetDict, DatasetInfo, Features, List, Value, load_datas
 from huggingface_hub import DatasetCard, DatasetCardData
 from tqdm.auto import tqdm
 
-from data_prep.atomic import check_output_dir, publish_dir, temp_dir
-from data_prep.errors import UserError, run_cli
+from common.atomic import check_output_dir, publish_dir, temp_dir
+from common.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, RobomimicFile, read_robomimic_hdf5, split_demo_names
 from data_prep.tasks import (
     ACTION_DIM,

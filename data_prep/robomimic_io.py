@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep.errors import UserError, first_line
+from common.errors import UserError, first_line
 from data_prep.tasks import ACTION_DIM, ENV_TO_TASK, STATE_KEYS, state_from_obs
 
 EPISODE_ARRAYS = ("actions", "rewards", "dones", "states")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 ROBOT_KEYS: tuple[str, ...] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 ROBOT_DIMS: tuple[int, ...] = (3, 4, 2)  # widths of the raw observations (quaternion: x y z w)

@@ -9,7 +9,7 @@ Initial states: real episode i of a task starts from `make_env` reset with seed 
 `--env dream`, dreams start from the first state of the held-out validation episodes of
 `--dataset` when given, else from seeded simulator resets. Every check (folders, state layouts,
 tasks, --out) happens before the first rollout; the results folder appears atomically at the end. An existing --out
-is replaced only with --overwrite, and only when vla-rollout wrote it (data_prep/atomic.py).
+is replaced only with --overwrite, and only when vla-rollout wrote it (common/atomic.py).
 `--world-model A B C` (e.g. one dream model trained with three seeds) dreams every start in each model; the
 report then gives each model's dream - real gap and their mean and spread.
 """
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.atomic import check_output_dir, write_output_dir
-from data_prep.errors import UserError, first_line, run_cli
+from common.atomic import check_output_dir, write_output_dir
+from common.errors import UserError, first_line, run_cli
 from data_prep.tasks import STATE_LAYOUT, TASKS, get_task
 from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS, DreamEnv, RobosuiteEnv, Start, VideoSpec
 from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
@@ -297,7 +297,7 @@ def play(args: argparse.Namespace, plan: Plan, folder: Path) -> tuple[list[Episo
 def write_results(out: Path, produce: Callable[[Path], str], command: str, overwrite: bool,
                   inputs: Sequence[Path] = ()) -> tuple[Path, str]:
     """Build a results folder in a temp dir with `produce(tmp) -> markdown`, then move it into place atomically
-    (never over a folder that `command` did not write, data_prep/atomic.py)."""
+    (never over a folder that `command` did not write, common/atomic.py)."""
     return out, write_output_dir(out, command, overwrite, produce, inputs)
 
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import (
     ACTION_DIM,
     STATE_DIM,

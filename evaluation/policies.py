@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import ACTION_DIM
 from evaluation.envs import RobosuiteEnv, to_numpy
 

@@ -4,7 +4,7 @@
 
 The output is an ordinary saved WorldModel (`AutoModel.from_pretrained(out, trust_remote_code=True)`) whose
 ensemble holds every input's members side by side (`WorldModel.pool`); the folder appears atomically. An existing
---out is replaced only with --overwrite, and only when vla-pool-world-models wrote it (data_prep/atomic.py).
+--out is replaced only with --overwrite, and only when vla-pool-world-models wrote it (common/atomic.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data_prep.atomic import check_output_dir, write_output_dir
-from data_prep.errors import UserError, run_cli
+from common.atomic import check_output_dir, write_output_dir
+from common.errors import UserError, run_cli
 from data_prep.tasks import TASKS
 from evaluation.cli import WORLD_MODEL_TYPE, check_model_config, load_model, read_model_config
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 
 def source_label(env: str, world_model: str) -> str:

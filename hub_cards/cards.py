@@ -18,7 +18,7 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, EvalResult, ModelCard, ModelCardData
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 COMMON_TAGS = ["robotics", "vla", "robosuite", "robomimic", "dreaming-vla"]

@@ -7,7 +7,7 @@
 A model repo holds config.json (with `auto_map`), modeling_vla.py, configuration_vla.py, the safetensors
 weights (plus the tokenizer for the VLA) and README.md, the model card written from the results files.
 The folder is assembled under a temporary name and renamed into place (an existing --out only with --overwrite, and
-only when vla-export wrote it: data_prep/atomic.py). By default it is then placed
+only when vla-export wrote it: common/atomic.py). By default it is then placed
 into the local Hugging Face cache as the `main` revision of `--repo-id`, so
 
     HF_HUB_OFFLINE=1 python -c 'from transformers import AutoModel; AutoModel.from_pretrained("org/name", trust_remote_code=True)'
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-from data_prep.atomic import MARKER, check_output_dir, publish_dir, temp_dir
-from data_prep.errors import UserError, run_cli
+from common.atomic import MARKER, check_output_dir, publish_dir, temp_dir
+from common.errors import UserError, run_cli
 from hub_cards.cards import Results, dataset_card, model_card, model_kind, read_json
 from hub_cards.hub_cache import place_in_hub_cache
 
@@ -166,7 +166,7 @@ def prepare_datasets_cache(snapshot: Path, repo_id: str, cache_root: Path | None
     import datasets.config
     from datasets.load import dataset_module_factory, get_dataset_builder_class
 
-    from data_prep.atomic import replace_dir
+    from common.atomic import replace_dir
 
     namespace, name = repo_id.split("/")
     cache_root = Path(cache_root or datasets.config.HF_DATASETS_CACHE)

@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_prep.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from data_prep.tasks import TASKS, get_task  # noqa: E402
 from evaluation.cli import dataset_starts, load_model, real_initial_states  # noqa: E402
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ENV_NAMES, synthetic_episode
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.robomimic_io import write_robomimic_hdf5
 
 REPO = Path(__file__).resolve().parent.parent

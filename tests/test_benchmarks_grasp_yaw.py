@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import STATE_DIM, STATE_SLICES
 from evaluation.records import EpisodeRecord, write_episodes
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import state_from_obs
 from evaluation.policies import Policy
 from evaluation.records import EpisodeRecord, read_episodes, write_episodes

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import STATE_DIM
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start, StepResult
 from evaluation.metrics import OBJECT_POS, agreement, summarize, wilson_interval

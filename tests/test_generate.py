@@ -19,7 +19,7 @@ import pytest
 import robosuite
 import torch
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.experts import make_expert
 from data_prep.generate import (
     OBS_KEYS,

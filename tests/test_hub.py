@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import STATE_DIM
 from evaluation.metrics import SuccessSummary
 from hub_cards.cards import Results, format_value, model_card

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pipeline import REPO_ROOT, SIZES, PipelinePaths, Stage, build_stages, run_stages
 from train_accelerate import load_config
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import (
     STATE_DIM,
     STATE_SLICES,

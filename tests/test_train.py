@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_accelerate as ta
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.preprocess import FEATURES
 from data_prep.tasks import ACTION_DIM, STATE_DIM, STATE_LAYOUT
 
