@@ -21,10 +21,11 @@ from datetime import date
 from pathlib import Path
 
 from common.errors import UserError, run_cli
+from common.policies import ChunkExecution
 from data_prep.tasks import TASKS
-from evaluation.cli import make_plan, parse_args, play, settings_of, write_results
+from evaluation.cli import parse_args
 from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS
-from evaluation.policies import ChunkExecution
+from evaluation.plan import make_plan, play, settings_of, write_results
 from evaluation.records import write_episodes
 from evaluation.report import replace_markdown_section, write_summary
 

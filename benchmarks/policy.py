@@ -40,7 +40,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
 
 import train_accelerate as ta  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
-from data_prep.tasks import load_instructions  # noqa: E402
+from data_prep.tasks import STATE_LAYOUT, load_instructions  # noqa: E402
 from evaluation.report import publish_benchmark  # noqa: E402
 
 SECTION = "## Policies"
@@ -250,11 +250,11 @@ def training_stats(summary: dict | None) -> dict[str, Any] | None:
 
 
 def load_policy(kind: PolicyKind, folder: Path, tasks: list[str]) -> Any:
-    from evaluation.cli import check_model_config, load_model, read_model_config
+    from common.saved_models import check_model_config, load_model, read_model_config
 
     flag = f"--{kind.key}"
     config = read_model_config(folder, flag)
-    check_model_config(config, folder, flag, (kind.model_type,), [])
+    check_model_config(config, folder, flag, (kind.model_type,), [], STATE_LAYOUT)
     trained = config.get("tasks") or []
     unknown = [t for t in tasks if trained and t not in trained]
     if unknown:

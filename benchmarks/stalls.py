@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{source} from the same {len(twins)} starts: {sum(r.success for r in twins)} succeed, "
               f"{dream_stalls} stall")
     if args.world_model is not None:
-        from evaluation.cli import load_model
-        from evaluation.policies import ChunkPolicy
+        from common.policies import ChunkPolicy
+        from common.saved_models import load_model
 
         world_model = load_model(args.world_model, "--world-model", "cpu")
         policy = ChunkPolicy(load_model(args.policy_dir, "--policy-dir", "cpu"), name=stalled[0].policy if stalled else "")

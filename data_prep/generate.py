@@ -83,7 +83,7 @@ from tqdm import tqdm
 from common.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, write_robomimic_hdf5
 from data_prep.stalls import STALL_WINDOW, stalled_for
-from data_prep.tasks import OBJECT_KEY, TASKS, get_task, object_obs, state_from_obs
+from data_prep.tasks import OBJECT_KEY, STATE_LAYOUT, TASKS, get_task, object_obs, state_from_obs
 
 OUTPUT_NAME = "low_dim_generated.hdf5"
 # robomimic's low-dim observation keys: the robot ones are copied from robosuite's observation as they are;
@@ -154,8 +154,8 @@ class LearnerDriver:
     """
 
     def __init__(self, folder: str, task: str, handover_steps: int, on_stall: bool = False):
-        from evaluation.cli import load_model
-        from evaluation.policies import ChunkPolicy
+        from common.policies import ChunkPolicy
+        from common.saved_models import load_model
 
         self.policy = ChunkPolicy(load_model(Path(folder), "--policy", "cpu"), name=Path(folder).name)
         self.task = task
@@ -580,10 +580,11 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--max-attempts has no effect with --policy-rollouts (--episodes counts attempts); drop it")
     if args.handover_steps is not None and args.handover_steps < 0:
         raise UserError(f"--handover-steps must be >= 0, got {args.handover_steps}")
-    from evaluation.cli import POLICY_TYPES, check_model_config, read_model_config
+    from common.saved_models import POLICY_TYPES, check_model_config, read_model_config
 
     folder = Path(args.policy)
-    check_model_config(read_model_config(folder, "--policy"), folder, "--policy", POLICY_TYPES, list(args.tasks))
+    check_model_config(read_model_config(folder, "--policy"), folder, "--policy", POLICY_TYPES, list(args.tasks),
+                       STATE_LAYOUT)
     if any(perturb_probs(args.perturb_prob, args.tasks).values()):
         raise UserError("--perturb-prob and --policy exclude each other: the bursts would replace the policy's actions")
     if args.keep_failures and not args.policy_rollouts:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.errors import UserError
+from common.policies import to_numpy
 from data_prep.tasks import (
     ACTION_DIM,
     STATE_DIM,
@@ -183,12 +184,6 @@ class DreamEnv:
 
     def close(self) -> None:
         pass
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,12 +36,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.errors import UserError  # noqa: E402
+from common.policies import ChunkPolicy  # noqa: E402
+from common.saved_models import load_model  # noqa: E402
 from data_prep.tasks import TASKS, get_task  # noqa: E402
-from evaluation.cli import dataset_starts, load_model, real_initial_states  # noqa: E402
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start  # noqa: E402
 from evaluation.metrics import EEF_POS, OBJECT_POS  # noqa: E402
+from evaluation.plan import dataset_starts, real_initial_states  # noqa: E402
 from evaluation.plots import plot_dream_vs_real, plot_trajectories_3d  # noqa: E402
-from evaluation.policies import ChunkPolicy  # noqa: E402
 from evaluation.records import EpisodeRecord  # noqa: E402
 from evaluation.rollout import rollout  # noqa: E402
 from pipeline import EXPORT_NAMES, PipelinePaths  # noqa: E402

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from common.errors import UserError
+from common.policies import Policy
 from data_prep.tasks import state_from_obs
-from evaluation.policies import Policy
 from evaluation.records import EpisodeRecord, read_episodes, write_episodes
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from common.errors import UserError
+from common.policies import ChunkExecution, ChunkPolicy, Policy
 from data_prep.tasks import STATE_DIM
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start, StepResult
+from evaluation.expert_policy import ExpertPolicy
 from evaluation.metrics import OBJECT_POS, agreement, summarize, wilson_interval
-from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
 from evaluation.records import EpisodeRecord
 from evaluation.rollout import rollout
 

@@ -391,8 +391,8 @@ def random_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("on_stall", [False, True])
 def test_policy_drives_then_the_expert_takes_over_from_its_state(random_policy: Path, tmp_path: Path,
                                                                   on_stall: bool) -> None:
-    from evaluation.cli import load_model
-    from evaluation.policies import ChunkPolicy
+    from common.policies import ChunkPolicy
+    from common.saved_models import load_model
 
     report = tmp_path / "report.json"
     generate([*DAGGER_ARGS, "--out", str(tmp_path), "--workers", "1", "--policy", str(random_policy),
@@ -424,8 +424,8 @@ def test_policy_drives_then_the_expert_takes_over_from_its_state(random_policy: 
 
 
 def test_policy_rollouts_record_the_policys_whole_episode_failures_kept(random_policy: Path, tmp_path: Path) -> None:
-    from evaluation.cli import load_model
-    from evaluation.policies import ChunkPolicy
+    from common.policies import ChunkPolicy
+    from common.saved_models import load_model
 
     horizon = 25
     generate(["--tasks", "lift", "--episodes", "2", "--seed", "5", "--horizon", str(horizon), "--no-progress",
