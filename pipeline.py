@@ -414,14 +414,15 @@ def side_workers(size: PipelineSize) -> int:
 
 def play_stage(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> Stage:
     """Play data for the world model: the expert with random wrong-move bursts, failures kept."""
-    from data_prep.generate import OUTPUT_NAME, PLAY_PERTURB_PROB
+    from data_prep.generate import OUTPUT_NAME
+    from data_prep.tasks import get_task
 
     report = paths.raw_play / "generate_report.json"
     return Stage(
         "generate_play",
         console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
                 paths.raw_play, "--workers", side_workers(size), "--seed", PLAY_SEED_OFFSET + seed, "--keep-failures",
-                "--perturb-prob", *(f"{task}={PLAY_PERTURB_PROB[task]}" for task in tasks), "--report", report),
+                "--perturb-prob", *(f"{task}={get_task(task).play_perturb_prob}" for task in tasks), "--report", report),
         (report, *(paths.raw_play / task / OUTPUT_NAME for task in tasks)),
     )
 

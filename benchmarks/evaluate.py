@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.errors import UserError, run_cli
 from common.policies import ChunkExecution
-from data_prep.tasks import TASKS
+from data_prep.tasks import task_names
 from evaluation.cli import parse_args
 from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS
 from evaluation.plan import make_plan, play, settings_of, write_results
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp", type=Path, help="saved MLPPolicy folder")
     p.add_argument("--world-model", type=Path, nargs="+",
                    help="saved WorldModel folder(s) (needed with --vla/--mlp); several: the spread over them is reported")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=task_names())
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=100_000, help="first simulator seed; disjoint from vla-generate's")

@@ -27,8 +27,8 @@ uniformly (scaled by `PERTURB_ARM_SCALE`) and a random open/close, both held for
 (a held move drifts 5-25 cm, as a policy's mistakes do; a fresh draw per step would average out
 to jitter). Afterwards the expert takes over again and re-plans (it restarts when the object was
 dropped). P may differ per task (`0.02 lift=0.05`): the longer and more precise the task, the
-fewer bursts it takes to fail it; `PLAY_PERTURB_PROB` (~30-60 % failures per task) is the
-setting `vla-pipeline` uses. The recorded action is
+fewer bursts it takes to fail it; each task's registered `play_perturb_prob` (data_prep/tasks.py, ~30-60 %
+failures) is the setting `vla-pipeline` uses. The recorded action is
 the executed one; the bursts draw from their own generator seeded by the attempt seed, so the
 expert's noise, and with P = 0 the whole output, is exactly what it is without perturbations.
 `--keep-failures` keeps every attempt: `--episodes N` is then N attempts per task, and a failed
@@ -81,9 +81,9 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import UserError, run_cli
-from data_prep.robomimic_io import Episode, write_robomimic_hdf5
+from data_prep.robomimic_io import TASK_ATTR, Episode, write_robomimic_hdf5
 from data_prep.stalls import STALL_WINDOW, stalled_for
-from data_prep.tasks import OBJECT_KEY, STATE_LAYOUT, TASKS, get_task, object_obs, state_from_obs
+from data_prep.tasks import OBJECT_KEY, STATE_LAYOUT, get_task, object_obs, state_from_obs, task_names, task_of_env
 
 OUTPUT_NAME = "low_dim_generated.hdf5"
 # robomimic's low-dim observation keys: the robot ones are copied from robosuite's observation as they are;
@@ -102,9 +102,6 @@ OBS_KEYS: tuple[str, ...] = (*ROBOT_OBS_KEYS, OBJECT_KEY)
 # Random burst actions: translation at the expert's typical (often saturated) scale; rotation half of it,
 # as the expert's rotation actions are smaller (full-scale held twists mostly drive the wrist into its limits).
 PERTURB_ARM_SCALE = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
-# Per-step burst chance that makes roughly 30-60 % of play episodes fail on each task (docs/experiments/004). A
-# longer, more precise task needs fewer bursts to fail.
-PLAY_PERTURB_PROB = {"lift": 0.06, "can": 0.02, "square": 0.01}
 PERTURB_STREAM = 1  # second entropy word of the bursts' generator: independent of the expert's (seeded by the seed alone)
 DRIVER_STREAM = 2  # likewise for the length of a driving policy's roll-in
 # --handover-on-stall: the expert takes over once the gripper has moved < 1 cm in every 20-step window of the last
@@ -331,8 +328,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(settings: RolloutSettings) -> None:
-    from data_prep.experts import make_expert
     from data_prep.sim import make_env
+    from data_prep.tasks import make_expert
 
     _WORKER["settings"] = settings
     _WORKER["sim"] = make_env(settings.task)
@@ -440,6 +437,8 @@ def write_task_file(path: Path, episodes: list[Episode], settings: RolloutSettin
         "horizon": settings.horizon,
         "demo_seeds": report.kept_seeds,
     }
+    if task_of_env(env_args["env_name"]) != settings.task:  # a task that shares its env: the file names it
+        attrs[TASK_ATTR] = settings.task
     if settings.play:  # only then: plain expert files stay exactly as they were
         attrs |= {
             "keep_failures": settings.keep_failures,
@@ -487,7 +486,7 @@ def summary_line(r: TaskReport) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to generate ({', '.join(TASKS)})")
+    p.add_argument("--tasks", nargs="+", default=task_names(), help=f"tasks to generate ({', '.join(task_names())})")
     p.add_argument("--episodes", type=int, default=50, help="successful demos per task (--keep-failures: attempts per task)")
     p.add_argument("--out", type=Path, default=Path("data/raw"), help=f"output root: <out>/<task>/{OUTPUT_NAME}")
     p.add_argument("--workers", type=int, default=2, help="simulator processes (1 = in this process)")

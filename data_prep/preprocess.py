@@ -37,13 +37,13 @@ from common.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, RobomimicFile, read_robomimic_hdf5, split_demo_names
 from data_prep.tasks import (
     ACTION_DIM,
-    INSTRUCTIONS_FILE,
     OBJECT_DIM,
     STATE_DIM,
     STATE_LAYOUT,
     STATE_SLICES,
     get_task,
     instructions_for,
+    instructions_json,
 )
 
 COMMAND = "vla-preprocess"  # the name in the marker of the folders it writes
@@ -462,7 +462,7 @@ def preprocess(
         shards = {split: write_split(collected.columns[split], split, tmp / "data", shard_rows) for split in SPLITS}
         stats = normalization_stats(collected.columns["train"])
         (tmp / "normalization.json").write_text(json.dumps(stats, indent=2) + "\n")
-        shutil.copyfile(INSTRUCTIONS_FILE, tmp / "instructions.json")
+        (tmp / "instructions.json").write_text(instructions_json())
         dataset_card(collected, seed).save(tmp / "README.md")
         publish_dir(tmp, out, COMMAND, overwrite)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy as _copy
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ def quiet_robosuite() -> None:
 
 
 def standard_env_kwargs(task: str) -> dict[str, Any]:
-    """robosuite.make(**kwargs) for `task`, matching robomimic's low-dim datasets."""
+    """robosuite.make(**kwargs) for `task`, matching robomimic's low-dim datasets (plus the task's own `env_kwargs`)."""
     quiet_robosuite()
     from robosuite.controllers import load_composite_controller_config
 
@@ -56,7 +57,7 @@ def standard_env_kwargs(task: str) -> dict[str, Any]:
         "controller_configs": load_composite_controller_config(controller="BASIC"),
         "robots": [ROBOT],
         "reward_shaping": False,
-    }
+    } | dict(spec.env_kwargs)
 
 
 def env_args_for(task: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +79,7 @@ class SimEnv:
     task: str
     env: Any  # robosuite.environments.ManipulationEnv
     env_args: dict[str, Any]
+    sim_success: Callable[[Any], bool] | None = None  # the task's rule in the live env; None: robosuite's own
 
     def reset(self, seed: int) -> dict[str, np.ndarray]:
         """Reset to the initial state determined by `seed` alone (independent of earlier episodes)."""
@@ -88,7 +90,7 @@ class SimEnv:
         return self.env._get_observations(force_update=True)
 
     def success(self) -> bool:
-        return bool(self.env._check_success())
+        return bool(self.sim_success(self.env) if self.sim_success is not None else self.env._check_success())
 
 
 def reseed(env: Any, seed: int) -> None:
@@ -192,4 +194,4 @@ def make_env(task: str, seed: int = 0) -> SimEnv:
     kwargs = standard_env_kwargs(task)
     env = robosuite.make(get_task(task).env_name, seed=seed, **kwargs)
     quiet_robosuite()
-    return SimEnv(task=task, env=env, env_args=env_args_for(task, kwargs))
+    return SimEnv(task=task, env=env, env_args=env_args_for(task, kwargs), sim_success=get_task(task).sim_success)

@@ -261,7 +261,7 @@ class Simulators:
         return replies
 
     def expert_actions(self, items: list[tuple[int, int]]) -> list[tuple[int, np.ndarray | None, str | None]]:
-        from data_prep.experts import make_expert
+        from data_prep.tasks import make_expert
 
         replies = []
         for index, seed in items:

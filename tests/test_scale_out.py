@@ -305,7 +305,7 @@ def test_demo_generation_array_covers_tasks_and_disjoint_seeds(fake_slurm) -> No
 
 
 def test_rollout_array_runs_one_task_chunk_per_element(fake_slurm) -> None:
-    from data_prep.tasks import TASKS
+    from data_prep.tasks import task_names
     from evaluation.cli import parse_args
 
     env = {**fake_slurm, "CHUNKS_PER_TASK": "2", "EPISODES_PER_CHUNK": "5"}
@@ -313,7 +313,7 @@ def test_rollout_array_runs_one_task_chunk_per_element(fake_slurm) -> None:
     for index in range(6):
         run_script("run_vla_rollout.slurm", {**env, "SLURM_ARRAY_TASK_ID": str(index)})
         args = parse_args(recorded(env, "vla-rollout-x"))  # vla-rollout's own parser accepts the command
-        assert len(args.tasks) == 1 and args.tasks[0] in TASKS
+        assert len(args.tasks) == 1 and args.tasks[0] in task_names()
         assert args.device == "cuda" and args.env == "both"
         plays.append((args.tasks[0], args.seed, args.episodes, str(args.out)))
     assert [p[:3] for p in plays] == [(t, s, 5) for t in ("lift", "can", "square") for s in (0, 5)]
