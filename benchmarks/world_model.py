@@ -369,10 +369,11 @@ def robosuite_steps_per_second(task: str, steps: int, seed: int = 0, warmup: int
 
 def load_world_model(folder: Path, flag: str, architecture: str, layout: str) -> Any:
     """A saved WorldModel (AutoModel + trust_remote_code) of the expected architecture and state layout."""
-    from common.saved_models import WORLD_MODEL_TYPE, check_model_config, load_model, read_model_config
+    from common.saved_models import check_model_config, load_model, read_model_config
+    from model_kinds import model_types
 
     config = read_model_config(folder, flag)
-    check_model_config(config, folder, flag, (WORLD_MODEL_TYPE,), [], STATE_LAYOUT)
+    check_model_config(config, folder, flag, model_types("world"), [], STATE_LAYOUT)
     found = config.get("architecture", "mixer")  # folders saved before the switch are mixers
     if found != architecture:
         raise UserError(f"{flag} {folder}/config.json: architecture {found!r}, expected {architecture!r}")

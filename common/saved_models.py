@@ -10,9 +10,6 @@ from typing import Any
 
 from common.errors import UserError, first_line
 
-WORLD_MODEL_TYPE = "vla_world_model"
-POLICY_TYPES = ("vla_policy", "vla_mlp_policy")
-
 
 def read_model_config(folder: Path, flag: str) -> dict[str, Any]:
     """config.json of a saved model folder, as a dict; one-line errors for missing or broken folders."""

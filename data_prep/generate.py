@@ -579,10 +579,11 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--max-attempts has no effect with --policy-rollouts (--episodes counts attempts); drop it")
     if args.handover_steps is not None and args.handover_steps < 0:
         raise UserError(f"--handover-steps must be >= 0, got {args.handover_steps}")
-    from common.saved_models import POLICY_TYPES, check_model_config, read_model_config
+    from common.saved_models import check_model_config, read_model_config
+    from model_kinds import model_types
 
     folder = Path(args.policy)
-    check_model_config(read_model_config(folder, "--policy"), folder, "--policy", POLICY_TYPES, list(args.tasks),
+    check_model_config(read_model_config(folder, "--policy"), folder, "--policy", model_types("policy"), list(args.tasks),
                        STATE_LAYOUT)
     if any(perturb_probs(args.perturb_prob, args.tasks).values()):
         raise UserError("--perturb-prob and --policy exclude each other: the bursts would replace the policy's actions")

@@ -22,12 +22,13 @@ import numpy as np
 from common.atomic import check_output_dir, write_output_dir
 from common.errors import UserError
 from common.policies import ChunkExecution, ChunkPolicy, Policy
-from common.saved_models import POLICY_TYPES, WORLD_MODEL_TYPE, check_model_config, load_model, read_model_config
+from common.saved_models import check_model_config, load_model, read_model_config
 from data_prep.tasks import STATE_LAYOUT, get_task
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start, VideoSpec
 from evaluation.expert_policy import ExpertPolicy
 from evaluation.records import EpisodeRecord
 from evaluation.rollout import rollout
+from model_kinds import model_types
 
 COMMAND = "vla-rollout"  # the name in the marker of the results folders it writes
 EXPERT = "expert"
@@ -68,7 +69,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     policy_dir = None if expert else Path(args.policy)
     if policy_dir is not None:
         config = read_model_config(policy_dir, "--policy")
-        check_model_config(config, policy_dir, "--policy", POLICY_TYPES, tasks, STATE_LAYOUT)
+        check_model_config(config, policy_dir, "--policy", model_types("policy"), tasks, STATE_LAYOUT)
     world_model_dirs: list[Path] = []
     if "dream" in envs:
         if not args.world_model:
@@ -81,7 +82,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                     f"--world-model {world_model_dir}: state_layout {world_config.get('state_layout')!r} differs from "
                     f"--policy {policy_dir}: state_layout {config.get('state_layout')!r}; both must be trained on one dataset layout"
                 )
-            check_model_config(world_config, world_model_dir, "--world-model", (WORLD_MODEL_TYPE,), tasks, STATE_LAYOUT)
+            check_model_config(world_config, world_model_dir, "--world-model", model_types("world"), tasks,
+                               STATE_LAYOUT)
         world_model_labels(world_model_dirs)  # distinct names, checked now rather than after the real rollouts
     if args.dataset is not None:
         from data_prep.preprocess import load_normalization

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from common.atomic import check_output_dir, write_output_dir
 from common.errors import UserError, run_cli
-from common.saved_models import WORLD_MODEL_TYPE, check_model_config, load_model, read_model_config
+from common.saved_models import check_model_config, load_model, read_model_config
 from data_prep.tasks import STATE_LAYOUT, task_names
+from model_kinds import model_types
 
 COMMAND = "vla-pool-world-models"  # the name in the marker of the folders it writes
 
@@ -39,7 +40,7 @@ def pool_world_models(inputs: list[Path], out: Path, overwrite: bool = False) ->
         raise UserError(f"--inputs: expected two or more world-model folders, got {len(inputs)}")
     for folder in inputs:
         config = read_model_config(folder, "--inputs")
-        check_model_config(config, folder, "--inputs", (WORLD_MODEL_TYPE,), list(config.get("tasks") or task_names()),
+        check_model_config(config, folder, "--inputs", model_types("world"), list(config.get("tasks") or task_names()),
                            STATE_LAYOUT)
     check_output_dir(out, COMMAND, overwrite, inputs)
     models = [load_model(folder, "--inputs", "cpu") for folder in inputs]

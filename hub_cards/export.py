@@ -4,8 +4,9 @@
                --card-results runs/pipeline/train_policy/train_summary.json runs/pipeline/eval_policy/summary.json
     vla-export --dataset-dir runs/pipeline/dataset --repo-id local/dreaming-vla-dataset
 
-A model repo holds config.json (with `auto_map`), modeling_vla.py, configuration_vla.py, the safetensors
-weights (plus the tokenizer for the VLA) and README.md, the model card written from the results files.
+A model repo holds config.json (with `auto_map`), the code files that auto_map needs (`code_files`: the modules it
+names and the sibling modules they import), the safetensors weights (plus the tokenizer for the VLA) and README.md,
+the model card written from the results files.
 The folder is assembled under a temporary name and renamed into place (an existing --out only with --overwrite, and
 only when vla-export wrote it: common/atomic.py). By default it is then placed
 into the local Hugging Face cache as the `main` revision of `--repo-id`, so
@@ -35,14 +36,7 @@ from hub_cards.hub_cache import place_in_hub_cache
 
 COMMAND = "vla-export"  # the name in the marker of the folders it writes
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CODE_FILES = ("configuration_vla.py", "modeling_vla.py")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-# model_type -> (config class, model class): what auto_map must name for trust_remote_code.
-AUTO_CLASSES = {
-    "vla_world_model": ("WorldModelConfig", "WorldModel"),
-    "vla_policy": ("VLAConfig", "VLAPolicy"),
-    "vla_mlp_policy": ("MLPPolicyConfig", "MLPPolicy"),
-}
 # Training leftovers that do not belong in a published repo.
 SKIPPED_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt")
 
@@ -67,14 +61,36 @@ def check_repo_id(repo_id: str) -> None:
         raise UserError(f"--repo-id {repo_id!r}: expected 'org/name' (the cache layout needs a namespace)")
 
 
+def class_path(cls: type) -> str:
+    """A class as auto_map names it: "<module file name>.<class name>"."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
 def with_auto_map(config: dict, source: Path) -> dict:
     """config.json with the auto_map trust_remote_code needs (save_pretrained normally writes it already)."""
-    model_kind(config, source)
-    config_class, model_class = AUTO_CLASSES[config["model_type"]]
+    kind = model_kind(config, source)
     auto_map = dict(config.get("auto_map") or {})
-    auto_map.setdefault("AutoConfig", f"configuration_vla.{config_class}")
-    auto_map.setdefault("AutoModel", f"modeling_vla.{model_class}")
+    auto_map.setdefault("AutoConfig", class_path(kind.config_class))
+    auto_map.setdefault("AutoModel", class_path(kind.model_class))
     return {**config, "auto_map": auto_map}
+
+
+def code_files(auto_map: dict, folder: Path) -> list[str]:
+    """The .py files a model folder needs: the modules auto_map names and, recursively, the sibling modules they
+    import relatively (what transformers copies into its modules cache). Read in `folder`, else in the project."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    pending = [f"{ref.rsplit('.', 1)[0]}.py" for ref in auto_map.values() if isinstance(ref, str)]
+    found: list[str] = []
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.append(name)
+        source = folder / name if (folder / name).is_file() else REPO_ROOT / name
+        if source.is_file():
+            pending += [f"{module}.py" for module in get_relative_imports(source)]
+    return sorted(found)
 
 
 def copy_model_files(model_dir: Path, staging: Path) -> dict:
@@ -90,8 +106,10 @@ def copy_model_files(model_dir: Path, staging: Path) -> dict:
         if path.is_file() and not hidden and path.name not in (*SKIPPED_FILES, "config.json", "README.md"):
             shutil.copy2(path, staging / path.name)
     # The code saved next to the weights is the code they were trained with; older folders get the project's.
-    for name in CODE_FILES:
+    for name in code_files(config["auto_map"], staging):
         if not (staging / name).is_file():
+            if not (REPO_ROOT / name).is_file():
+                raise UserError(f"{model_dir}: its auto_map needs {name}, which is neither there nor in this project")
             shutil.copy2(REPO_ROOT / name, staging / name)
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config

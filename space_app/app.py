@@ -45,7 +45,8 @@ from evaluation.plan import dataset_starts, real_initial_states  # noqa: E402
 from evaluation.plots import plot_dream_vs_real, plot_trajectories_3d  # noqa: E402
 from evaluation.records import EpisodeRecord  # noqa: E402
 from evaluation.rollout import rollout  # noqa: E402
-from pipeline import EXPORT_NAMES, PipelinePaths  # noqa: E402
+from model_kinds import get_kind  # noqa: E402
+from pipeline import PipelinePaths  # noqa: E402
 
 HELD_OUT, SEED = "held-out episode", "simulator seed"
 DEFAULT_HORIZON = 200
@@ -60,7 +61,7 @@ def default_model(kind: str) -> str:
     """The pipeline's trained model folder when it exists, else its exported repo id (local HF cache)."""
     paths = PipelinePaths()
     best = paths.best(kind)
-    return str(best) if (best / "config.json").is_file() else paths.repo_id(EXPORT_NAMES[kind])
+    return str(best) if (best / "config.json").is_file() else paths.repo_id(get_kind(kind).repo_name)
 
 
 @dataclass(frozen=True)
