@@ -5,13 +5,13 @@ The dream model is a pool of world models trained with different seeds (`Pipelin
 
 The policies learn from expert demos (`<workdir>/dataset`) plus DAgger data: per task, an MLP-BC trained on
 that task's demos alone drives the first steps of new attempts and the expert finishes each from wherever it left
-the robot (`vla-generate --policy`), so the final policies also learn to recover from a learner's mistakes
+the robot (`vla-generate dagger`), so the final policies also learn to recover from a learner's mistakes
 (`<workdir>/dataset_dagger<r>` = demos + rounds 1..r; each round's drivers learned from the rounds before).
 The VLA trained on that data (`train_policy_base`) then drives a DAgger round of its own (`raw_dagger_vla`) and is
 fine-tuned on everything (`dataset_dagger_vla`, `vla-train --set init_from=...`) into `train_policy`.
-The world model also learns from "play" data (`vla-generate --keep-failures --perturb-prob ...`:
+The world model also learns from "play" data (`vla-generate play`:
 expert runs with random wrong moves, failures kept) and from the whole episodes of a three-task MLP-BC trained on
-the demos (`vla-generate --policy-rollouts`: a policy's states, grasps and failures), merged with the demos into
+the demos (`vla-generate rollouts`: a policy's states, grasps and failures), merged with the demos into
 `<workdir>/hf_dataset_world`: trained on successes alone it would dream that every action sequence succeeds,
 and without a policy's own roll-outs it dreams a policy's grasps badly (docs/experiments/004, 012).
 
@@ -398,7 +398,7 @@ def data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], 
     return [
         Stage(
             "generate",
-            console("vla-generate", "--tasks", *tasks, "--episodes", size.episodes_per_task, "--out", paths.raw,
+            console("vla-generate", "demos", "--tasks", *tasks, "--episodes", size.episodes_per_task, "--out", paths.raw,
                     "--workers", size.workers, "--seed", seed, "--max-attempts", 3 * size.episodes_per_task,
                     "--report", report),
             (report, *(paths.raw / task / OUTPUT_NAME for task in tasks)),
@@ -425,8 +425,8 @@ def play_stage(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], s
     report = paths.raw_play / "generate_report.json"
     return Stage(
         "generate_play",
-        console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
-                paths.raw_play, "--workers", side_workers(size), "--seed", PLAY_SEED_OFFSET + seed, "--keep-failures",
+        console("vla-generate", "play", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
+                paths.raw_play, "--workers", side_workers(size), "--seed", PLAY_SEED_OFFSET + seed,
                 "--perturb-prob", *(f"{task}={get_task(task).play_perturb_prob}" for task in tasks), "--report", report),
         (report, *(paths.raw_play / task / OUTPUT_NAME for task in tasks)),
     )
@@ -469,7 +469,7 @@ def driver_name(round_: int, task: str) -> str:
 
 def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
     """Per round r and task: an MLP-BC on that task's demos + rounds < r drives, the expert finishes
-    (vla-generate --policy); then all tasks' rounds 1..r are merged with the demos."""
+    (vla-generate dagger); then all tasks' rounds 1..r are merged with the demos."""
     from data_prep.generate import OUTPUT_NAME
 
     stages = []
@@ -491,7 +491,7 @@ def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str]
                 train_stage("mlp", paths, size, seed, name=driver, config=DRIVER_CONFIG, role="mlp_driver"),
                 Stage(
                     f"generate_dagger{round_}_{task}",
-                    console("vla-generate", "--tasks", task, "--episodes", episodes, "--out", raw,
+                    console("vla-generate", "dagger", "--tasks", task, "--episodes", episodes, "--out", raw,
                             "--workers", size.workers,
                             "--seed", DAGGER_SEED_OFFSET + DAGGER_ROUND_SEEDS * (round_ - 1) + seed,
                             "--max-attempts", 6 * episodes, "--policy", paths.best(driver),
@@ -522,7 +522,8 @@ def vla_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], s
         train_stage("policy", paths, size, seed, name=VLA_BASE),
         Stage(
             "generate_dagger_vla",
-            console("vla-generate", "--tasks", *tasks, "--episodes", episodes, "--out", raw, "--workers", size.workers,
+            console("vla-generate", "dagger", "--tasks", *tasks, "--episodes", episodes, "--out", raw,
+                    "--workers", size.workers,
                     "--seed", VLA_DAGGER_SEED_OFFSET + seed, "--max-attempts", 6 * episodes,
                     "--policy", paths.best(VLA_BASE), "--handover-steps", DAGGER_HANDOVER_STEPS, "--report", report),
             (report, *(raw / task / OUTPUT_NAME for task in tasks)),
@@ -557,9 +558,9 @@ def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[
         play_stage(paths, size, tasks, seed),
         Stage(
             "generate_onpolicy",
-            console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
+            console("vla-generate", "rollouts", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
                     paths.raw_onpolicy, "--workers", side_workers(size), "--seed", ONPOLICY_SEED_OFFSET + seed,
-                    "--policy", paths.best(driver), "--policy-rollouts", "--report", report),
+                    "--policy", paths.best(driver), "--report", report),
             (report, *(paths.raw_onpolicy / task / OUTPUT_NAME for task in tasks)),
         ),
         Stage(

@@ -186,7 +186,7 @@ class SourceSummary:
     task: str
     origin: str
     episodes: Counter = field(default_factory=Counter)  # split -> count
-    failed: int = 0  # episodes not solved at their last step (play data made with `vla-generate --keep-failures`)
+    failed: int = 0  # episodes not solved at their last step (play data made with `vla-generate play`)
 
 
 @dataclass
@@ -406,9 +406,9 @@ def card_body(collected: Collected, counts: dict, seed: int) -> str:
         "## How it was made",
         "",
         f"Converted with `vla-preprocess --seed {seed}` from these robomimic HDF5 files (`generated` = scripted-expert "
-        "demos made by `vla-generate` in robosuite; `generated (play)` = its play data, `--keep-failures`; "
-        "`generated (DAgger)` = its DAgger data, `--policy`: the expert finishing from where a trained policy left "
-        "the robot; `generated (policy)` = a trained policy's own roll-outs, `--policy-rollouts` (world-model data: their "
+        "demos made by `vla-generate demos` in robosuite; `generated (play)` = its play data, `vla-generate play`; "
+        "`generated (DAgger)` = its DAgger data, `vla-generate dagger`: the expert finishing from where a trained policy "
+        "left the robot; `generated (policy)` = a trained policy's own roll-outs, `vla-generate rollouts` (world-model data: their "
         "labels are the policy's actions); `robomimic` = robomimic's published files, e.g. from `vla-download`). An episode not solved at its "
         "last step is a failure: its `done` is never set.",
         "",

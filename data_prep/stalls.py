@@ -1,4 +1,4 @@
-"""When a policy's gripper counts as stalled: shared by DAgger's stall handover (`vla-generate --handover-on-stall`)
+"""When a policy's gripper counts as stalled: shared by DAgger's stall handover (`vla-generate dagger --handover-on-stall`)
 and the failure analysis of benchmarks/stalls.py.
 
 A stall: the gripper has come down open next to the object and the policy keeps commanding a small move that contact
