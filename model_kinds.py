@@ -137,7 +137,7 @@ _SHARED_LIMITS = (
 _POLICY_LIMITS = _SHARED_LIMITS + (
     "\n- On Lift a policy reading the state alone does not turn the gripper to the cube's nearest face as the expert "
     "does: it meets the cube 20-30 degrees off (median), and the VLA's failures are the most turned ones "
-    "(`benchmarks/grasp_yaw.py`). Reading the relative yaw (`relative_yaw_harmonics`) taught the MLP-BC the turn but "
+    "(`benchmarks/diagnostics/grasp_yaw.py`). Reading the relative yaw (`relative_yaw_harmonics`) taught the MLP-BC the turn but "
     "cost it Lift successes (a square grasp needs more precision in xy than it has). The VLA fine-tuned with it and "
     "its sawtooth (`relative_yaw_sawtooth`) turns only partway (median 10-12 degrees off) and still turns away from "
     "the nearest face in about one Lift episode in six; those are where its Lift failures have been (the project's "
@@ -173,7 +173,7 @@ WORLD_MODEL_CARD = CardText(
     "runs' members (the project's docs/RESULTS.md has the measurements).\n- A gripper held still by contact "
     "(pushed against the table or an object) is dreamed moving, many times faster than reality even on the training "
     "data's own stalls, so a dream walks out of a stall that holds the real robot: a policy that stalls is dreamed "
-    "too optimistically (`benchmarks/stalls.py --world-model`).",
+    "too optimistically (`benchmarks/diagnostics/stalls.py --world-model`).",
 )
 VLA_CARD = CardText(
     title="Dreaming VLA policy (pretrained transformer + LoRA)",

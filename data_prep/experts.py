@@ -331,7 +331,7 @@ class SquareExpert(ScriptedExpert):
     hold_radius = 0.05
     # Grasp height relative to the handle's centre (1 cm above the table). At -5 mm the fingertips, which reach 9 mm
     # below the eef site, press on the table: a learned policy that comes down 1-2 cm beside the handle is then held
-    # there by friction (benchmarks/stalls.py). +3 mm, clear of the table, did not help (docs/experiments/022), so the
+    # there by friction (benchmarks/diagnostics/stalls.py). +3 mm, clear of the table, did not help (docs/experiments/022), so the
     # demos keep -5 mm.
     grasp_height = -0.005
 
