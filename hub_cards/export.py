@@ -264,8 +264,8 @@ def _main(argv: Sequence[str] | None = None) -> ExportResult:
     return result
 
 
-def main() -> None:
-    run_cli(_main)
+def main(argv: Sequence[str] | None = None) -> None:
+    run_cli(lambda: _main(argv))
 
 
 if __name__ == "__main__":
