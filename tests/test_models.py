@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import python_without_the_project
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
@@ -109,13 +109,13 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 
 
 def outputs_in_fresh_process(folder: Path, inputs: dict, instruction: list[str], tmp_path: Path) -> dict:
-    """Load `folder` with AutoModel(trust_remote_code) in a new interpreter and run it on `inputs`."""
+    """Load `folder` with AutoModel(trust_remote_code) in a new interpreter without the project; run it on `inputs`."""
     inputs_path, outputs_path = tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"
     save_file(inputs, inputs_path)
     Path(f"{inputs_path}.txt").write_text("\n".join(instruction))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), str(inputs_path), str(outputs_path)],
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(  # the project is not importable there: the folder's own code must do
+        [*python_without_the_project(FRESH_PROCESS_SCRIPT), str(folder), str(inputs_path), str(outputs_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
