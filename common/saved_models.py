@@ -46,7 +46,7 @@ def check_model_config(config: dict, folder: Path, flag: str, kinds: Sequence[st
 def load_model(folder: Path, flag: str, device: str) -> Any:
     """AutoModel.from_pretrained(folder, trust_remote_code=True), offline, in eval mode on `device`.
 
-    Weights that do not fit the folder's config are refused by the models' from_pretrained (modeling_vla.py)."""
+    Weights that do not fit the folder's config are refused by the models' from_pretrained (modeling_shared.NormalizedModelMixin)."""
     from safetensors import SafetensorError
     from transformers import AutoModel
 

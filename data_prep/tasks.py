@@ -252,11 +252,11 @@ register_task(TaskSpec(
 def rot6_to_matrix(rot6: np.ndarray) -> np.ndarray:
     """6-D rotations [..., 6] -> rotation matrices [..., 3, 3] (Gram-Schmidt, so imagined columns need not be exact).
 
-    numpy in, numpy out (float64) around `modeling_vla.rot6_to_matrix`, the one implementation.
+    numpy in, numpy out (float64) around `modeling_geometry.rot6_to_matrix`, the one implementation.
     """
     import torch
 
-    from modeling_vla import rot6_to_matrix as rot6_to_matrix_torch
+    from modeling_geometry import rot6_to_matrix as rot6_to_matrix_torch
 
     return rot6_to_matrix_torch(torch.as_tensor(np.asarray(rot6, dtype=np.float64))).numpy()
 
@@ -271,12 +271,12 @@ def relative_pose_from_poses(states: np.ndarray, prev_states: np.ndarray, task: 
     object-to-eef pose is the object's pose in the eef frame, R_eef^T (p_obj - p_eef) and R_eef^T R_obj, where the
     object pose is the one of the *previous* control step (robosuite's sensors read the object from the
     observation cache before updating it). `prev_states` holds those previous states; at a reset pass `states`.
-    numpy around `modeling_vla.relative_pose_from_poses` (computed in float64), which world models with
+    numpy around `modeling_geometry.relative_pose_from_poses` (computed in float64), which world models with
     `derive_relative_pose` also train through.
     """
     import torch
 
-    from modeling_vla import relative_pose_from_poses as relative_pose_torch
+    from modeling_geometry import relative_pose_from_poses as relative_pose_torch
 
     spec = get_task(task)
     derived = relative_pose_torch(

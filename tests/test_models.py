@@ -420,9 +420,10 @@ def test_world_model_round_trip_in_fresh_process(tmp_path, velocity_input):
     if config.linear_skip:
         assert model.skip.weight.abs().sum() > 0  # the skip path trains (it starts at zero)
     model.save_pretrained(tmp_path / "wm")
-    assert {"config.json", "model.safetensors", "modeling_vla.py", "configuration_vla.py"} <= {
-        p.name for p in (tmp_path / "wm").iterdir()
-    }
+    # save_pretrained copies the model's module and the siblings it imports, nothing else of the project
+    assert {p.name for p in (tmp_path / "wm").iterdir()} == {
+        "config.json", "model.safetensors", "configuration_vla.py", "modeling_world.py", "modeling_shared.py",
+        "modeling_geometry.py"}
     inputs = {"state": torch.randn(5, STATE_DIM), "action": torch.rand(5, ACTION_DIM), "prev_state": torch.randn(5, STATE_DIM)}
     instruction = [INSTRUCTIONS[i % 2] for i in range(5)]
     outputs = model.step(inputs["state"], inputs["action"], instruction, prev_state=inputs["prev_state"])
