@@ -35,7 +35,6 @@ import numpy as np
 
 from common.errors import UserError
 from common.plugins import load_plugins
-from data_prep.experts import CanExpert, LiftExpert, SquareExpert
 
 ROBOT_KEYS: tuple[str, ...] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 ROBOT_DIMS: tuple[int, ...] = (3, 4, 2)  # widths of the raw observations (quaternion: x y z w)
@@ -121,7 +120,7 @@ class TaskSpec:
     instructions: Instructions
     success_rule: Callable[[np.ndarray], np.ndarray]  # [..., 29] states -> [...] bool
     sim_success: Callable[[Any], bool] | None = None  # live robosuite env -> bool; None: its `_check_success()`
-    expert: Callable[..., Any]  # (seed=None, noise=0.05) -> a scripted expert (`.reset(env)`, `.act(obs)`)
+    expert: Callable[..., Any]  # (seed=None, noise=0.05) -> a scripted expert (`.reset(env)`, `.act(obs)`): a class or factory
     # Per-step chance of a random-action burst in play data, so that roughly 30-60 % of its episodes fail
     # (docs/experiments/004): the longer and more precise the task, the fewer bursts it takes.
     play_perturb_prob: float
@@ -170,6 +169,18 @@ def task_of_env(env_name: str) -> str | None:
     return next((name for name in task_names() if _TASKS[name].env_name == env_name), None)
 
 
+def scripted_expert(name: str) -> Callable[..., Any]:
+    """The class `name` of data_prep.experts as a task's `expert`, imported when first built: the experts need scipy,
+    which the dream-only Space does without."""
+
+    def build(seed: int | None = None, noise: float = 0.05) -> Any:
+        from data_prep import experts
+
+        return getattr(experts, name)(seed=seed, noise=noise)
+
+    return build
+
+
 def make_expert(task: str, seed: int | None = None, noise: float = 0.05) -> Any:
     """The scripted expert for `task`; call `.reset(env)` then `.act(obs)` (or `expert(obs)`)."""
     return get_task(task).expert(seed=seed, noise=noise)
@@ -213,7 +224,7 @@ register_task(TaskSpec(
     ),
     # cube more than 4 cm above the table top (table_offset z = 0.8)
     success_rule=SuccessRule(low=(-np.inf, -np.inf, 0.84), high=(np.inf, np.inf, np.inf)),
-    expert=LiftExpert,
+    expert=scripted_expert("LiftExpert"),
     play_perturb_prob=0.06,
 ))
 register_task(TaskSpec(
@@ -228,7 +239,7 @@ register_task(TaskSpec(
     ),
     # can inside the quarter of bin 2 assigned to it (bin2_pos (0.1, 0.28, 0.8), bin_size 0.39 x 0.49), < 10 cm up
     success_rule=SuccessRule(low=(0.1, 0.28, 0.8), high=(0.1 + 0.39 / 2, 0.28 + 0.49 / 2, 0.9), min_eef_distance=_LET_GO),
-    expert=CanExpert,
+    expert=scripted_expert("CanExpert"),
     play_perturb_prob=0.02,
 ))
 register_task(TaskSpec(
@@ -244,7 +255,7 @@ register_task(TaskSpec(
     ),
     # square nut within 3 cm of peg 1 (0.23, 0.10) in x and y, and below table_offset z 0.82 + 5 cm
     success_rule=SuccessRule(low=(0.2, 0.07, -np.inf), high=(0.26, 0.13, 0.87), min_eef_distance=_LET_GO),
-    expert=SquareExpert,
+    expert=scripted_expert("SquareExpert"),
     play_perturb_prob=0.01,
 ))
 

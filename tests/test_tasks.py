@@ -173,3 +173,17 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(monkeypatch: pytes
         get_task("lift")
     monkeypatch.delenv("VLA_PLUGINS")
     assert get_task("lift").instruction == "Lift the red cube"
+
+
+def test_the_task_registry_loads_without_the_simulator_or_the_experts() -> None:
+    """The dream-only Space reads the registry where robosuite (and scipy, which the experts need) may be missing."""
+    import subprocess
+    import sys
+
+    from data_prep.tasks import make_expert
+
+    code = ("import sys, data_prep.tasks as t; t.get_task('lift').instruction; "
+            "print(sorted(m for m in ('robosuite', 'scipy', 'data_prep.experts') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
+    assert type(make_expert("lift", seed=0)).__name__ == "LiftExpert"  # built from its class when asked
