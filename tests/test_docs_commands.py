@@ -245,7 +245,8 @@ def test_placeholders_become_arguments_and_are_still_checked() -> None:
 def test_every_cli_exposes_its_parser() -> None:
     """So any of them can be quoted in the docs and checked here."""
     scripts = console_scripts()
-    programs = list(scripts) + [str(p.relative_to(REPO)) for p in sorted((REPO / "benchmarks").rglob("*.py"))]
+    benchmarks = [*(REPO / "benchmarks").glob("*.py"), *(REPO / "benchmarks" / "diagnostics").glob("*.py")]
+    programs = list(scripts) + [str(p.relative_to(REPO)) for p in sorted(benchmarks)]
     programs.append("space_app/app.py")
     for program in programs:
         assert isinstance(load_parser(program, scripts), argparse.ArgumentParser), program
