@@ -100,6 +100,11 @@ class PeerServer:
         ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
+            if ready:  # the server closed its output: it is exiting, so its exit code is at hand
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
             reason = f"no reply within {self.timeout_s:.0f} s" if not ready else f"exit code {self.proc.poll()}"
             self.kill()
             raise PeerError(f"peer server gave no answer to {message.get('op')!r} ({reason}): {self.log_tail()}")
