@@ -193,3 +193,22 @@ def test_one_file_per_task(tmp_path: Path) -> None:
         (tmp_path / name / "lift.hdf5").write_bytes((FIXTURES / "tiny_lift.hdf5").read_bytes())
     with pytest.raises(UserError, match="expected one HDF5 file of task 'lift', found 2"):
         harness.task_files(tmp_path, ["lift"])
+
+
+def test_checkpoint_candidates_are_evenly_spaced_and_end_with_the_last() -> None:
+    saved = list(range(50, 2001, 50))  # robomimic's 40 checkpoints of a 2000-epoch run
+    picked = harness.spaced(saved, 10)
+    assert len(picked) == 10 and picked[-1] == 2000 and set(np.diff(picked)) == {200}
+    assert harness.spaced(saved[:3], 10) == saved[:3]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--candidates", "0"], "--candidates must be >= 1, got 0"),
+    (["train", "--part-epochs", "0"], "--part-epochs must be >= 1, got 0"),
+    (["evaluate", "--select-episodes", "-1"], "--select-episodes must be >= 0, got -1"),
+])
+def test_bad_counts_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        robomimic_bc_rnn.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"

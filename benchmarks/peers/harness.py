@@ -51,11 +51,25 @@ def common_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="evaluation episode i starts from seed + i")
     p.add_argument("--select-episodes", type=int, default=50,
                    help="tuning episodes per checkpoint to choose among several (0: take the last)")
+    p.add_argument("--candidates", type=int, default=10,
+                   help="checkpoints tried on the tuning starts: this many, evenly spaced, ending with the last")
     p.add_argument("--horizon", type=int, help="max steps per episode (default: the task's, 400)")
     p.add_argument("--replay-demos", type=int, help="replay validation: demos per task (default: all)")
     p.add_argument("--workers", type=int, default=1, help="simulator processes")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads of the peer's processes")
     p.add_argument("--no-progress", action="store_true")
+
+
+def check_counts(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """One-line errors for counts that must be positive (`select_episodes` may be 0)."""
+    for name in ("episodes", "workers", "threads", "candidates", *names):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("select_episodes", "horizon", "replay_demos"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "select_episodes" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'select_episodes' else 1}, got {value}")
 
 
 def peer_env(threads: int) -> dict[str, str]:
@@ -230,6 +244,14 @@ def replay_report(peer: str, results: list[dict], out: Path) -> None:
                         "would not be the peer's")
 
 
+def spaced(items: Sequence, count: int) -> list:
+    """At most `count` of `items`, evenly spaced and always ending with the last."""
+    if len(items) <= count:
+        return list(items)
+    stride = len(items) // count
+    return [items[len(items) - 1 - k * stride] for k in reversed(range(count))]
+
+
 def success_rate(records: Sequence[EpisodeRecord]) -> float:
     return sum(r.success for r in records) / max(1, len(records))
 
@@ -246,8 +268,9 @@ def evaluate(peer: Peer, checkpoints: dict[str, list[Path]], args: argparse.Name
 
     def produce(tmp: Path) -> str:
         records: list[EpisodeRecord] = []
-        for task, candidates in checkpoints.items():
+        for task, saved in checkpoints.items():
             horizon = args.horizon or get_task(task).horizon
+            candidates = spaced(saved, args.candidates)
             tried = {}
             chosen = candidates[-1]
             if len(candidates) > 1 and args.select_episodes > 0:

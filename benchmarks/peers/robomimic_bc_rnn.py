@@ -178,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_cli(lambda: STEPS[args.step](args))
+
+    def run() -> None:
+        harness.check_counts(args, ("epochs", "part_epochs", "max_parts", "save_every"))
+        STEPS[args.step](args)
+
+    run_cli(run)
 
 
 if __name__ == "__main__":
