@@ -264,6 +264,8 @@ def _main(argv: Sequence[str] | None = None) -> ExportResult | LeRobotExport:
     out = args.out or Path("exports") / args.repo_id.split("/")[-1]
     if args.format == "lerobot":
         return _main_lerobot(args, out)
+    if args.tasks or args.splits != list(LEROBOT_SPLITS) or args.action_column != ACTION_COLUMNS[0]:
+        raise UserError("--tasks/--splits/--action-column choose what a LeRobotDataset holds: add --format lerobot")
     if args.model_dir is not None:
         result = export_model(args.model_dir, args.repo_id, out, args.card_results, args.dataset_repo_id, args.push)
     else:

@@ -168,6 +168,13 @@ def test_a_model_folder_is_refused(tmp_path: Path) -> None:
         export_main(["--model-dir", str(tmp_path), "--format", "lerobot", "--repo-id", "local/x"])
 
 
+def test_lerobot_options_need_the_lerobot_format(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="add --format lerobot"):
+        export_main(["--dataset-dir", str(dataset), "--repo-id", "local/x", "--out", str(tmp_path / "x"),
+                     "--tasks", "lift"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_lerobots_own_dataset_class_reads_the_export(exported: Path, dataset: Path) -> None:
     if not LEROBOT_PYTHON.is_file():
         pytest.skip(f"no lerobot virtualenv at {LEROBOT_PYTHON}: build it with "
