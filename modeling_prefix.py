@@ -79,11 +79,16 @@ def instruction_prefix_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     prefix = instruction_prefix
+    dtype = query.dtype
+    if dtype == torch.bfloat16 and query.device.type == "cpu":
+        # a bf16 backbone on a CPU: attention's few small tensors in fp32 (bf16 sdpa's backward takes a slow path)
+        query, key, value = query.float(), key.float(), value.float()
     if prefix is None or prefix.rows is None:
         if prefix is not None:
             prefix.keys[module.layer_idx] = (key, value)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                              dropout=dropout, **kwargs)
+        return out.to(dtype), weights
     text_key, text_value = prefix.keys[module.layer_idx]  # [U, kv_heads, L, d]
     heads, steps, length = query.shape[1], query.shape[2], text_key.shape[2]
     if key.shape[1] != heads:  # grouped-query attention: each key/value head serves consecutive query heads
@@ -101,7 +106,7 @@ def instruction_prefix_attention(
     probs = F.dropout(torch.softmax(torch.cat([text, state], -1), -1), p=dropout, training=dropout > 0)
     out = prefix.from_groups(prefix.to_groups(probs[..., :length]) @ text_value, steps)
     out = out + (probs[..., length:].unsqueeze(-1) * value.unsqueeze(2)).sum(3)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous().to(dtype), None
 
 
 AttentionInterface.register(PREFIX_ATTENTION, instruction_prefix_attention)

@@ -266,6 +266,9 @@ class CanExpert(ScriptedExpert):
     # The target quadrant's centre is beyond the arm's reach at carrying height: aim for its
     # corner nearest the robot, still ~2 cm inside the walls for the 3.3 cm-radius can.
     place_offset = np.array([-0.035, -0.055, 0.0])
+    above_height = 0.06  # gripper above the object's grasp point before coming down
+    grasp_height = 0.005  # gripper relative to the grasp point when the fingers close
+    release_height = 0.13  # gripper above the bin floor when it lets go
 
     def can_id(self) -> int:
         return self.env.obj_body_id["Can"]
@@ -280,36 +283,41 @@ class CanExpert(ScriptedExpert):
         """Bin-floor point under the gripper's drop position."""
         return np.array(self.env.target_bin_placements[self.env.object_to_id["can"]]) + self.place_offset
 
+    def grasp_yaw(self) -> float:
+        """Gripper yaw for the grasp, kept while carrying (the can is round: the default heading)."""
+        return 0.0
+
     def phases(self) -> list[Phase]:
-        yaw = 0.0  # the can is round; keep the default heading
+        yaw = self.grasp_yaw
 
         def above() -> Goal:
-            return Goal(self.object_pos() + [0, 0, 0.06], yaw, GRIPPER_OPEN, tol=0.02, yaw_tol=0.15)
+            return Goal(self.object_pos() + [0, 0, self.above_height], yaw(), GRIPPER_OPEN, tol=0.02, yaw_tol=0.15)
 
         def descend() -> Goal:
-            return Goal(self.object_pos() + [0, 0, 0.005], yaw, GRIPPER_OPEN, tol=0.01, yaw_tol=0.15)
+            return Goal(self.object_pos() + [0, 0, self.grasp_height], yaw(), GRIPPER_OPEN, tol=0.01, yaw_tol=0.15)
 
         def grasp() -> Goal:
-            return Goal(self.object_pos() + [0, 0, 0.005], yaw, GRIPPER_CLOSED, tol=0.02, yaw_tol=0.3, wait=2, settle=True)
+            return Goal(self.object_pos() + [0, 0, self.grasp_height], yaw(), GRIPPER_CLOSED, tol=0.02, yaw_tol=0.3,
+                        wait=2, settle=True)
 
         def lift() -> Goal:
             target = np.array([*self.eef_pos[:2], self.carry_z])
-            return Goal(target, yaw, GRIPPER_CLOSED, tol=0.03, yaw_tol=0.3, carrying=True)
+            return Goal(target, yaw(), GRIPPER_CLOSED, tol=0.03, yaw_tol=0.3, carrying=True)
 
         def transport() -> Goal:
             target = np.array([*self.target()[:2], self.carry_z])
-            return Goal(target, yaw, GRIPPER_CLOSED, tol=0.02, yaw_tol=0.3, carrying=True)
+            return Goal(target, yaw(), GRIPPER_CLOSED, tol=0.02, yaw_tol=0.3, carrying=True)
 
         def lower() -> Goal:
             # Release once the can is below the wall tops; it drops the last few centimetres.
-            target = np.array([*self.target()[:2], self.target()[2] + 0.13])
-            return Goal(target, yaw, GRIPPER_CLOSED, tol=0.015, yaw_tol=0.3, carrying=True)
+            target = np.array([*self.target()[:2], self.target()[2] + self.release_height])
+            return Goal(target, yaw(), GRIPPER_CLOSED, tol=0.015, yaw_tol=0.3, carrying=True)
 
         def release() -> Goal:
-            return Goal(self.anchored(), yaw, GRIPPER_OPEN, tol=1.0, yaw_tol=np.pi, wait=3)
+            return Goal(self.anchored(), yaw(), GRIPPER_OPEN, tol=1.0, yaw_tol=np.pi, wait=3)
 
         def retreat() -> Goal:
-            return Goal(np.array([*self.target()[:2], self.carry_z]), yaw, GRIPPER_OPEN, tol=0.02, yaw_tol=np.pi)
+            return Goal(np.array([*self.target()[:2], self.carry_z]), yaw(), GRIPPER_OPEN, tol=0.02, yaw_tol=np.pi)
 
         return [
             Phase("above", above),

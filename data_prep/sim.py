@@ -42,10 +42,15 @@ def quiet_robosuite() -> None:
 
 def standard_env_kwargs(task: str) -> dict[str, Any]:
     """robosuite.make(**kwargs) for `task`, matching robomimic's low-dim datasets (plus the task's own `env_kwargs`)."""
+    spec = get_task(task)
+    return robomimic_env_kwargs(spec.horizon) | dict(spec.env_kwargs)
+
+
+def robomimic_env_kwargs(horizon: int) -> dict[str, Any]:
+    """robosuite.make(**kwargs) with robomimic's low-dim settings and an episode length of `horizon` steps."""
     quiet_robosuite()
     from robosuite.controllers import load_composite_controller_config
 
-    spec = get_task(task)
     return {
         "has_renderer": False,
         "has_offscreen_renderer": False,
@@ -53,19 +58,24 @@ def standard_env_kwargs(task: str) -> dict[str, Any]:
         "use_object_obs": True,
         "use_camera_obs": False,
         "control_freq": CONTROL_FREQ,
-        "horizon": spec.horizon,
+        "horizon": horizon,
         "controller_configs": load_composite_controller_config(controller="BASIC"),
         "robots": [ROBOT],
         "reward_shaping": False,
-    } | dict(spec.env_kwargs)
+    }
 
 
 def env_args_for(task: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """robomimic's `env_args` record: env_name, env_version, type, env_kwargs."""
+    return robomimic_env_args(get_task(task).env_name, env_kwargs)
+
+
+def robomimic_env_args(env_name: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """robomimic's `env_args` record of the robosuite env `env_name` built with `env_kwargs`."""
     import robosuite
 
     return {
-        "env_name": get_task(task).env_name,
+        "env_name": env_name,
         "env_version": robosuite.__version__,
         "type": ROBOMIMIC_ENV_TYPE,
         "env_kwargs": env_kwargs,
@@ -186,12 +196,18 @@ def compile_models_once() -> None:
 
 def make_env(task: str, seed: int = 0) -> SimEnv:
     """Build the standard robosuite env for `task` (see module docstring), seeded with `seed`."""
+    kwargs = standard_env_kwargs(task)
+    spec = get_task(task)
+    return SimEnv(task=task, env=build_robosuite_env(spec.env_name, kwargs, seed),
+                  env_args=env_args_for(task, kwargs), sim_success=spec.sim_success)
+
+
+def build_robosuite_env(env_name: str, kwargs: dict[str, Any], seed: int) -> Any:
+    """robosuite.make(env_name, seed=seed, **kwargs), each MuJoCo model compiled once per process."""
     quiet_robosuite()
     import robosuite
 
     compile_models_once()
-
-    kwargs = standard_env_kwargs(task)
-    env = robosuite.make(get_task(task).env_name, seed=seed, **kwargs)
+    env = robosuite.make(env_name, seed=seed, **kwargs)
     quiet_robosuite()
-    return SimEnv(task=task, env=env, env_args=env_args_for(task, kwargs), sim_success=get_task(task).sim_success)
+    return env

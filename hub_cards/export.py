@@ -3,6 +3,7 @@
     vla-export --model-dir runs/pipeline/train_policy/best --repo-id local/dreaming-vla-vla-policy \\
                --card-results runs/pipeline/train_policy/train_summary.json runs/pipeline/eval_policy/summary.json
     vla-export --dataset-dir runs/pipeline/dataset --repo-id local/dreaming-vla-dataset
+    vla-export --dataset-dir runs/pipeline/dataset --format lerobot --repo-id local/dreaming-vla-lerobot
 
 A model repo holds config.json (with `auto_map`), the code files that auto_map needs (`code_files`: the modules it
 names and the sibling modules they import), the safetensors weights (plus the tokenizer for the VLA) and README.md,
@@ -15,6 +16,9 @@ into the local Hugging Face cache as the `main` revision of `--repo-id`, so
 
 works in a fresh process (and `datasets.load_dataset("org/name")` for the dataset). `--push` uploads the
 folder with `huggingface_hub.upload_folder` (needs a token and network).
+
+`--format lerobot` writes the dataset as a LeRobotDataset instead (hub_cards/lerobot_format.py), for LeRobot's
+trainers; it lives where `--out` says (LeRobot reads it with `root=`), not in the HF cache.
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ from common.atomic import MARKER, check_output_dir, publish_dir, temp_dir
 from common.errors import UserError, run_cli
 from hub_cards.cards import Results, dataset_card, model_card, model_kind, read_json
 from hub_cards.hub_cache import place_in_hub_cache
+from hub_cards.lerobot_format import ACTION_COLUMNS, LeRobotExport, write_lerobot_dataset
+from hub_cards.lerobot_format import SPLITS as LEROBOT_SPLITS
 
 COMMAND = "vla-export"  # the name in the marker of the folders it writes
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+FORMATS = ("datasets", "lerobot")  # what --dataset-dir becomes: a `datasets` repo, or a LeRobotDataset
 # Training leftovers that do not belong in a published repo.
 SKIPPED_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt")
 
@@ -224,6 +231,22 @@ def export_dataset(dataset_dir: Path, repo_id: str, out: Path, do_push: bool = F
     return result
 
 
+def export_lerobot(dataset_dir: Path, repo_id: str, out: Path, action_column: str = ACTION_COLUMNS[0],
+                   tasks: Sequence[str] | None = None, splits: Sequence[str] | None = None,
+                   overwrite: bool = False) -> LeRobotExport:
+    """`dataset_dir` (a vla-preprocess folder) as a LeRobotDataset folder at `out`, written aside and renamed in."""
+    from common.atomic import write_output_dir
+
+    check_repo_id(repo_id)
+    result = write_output_dir(
+        out, COMMAND, overwrite,
+        lambda tmp: write_lerobot_dataset(dataset_dir, repo_id, tmp, action_column, list(tasks) if tasks else None,
+                                          list(splits) if splits else None),
+        inputs=[dataset_dir],
+    )
+    return LeRobotExport(out, result.episodes, result.frames, result.tasks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -237,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="repo folder to write (default: exports/<name>)")
     parser.add_argument("--push", action="store_true", help="also upload to the Hub (needs a token and network)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out written by vla-export")
+    lerobot = parser.add_argument_group("--format lerobot (a LeRobotDataset v3.0 of --dataset-dir)")
+    lerobot.add_argument("--format", choices=FORMATS, default=FORMATS[0],
+                         help="datasets: the Hugging Face datasets repo (default); lerobot: a LeRobotDataset")
+    lerobot.add_argument("--action-column", choices=ACTION_COLUMNS, default=ACTION_COLUMNS[0],
+                         help="what LeRobot's `action` holds: expert_action (the label our policies learn, default) "
+                              "or action (what was executed)")
+    lerobot.add_argument("--tasks", nargs="+", help="only these tasks (default: all)")
+    lerobot.add_argument("--splits", nargs="+", choices=LEROBOT_SPLITS, default=list(LEROBOT_SPLITS),
+                         help="which splits, in this order (default: train validation; info.json names the ranges)")
     return parser
 
 
@@ -244,9 +276,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _main(argv: Sequence[str] | None = None) -> ExportResult:
+def _main(argv: Sequence[str] | None = None) -> ExportResult | LeRobotExport:
     args = parse_args(argv)
     out = args.out or Path("exports") / args.repo_id.split("/")[-1]
+    if args.format == "lerobot":
+        return _main_lerobot(args, out)
+    if args.tasks or args.splits != list(LEROBOT_SPLITS) or args.action_column != ACTION_COLUMNS[0]:
+        raise UserError("--tasks/--splits/--action-column choose what a LeRobotDataset holds: add --format lerobot")
     if args.model_dir is not None:
         result = export_model(args.model_dir, args.repo_id, out, args.card_results, args.dataset_repo_id, args.push,
                               overwrite=args.overwrite)
@@ -261,6 +297,20 @@ def _main(argv: Sequence[str] | None = None) -> ExportResult:
     loader = ("AutoModel.from_pretrained(\"{0}\", trust_remote_code=True)" if result.repo_type == "model"
               else "datasets.load_dataset(\"{0}\")").format(result.repo_id)
     print(f"  load offline: HF_HUB_OFFLINE=1 ... {loader}")
+    return result
+
+
+def _main_lerobot(args: argparse.Namespace, out: Path) -> LeRobotExport:
+    if args.dataset_dir is None:
+        raise UserError("--format lerobot exports a dataset: give --dataset-dir (a vla-preprocess folder), not --model-dir")
+    if args.push or args.card_results:
+        raise UserError("--format lerobot writes a local folder only: drop --push/--card-results (upload the folder "
+                        "with `hf upload --repo-type dataset` and tag it v3.0, as LeRobot's push_to_hub does)")
+    result = export_lerobot(args.dataset_dir, args.repo_id, out, args.action_column, args.tasks, args.splits,
+                            args.overwrite)
+    print(f"LeRobotDataset {args.repo_id}: folder {result.folder} ({result.episodes} episodes, {result.frames} frames, "
+          f"{result.tasks} task strings; action = {args.action_column})")
+    print(f'  load: LeRobotDataset("{args.repo_id}", root="{result.folder}")  (lerobot 0.4.x)')
     return result
 
 

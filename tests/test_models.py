@@ -6,6 +6,7 @@ Round trips load the saved folder in a fresh process through `AutoModel.from_pre
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import textwrap
@@ -820,3 +821,16 @@ def test_vla_backbone_dropout_sets_the_frozen_backbones_dropout(tiny_llama):
     assert llama.base_backbone.config.attention_dropout == 0.2
     with pytest.raises(ValueError, match="backbone_dropout"):
         VLAConfig(backbone_dropout=1.5)
+
+
+def test_vla_with_a_bf16_backbone_trains_its_adapters_in_fp32(tiny_llama):
+    """The CPU recipe's frozen backbone in bf16 (AMX matmuls); LoRA, head and the instruction-prefix attention stay
+    fp32, and training still fits the batch."""
+    torch.manual_seed(0)
+    model = VLAPolicy(tiny_vla_config(tiny_llama, backbone_dtype="bfloat16", lora_dropout=0.0))
+    assert model.base_backbone.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    losses = train_losses(model, synthetic_batch(batch=8, horizon=4), steps=30)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.7 * losses[0], losses
+    actions = model.predict_actions(torch.randn(3, STATE_DIM), ["Lift the red cube", "lift it", "lift it"])
+    assert actions.dtype == torch.float32 and torch.isfinite(actions).all()
