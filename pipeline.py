@@ -5,13 +5,13 @@ The dream model is a pool of world models trained with different seeds (`Pipelin
 
 The policies learn from expert demos (`<workdir>/dataset`) plus DAgger data: per task, an MLP-BC trained on
 that task's demos alone drives the first steps of new attempts and the expert finishes each from wherever it left
-the robot (`vla-generate --policy`), so the final policies also learn to recover from a learner's mistakes
+the robot (`vla-generate dagger`), so the final policies also learn to recover from a learner's mistakes
 (`<workdir>/dataset_dagger<r>` = demos + rounds 1..r; each round's drivers learned from the rounds before).
 The VLA trained on that data (`train_policy_base`) then drives a DAgger round of its own (`raw_dagger_vla`) and is
 fine-tuned on everything (`dataset_dagger_vla`, `vla-train --set init_from=...`) into `train_policy`.
-The world model also learns from "play" data (`vla-generate --keep-failures --perturb-prob ...`:
+The world model also learns from "play" data (`vla-generate play`:
 expert runs with random wrong moves, failures kept) and from the whole episodes of a three-task MLP-BC trained on
-the demos (`vla-generate --policy-rollouts`: a policy's states, grasps and failures), merged with the demos into
+the demos (`vla-generate rollouts`: a policy's states, grasps and failures), merged with the demos into
 `<workdir>/hf_dataset_world`: trained on successes alone it would dream that every action sequence succeeds,
 and without a policy's own roll-outs it dreams a policy's grasps badly (docs/experiments/004, 012).
 
@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
+from model_kinds import get_kind, kinds
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("runs/pipeline")
@@ -357,6 +358,12 @@ class PipelinePaths:
     def repo_id(self, name: str) -> str:
         return f"{self.org}/dreaming-vla-{name}"
 
+    def dataset_repo_name(self, model: str) -> str:
+        """The repo name of the dataset `model` learns from: dataset-world, dataset-vla (with the VLA's own DAgger
+        round) or dataset."""
+        names = {self.world_dataset: "dataset-world", self.vla_dagger_dataset: "dataset-vla"}
+        return names.get(self.training_dataset(model), "dataset")
+
     @property
     def private_env(self) -> tuple[tuple[str, str], ...]:
         """A datasets cache of this workdir's own. datasets 5.2 keys the Arrow cache of a local folder by the
@@ -371,13 +378,11 @@ DAGGER_DRIVER = "dagger_driver"
 VLA_BASE = "policy_base"  # with PipelineSize.vla_dagger: the VLA before its own DAgger round (which drives it)
 ROLLOUT_DRIVER = "mlp_demos"  # the three-task MLP-BC on the demos whose whole episodes the world model learns from
 WORLD_SEED_RUN = "world_s"  # with several world-model seeds, run k trains as `world_s<k>`; the pool is `world`
-CONFIGS = {"world": "configs/world_model.yaml", "policy": "configs/vla_minilm_cpu.yaml", "mlp": "configs/mlp_bc.yaml"}
 FINETUNE_CONFIG = "configs/vla_dagger_finetune.yaml"
 DRIVER_CONFIG = "configs/mlp_driver.yaml"  # the MLP-BCs that drive DAgger rounds and the world model's roll-outs
-EXPORT_NAMES = {"world": "world-model", "policy": "vla-policy", "mlp": "mlp-policy"}
-POLICY_LABELS = {"policy": "vla", "mlp": "mlp"}  # policy names in the evaluation tables
-# the repo each model trains on ("dataset-vla" is "dataset" plus the VLA's own DAgger round)
-DATASET_NAMES = {"world": "dataset-world", "policy": "dataset-vla", "mlp": "dataset"}
+# The policy kinds with stages of their own: the VLA (its own DAgger round and fine-tune) and the MLP-BC (it also
+# drives the data rounds). Any other registered policy kind with a step budget in SIZES trains on the policies' data.
+RECIPE_POLICIES = ("policy", "mlp")
 
 
 def console(script: str, *args: str | Path) -> tuple[str, ...]:
@@ -393,7 +398,7 @@ def data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], 
     return [
         Stage(
             "generate",
-            console("vla-generate", "--tasks", *tasks, "--episodes", size.episodes_per_task, "--out", paths.raw,
+            console("vla-generate", "demos", "--tasks", *tasks, "--episodes", size.episodes_per_task, "--out", paths.raw,
                     "--workers", size.workers, "--seed", seed, "--max-attempts", 3 * size.episodes_per_task,
                     "--report", report),
             (report, *(paths.raw / task / OUTPUT_NAME for task in tasks)),
@@ -414,14 +419,15 @@ def side_workers(size: PipelineSize) -> int:
 
 def play_stage(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> Stage:
     """Play data for the world model: the expert with random wrong-move bursts, failures kept."""
-    from data_prep.generate import OUTPUT_NAME, PLAY_PERTURB_PROB
+    from data_prep.generate import OUTPUT_NAME
+    from data_prep.tasks import get_task
 
     report = paths.raw_play / "generate_report.json"
     return Stage(
         "generate_play",
-        console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
-                paths.raw_play, "--workers", side_workers(size), "--seed", PLAY_SEED_OFFSET + seed, "--keep-failures",
-                "--perturb-prob", *(f"{task}={PLAY_PERTURB_PROB[task]}" for task in tasks), "--report", report),
+        console("vla-generate", "play", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
+                paths.raw_play, "--workers", side_workers(size), "--seed", PLAY_SEED_OFFSET + seed,
+                "--perturb-prob", *(f"{task}={get_task(task).play_perturb_prob}" for task in tasks), "--report", report),
         (report, *(paths.raw_play / task / OUTPUT_NAME for task in tasks)),
     )
 
@@ -448,7 +454,7 @@ def train_stage(
         f"train_{name}",
         # `python -m` rather than the vla-train script, whose exit status would be main()'s return value (a dict).
         (sys.executable, "-m", "train_accelerate",
-         *console("vla-train", "--model", model, "--config", REPO_ROOT / (config or CONFIGS[model]),
+         *console("vla-train", "--model", model, "--config", REPO_ROOT / (config or get_kind(model).config),
                   "--dataset", paths.training_dataset(name),
                   "--output-dir", paths.train_dir(name), "--set", *overrides)[1:]),
         (paths.best(name) / "config.json", paths.train_dir(name) / "train_summary.json"),
@@ -463,7 +469,7 @@ def driver_name(round_: int, task: str) -> str:
 
 def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
     """Per round r and task: an MLP-BC on that task's demos + rounds < r drives, the expert finishes
-    (vla-generate --policy); then all tasks' rounds 1..r are merged with the demos."""
+    (vla-generate dagger); then all tasks' rounds 1..r are merged with the demos."""
     from data_prep.generate import OUTPUT_NAME
 
     stages = []
@@ -485,7 +491,7 @@ def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str]
                 train_stage("mlp", paths, size, seed, name=driver, config=DRIVER_CONFIG, role="mlp_driver"),
                 Stage(
                     f"generate_dagger{round_}_{task}",
-                    console("vla-generate", "--tasks", task, "--episodes", episodes, "--out", raw,
+                    console("vla-generate", "dagger", "--tasks", task, "--episodes", episodes, "--out", raw,
                             "--workers", size.workers,
                             "--seed", DAGGER_SEED_OFFSET + DAGGER_ROUND_SEEDS * (round_ - 1) + seed,
                             "--max-attempts", 6 * episodes, "--policy", paths.best(driver),
@@ -516,7 +522,8 @@ def vla_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], s
         train_stage("policy", paths, size, seed, name=VLA_BASE),
         Stage(
             "generate_dagger_vla",
-            console("vla-generate", "--tasks", *tasks, "--episodes", episodes, "--out", raw, "--workers", size.workers,
+            console("vla-generate", "dagger", "--tasks", *tasks, "--episodes", episodes, "--out", raw,
+                    "--workers", size.workers,
                     "--seed", VLA_DAGGER_SEED_OFFSET + seed, "--max-attempts", 6 * episodes,
                     "--policy", paths.best(VLA_BASE), "--handover-steps", DAGGER_HANDOVER_STEPS, "--report", report),
             (report, *(raw / task / OUTPUT_NAME for task in tasks)),
@@ -551,9 +558,9 @@ def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[
         play_stage(paths, size, tasks, seed),
         Stage(
             "generate_onpolicy",
-            console("vla-generate", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
+            console("vla-generate", "rollouts", "--tasks", *tasks, "--episodes", size.play_episodes_per_task, "--out",
                     paths.raw_onpolicy, "--workers", side_workers(size), "--seed", ONPOLICY_SEED_OFFSET + seed,
-                    "--policy", paths.best(driver), "--policy-rollouts", "--report", report),
+                    "--policy", paths.best(driver), "--report", report),
             (report, *(paths.raw_onpolicy / task / OUTPUT_NAME for task in tasks)),
         ),
         Stage(
@@ -590,27 +597,38 @@ def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks:
         f"evaluate_{policy}",
         console("vla-rollout", "--policy", paths.best(policy), "--world-model", paths.best("world"), "--tasks", *tasks,
                 "--episodes", size.eval_episodes, "--env", "both", "--out", paths.eval_dir(policy), "--seed", EVAL_SEED,
-                "--workers", size.workers, "--name", POLICY_LABELS[policy], "--no-progress", "--overwrite"),
+                "--workers", size.workers, "--name", get_kind(policy).label, "--no-progress", "--overwrite"),
         (paths.eval_dir(policy) / "summary.json", paths.eval_dir(policy) / "summary.md"),
         env=paths.private_env,
     )
 
 
+def pipeline_policies(size: PipelineSize) -> list[str]:
+    """The policy kinds this size trains, evaluates and exports: those it gives a step budget (`train_steps`)."""
+    return [kind.name for kind in kinds("policy") if kind.name in size.train_steps]
+
+
 def export_stages(paths: PipelinePaths, size: PipelineSize) -> list[Stage]:
     stages = []
-    for model, name in EXPORT_NAMES.items():
+    models = ["world", *pipeline_policies(size)]
+    for model in models:
+        name = get_kind(model).repo_name
         runs = world_model_runs(size) if model == "world" else [model]
         results = [paths.train_dir(run) / "train_summary.json" for run in runs]
         # The world model's evaluation is the dream-vs-real agreement measured in both policies' rollouts.
-        results += [paths.eval_dir(policy) / "summary.json" for policy in POLICY_LABELS if model in (policy, "world")]
+        results += [paths.eval_dir(policy) / "summary.json" for policy in pipeline_policies(size)
+                    if model in (policy, "world")]
         stages.append(Stage(
             f"export_{model}",
             console("vla-export", "--model-dir", paths.best(model), "--repo-id", paths.repo_id(name),
-                    "--card-results", *results, "--dataset-repo-id", paths.repo_id(DATASET_NAMES[model]),
+                    "--card-results", *results, "--dataset-repo-id", paths.repo_id(paths.dataset_repo_name(model)),
                     "--out", paths.export_dir(name), "--overwrite"),
             (paths.export_dir(name) / "README.md",),
         ))
-    for name, model in {name: model for model, name in DATASET_NAMES.items()}.items():  # one export per dataset
+    datasets: dict[str, str] = {}  # one export per dataset: its repo name -> a model that learns from it
+    for model in models:
+        datasets.setdefault(paths.dataset_repo_name(model), model)
+    for name, model in datasets.items():
         stages.append(Stage(
             f"export_{name.replace('-', '_')}",
             console("vla-export", "--dataset-dir", paths.training_dataset(model), "--repo-id", paths.repo_id(name),
@@ -653,6 +671,7 @@ def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str],
     """generate → preprocess → DAgger rounds → world-model data → train world/VLA/MLP → evaluate (dream + real) → export cards/repos."""
     paths = dataclasses.replace(paths, dagger_rounds=size.dagger_rounds, vla_dagger=size.vla_dagger)
     mlp = [train_stage("mlp", paths, size, seed)]
+    others = [train_stage(policy, paths, size, seed) for policy in pipeline_policies(size) if policy not in RECIPE_POLICIES]
     driver_first = rollout_driver(size) == "mlp"  # the MLP-BC drives the world model's roll-outs: it trains first
     # List order is the priority among ready stages: the VLA, the longest, starts as soon as its data is there.
     stages = infer_needs([
@@ -663,7 +682,8 @@ def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str],
         *world_data_stages(paths, size, tasks, seed),
         *world_model_stages(paths, size, seed),
         *([] if driver_first else mlp),
-        *(evaluate_stage(policy, paths, size, tasks, seed) for policy in POLICY_LABELS),
+        *others,
+        *(evaluate_stage(policy, paths, size, tasks, seed) for policy in pipeline_policies(size)),
         *export_stages(paths, size),
     ])
     if size.overlap:  # training and the world model's data on one core each, side by side
@@ -680,7 +700,8 @@ def success_table(paths: PipelinePaths) -> list[str]:
     """Per policy and task: real success (Wilson 95 % interval), dreamed success and dream - real, from the
     evaluations' summary.json (the rows of policies not evaluated yet are left out)."""
     lines = ["| policy | task | real success | 95 % CI | dream | dream - real |", "| --- | --- | ---: | --- | ---: | ---: |"]
-    for policy, label in POLICY_LABELS.items():
+    for kind in kinds("policy"):
+        policy, label = kind.name, kind.label
         summary = paths.eval_dir(policy) / "summary.json"
         if not summary.is_file():
             continue
@@ -705,10 +726,11 @@ def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_se
         print(f"  {report.name:<16} {report.status:<8} {report.seconds:7.0f}s  {', '.join(map(str, report.outputs))}")
     print(f"  total {total_seconds:.0f}s")
     print("model cards / hub repos:")
-    for name in (*EXPORT_NAMES.values(), *dict.fromkeys(DATASET_NAMES.values())):
-        print(f"  {paths.repo_id(name):<36} {paths.export_dir(name) / 'README.md'}")
+    for card in (report.outputs[0] for report in reports if report.name.startswith("export_")):
+        print(f"  {paths.repo_id(card.parent.name):<36} {card}")
     print("evaluations (tables, figures and, with an OpenGL backend, videos):")
-    for policy, label in POLICY_LABELS.items():
+    for policy in (report.name.removeprefix("evaluate_") for report in reports if report.name.startswith("evaluate_")):
+        label = get_kind(policy).label
         print(f"  {label:<4} {paths.eval_dir(policy) / 'summary.md'}  figures: {paths.eval_dir(policy) / 'figures'}")
     print("\nsuccess on the evaluation starts (real robosuite; dreamed by the world model from the same starts):")
     print("\n".join(success_table(paths)))

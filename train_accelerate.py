@@ -41,21 +41,11 @@ import numpy as np
 import torch
 import yaml
 
-from data_prep.atomic import mark, replace_dir, written_by
-from data_prep.errors import UserError, first_line, run_cli
+from common.atomic import mark, replace_dir, written_by
+from common.errors import UserError, first_line, run_cli
+from model_kinds import get_kind, kind_names
 
-MODEL_KINDS = ("world", "policy", "mlp")
 BEST_CHECKPOINTS = ("val_loss", "last")
-# (config class, model class, config field that sets the window length H)
-MODEL_CLASSES = {
-    "world": ("WorldModelConfig", "WorldModel", "multi_step"),
-    "policy": ("VLAConfig", "VLAPolicy", "chunk_size"),
-    "mlp": ("MLPPolicyConfig", "MLPPolicy", "chunk_size"),
-}
-# The dataset column each model learns as its actions: a world model the executed ones (what moved the robot),
-# policies the expert's labels (`expert_action`: the same action without the expert's noise, and the expert's
-# correction where play bursts or a learner drove; docs/DESIGN.md "Dataset repo").
-ACTION_COLUMNS = {"world": "action", "policy": "expert_action", "mlp": "expert_action"}
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
@@ -70,7 +60,7 @@ COMMAND = "vla-train"  # the name in the marker of best/ and final/
 class TrainConfig:
     """Everything a training run needs; YAML files in configs/ hold exactly these keys."""
 
-    model: str = "world"  # world | policy | mlp
+    model: str = "world"  # a model kind (model_kinds.py): world | policy | mlp
     dataset: str = "data/hf_dataset"  # a vla-preprocess output folder
     output_dir: str = "runs/world_model"
     model_config: dict[str, Any] = field(default_factory=dict)  # kwargs for the model's PretrainedConfig
@@ -102,8 +92,8 @@ class TrainConfig:
 
     def validate(self, source: str) -> None:
         """Refuse values that would fail later with a worse message (or silently train nonsense)."""
-        if self.model not in MODEL_KINDS:
-            raise UserError(f"{source}: model={self.model!r}, expected one of {list(MODEL_KINDS)}")
+        if self.model not in kind_names():
+            raise UserError(f"{source}: model={self.model!r}, expected one of {kind_names()}")
         if self.best_checkpoint not in BEST_CHECKPOINTS:
             raise UserError(
                 f"{source}: best_checkpoint={self.best_checkpoint!r}, expected one of {list(BEST_CHECKPOINTS)}"
@@ -422,7 +412,7 @@ def load_training_data(dataset_dir: str | Path) -> TrainingData:
 
 
 def make_loader(table: EpisodeTable, horizon: int, cfg: TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
-    dataset = WindowDataset(table, horizon, ACTION_COLUMNS[cfg.model])
+    dataset = WindowDataset(table, horizon, get_kind(cfg.model).action_column)
     if shuffle:
         sampler = EpochShuffleSampler(len(dataset), cfg.seed)
     elif cfg.max_eval_batches is not None:
@@ -470,17 +460,14 @@ def velocity_scale(table: EpisodeTable, state_std: np.ndarray) -> np.ndarray:
 
 def build_model(cfg: TrainConfig, data: TrainingData, source: str):
     """Model config = YAML model_config + the dataset's statistics, layout and tasks; then the model."""
-    import configuration_vla
-    import modeling_vla
-
     if cfg.init_from:
         return load_initial_model(cfg, data)
-    config_name, model_name, horizon_field = MODEL_CLASSES[cfg.model]
-    config_cls = getattr(configuration_vla, config_name)
+    kind = get_kind(cfg.model)
+    config_cls = kind.config_class
     known = set(config_cls().to_dict())
     for key in cfg.model_config:
         if key not in known:
-            raise UserError(f"{source}: model_config.{key} is not a {config_name} field")
+            raise UserError(f"{source}: model_config.{key} is not a {config_cls.__name__} field")
     try:
         config = config_cls(**cfg.model_config)
     except (ValueError, TypeError) as err:
@@ -500,12 +487,12 @@ def build_model(cfg: TrainConfig, data: TrainingData, source: str):
         config.relative_pose_frames = {task: get_task(task).relative_pose_frame for task in data.tasks}
     if config.reads_velocity_scale:
         config.velocity_scale = velocity_scale(data.train, np.asarray(config.state_std, np.float32)).tolist()
-    return getattr(modeling_vla, model_name)(config), training_horizon(cfg, config, source)
+    return kind.model_class(config), training_horizon(cfg, config, source)
 
 
 def training_horizon(cfg: TrainConfig, config: Any, source: str) -> int:
     """Window length H: the config's, or a longer one from cfg.horizon (never shorter than the model needs)."""
-    horizon_field = MODEL_CLASSES[cfg.model][2]
+    horizon_field = get_kind(cfg.model).horizon_field
     model_horizon = int(getattr(config, horizon_field))
     horizon = cfg.horizon or model_horizon
     if horizon < model_horizon:
@@ -515,10 +502,8 @@ def training_horizon(cfg: TrainConfig, config: Any, source: str) -> int:
 
 def load_initial_model(cfg: TrainConfig, data: TrainingData):
     """The saved model in cfg.init_from, after checking that it can learn from this dataset."""
-    import configuration_vla
-    import modeling_vla
-
-    config_name, model_name, _ = MODEL_CLASSES[cfg.model]
+    kind = get_kind(cfg.model)
+    model_name = kind.model_class.__name__
     folder = Path(cfg.init_from)
     source = f"init_from {folder}"
     config_file = folder / "config.json"
@@ -530,7 +515,7 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
         raise UserError(f"{config_file}: not valid JSON ({err.msg}, line {err.lineno})") from None
     if found[0] != model_name:
         raise UserError(f"{source}: holds a {found[0]}, but --model {cfg.model} trains a {model_name}")
-    config = getattr(configuration_vla, config_name).from_pretrained(folder)
+    config = kind.config_class.from_pretrained(folder)
     # The one kind of change a fine-tune may make: start reading relative-yaw features (the harmonics, their
     # sawtooth, or both), through zero weights.
     new_yaw = added_yaw_inputs(config, cfg.model_config)
@@ -550,7 +535,7 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
     from safetensors import SafetensorError
 
     try:
-        model = getattr(modeling_vla, model_name).from_pretrained(folder, config=config)
+        model = kind.model_class.from_pretrained(folder, config=config)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # e.g. weights that do not fit the config
         raise UserError(f"{source}: cannot load the model ({type(err).__name__}: {first_line(err)})") from None
     if new_yaw:
@@ -1037,7 +1022,7 @@ def build_parser(model: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-train", description=__doc__.split("\n\n")[0])
     if model is None:
         parser.add_argument(
-            "--model", choices=MODEL_KINDS, default=None, help="which model to train (default: the config's `model`)"
+            "--model", choices=kind_names(), default=None, help="which model to train (default: the config's `model`)"
         )
     parser.add_argument("--config", required=True, help="YAML file with TrainConfig keys (see configs/)")
     parser.add_argument(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from evaluation.dream_video import DreamScene, finite_states
 from evaluation.records import EpisodeRecord, read_episodes, select
 

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-import modeling_vla  # noqa: E402
+import modeling_world  # noqa: E402
 from benchmarks.gpu_reference import (  # noqa: E402
     WORLD_MODEL_CONFIG,
     peak_gpu_gib,
@@ -31,19 +31,19 @@ from benchmarks.gpu_reference import (  # noqa: E402
     timed,
     write_json_atomically,
 )
+from common.errors import UserError, run_cli  # noqa: E402
 from configuration_vla import WorldModelConfig  # noqa: E402
-from data_prep.errors import UserError, run_cli  # noqa: E402
 
 
 def rows_per_pass(device: torch.device, rows: int) -> None:
     """Make WorldModel.step run `rows` rows per pass on this kind of device."""
-    if device.type in modeling_vla.STEP_CHUNK_ROWS:
-        modeling_vla.STEP_CHUNK_ROWS[device.type] = rows
+    if device.type in modeling_world.STEP_CHUNK_ROWS:
+        modeling_world.STEP_CHUNK_ROWS[device.type] = rows
     else:
-        modeling_vla.STEP_CHUNK_ROWS_ACCELERATOR = rows
+        modeling_world.STEP_CHUNK_ROWS_ACCELERATOR = rows
 
 
-def measure(world: modeling_vla.WorldModel, dreams: int, chunk: int, steps: int, device: torch.device) -> dict[str, Any]:
+def measure(world: modeling_world.WorldModel, dreams: int, chunk: int, steps: int, device: torch.device) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(dreams)
     config = world.config
     text = F.normalize(torch.randn(dreams, config.text_embed_dim, generator=generator), dim=-1).to(device)
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if min(args.dreams + args.chunks + [args.steps]) < 1:
             raise UserError("--dreams, --chunks and --steps: expected positive numbers")
         with torch.device(device):
-            world = modeling_vla.WorldModel(WorldModelConfig(**reference_model_config(WORLD_MODEL_CONFIG))).eval()
-        default = (dict(modeling_vla.STEP_CHUNK_ROWS), modeling_vla.STEP_CHUNK_ROWS_ACCELERATOR)
+            world = modeling_world.WorldModel(WorldModelConfig(**reference_model_config(WORLD_MODEL_CONFIG))).eval()
+        default = (dict(modeling_world.STEP_CHUNK_ROWS), modeling_world.STEP_CHUNK_ROWS_ACCELERATOR)
         try:
             rows = [measure(world, n, chunk, args.steps, device) for n in args.dreams for chunk in args.chunks]
         finally:
-            modeling_vla.STEP_CHUNK_ROWS.update(default[0])
-            modeling_vla.STEP_CHUNK_ROWS_ACCELERATOR = default[1]
+            modeling_world.STEP_CHUNK_ROWS.update(default[0])
+            modeling_world.STEP_CHUNK_ROWS_ACCELERATOR = default[1]
         print("| parallel dreams | rows per pass | imagined steps/s | ms per step | peak GPU memory |")
         print("| --- | --- | --- | --- | --- |")
         for r in rows:

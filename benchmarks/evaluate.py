@@ -20,24 +20,26 @@ import time
 from datetime import date
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
-from data_prep.tasks import TASKS
-from evaluation.cli import make_plan, parse_args, play, settings_of, write_results
+from common.errors import UserError, run_cli
+from common.policies import ChunkExecution
+from data_prep.tasks import task_names
+from evaluation.cli import parse_args
 from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS
-from evaluation.policies import ChunkExecution
+from evaluation.plan import make_plan, play, settings_of, write_results
 from evaluation.records import write_episodes
 from evaluation.report import replace_markdown_section, write_summary
+from model_kinds import kinds
 
 SECTION = "## Evaluation"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vla", type=Path, help="saved VLAPolicy folder")
-    p.add_argument("--mlp", type=Path, help="saved MLPPolicy folder")
+    for kind in kinds("policy"):  # --vla, --mlp: one flag per registered policy kind
+        p.add_argument(f"--{kind.label}", type=Path, help=f"saved {kind.model_class.__name__} folder")
     p.add_argument("--world-model", type=Path, nargs="+",
-                   help="saved WorldModel folder(s) (needed with --vla/--mlp); several: the spread over them is reported")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+                   help="saved WorldModel folder(s) (needed with a policy); several: the spread over them is reported")
+    p.add_argument("--tasks", nargs="+", default=task_names())
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=100_000, help="first simulator seed; disjoint from vla-generate's")
@@ -115,9 +117,10 @@ def section_text(command: str, markdown: str, timings: dict[str, float], message
 
 def benchmark(args: argparse.Namespace) -> None:
     runs = [] if args.no_expert else [("expert", "expert", "real")]
-    runs += [(str(folder), name, "both") for name, folder in (("vla", args.vla), ("mlp", args.mlp)) if folder]
+    runs += [(str(getattr(args, kind.label)), kind.label, "both") for kind in kinds("policy") if getattr(args, kind.label)]
     if not runs:
-        raise UserError("nothing to evaluate: pass --vla and/or --mlp (or drop --no-expert)")
+        flags = " and/or ".join(f"--{kind.label}" for kind in kinds("policy"))
+        raise UserError(f"nothing to evaluate: pass {flags} (or drop --no-expert)")
     plans = []
     for policy, name, env in runs:  # every check before the first rollout
         rollout_args = parse_args(rollout_argv(args, policy, name, env))

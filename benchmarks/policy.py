@@ -39,27 +39,15 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 import train_accelerate as ta  # noqa: E402
-from data_prep.errors import UserError, run_cli  # noqa: E402
-from data_prep.tasks import load_instructions  # noqa: E402
+from common.errors import UserError, run_cli  # noqa: E402
+from data_prep.tasks import STATE_LAYOUT, load_instructions  # noqa: E402
 from evaluation.report import publish_benchmark  # noqa: E402
+from model_kinds import ModelKind, kinds  # noqa: E402
 
 SECTION = "## Policies"
 MIN_STD = 1e-6  # as modeling_vla: constant action dims are divided by 1
 
 
-@dataclasses.dataclass(frozen=True)
-class PolicyKind:
-    key: str  # "vla" | "mlp": CLI flag and JSON key
-    label: str
-    model_type: str  # config.json model_type the folder must have
-    train_model: str  # vla-train --model
-    default_config: str  # the YAML its training command names
-
-
-KINDS = (
-    PolicyKind("vla", "VLA", "vla_policy", "policy", "configs/vla_minilm_cpu.yaml"),
-    PolicyKind("mlp", "MLP-BC", "vla_mlp_policy", "mlp", "configs/mlp_bc.yaml"),
-)
 
 
 # ----------------------------------------------------------------------------- validation loss
@@ -215,12 +203,12 @@ def set_arguments(config: dict[str, Any], base: ta.TrainConfig) -> list[str]:
     return changed
 
 
-def training_command(kind: PolicyKind, folder: Path, summary: dict | None, config_path: Path) -> tuple[str, str | None]:
+def training_command(kind: ModelKind, folder: Path, summary: dict | None, config_path: Path) -> tuple[str, str | None]:
     """The vla-train command that produced `folder` (from its train_summary.json) and a note if it is uncertain."""
     config = (summary or {}).get("config") or {}
     dataset = config.get("dataset", "DATASET")
     output_dir = config.get("output_dir", str(folder.parent))
-    parts = ["vla-train", "--model", kind.train_model, "--config", str(config_path), "--dataset", dataset,
+    parts = ["vla-train", "--model", kind.name, "--config", str(config_path), "--dataset", dataset,
              "--output-dir", output_dir]
     note = None
     if not config:
@@ -228,7 +216,7 @@ def training_command(kind: PolicyKind, folder: Path, summary: dict | None, confi
     elif not config_path.is_file():
         note = f"{config_path} not found: cannot tell which settings differed from it"
     else:
-        base = ta.load_config(config_path, model=kind.train_model, dataset=dataset, output_dir=output_dir)
+        base = ta.load_config(config_path, model=kind.name, dataset=dataset, output_dir=output_dir)
         overrides = set_arguments(config, base)
         parts += ["--set", *overrides] if overrides else []
     if summary and int(summary.get("processes") or 1) > 1:
@@ -249,12 +237,12 @@ def training_stats(summary: dict | None) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- one policy
 
 
-def load_policy(kind: PolicyKind, folder: Path, tasks: list[str]) -> Any:
-    from evaluation.cli import check_model_config, load_model, read_model_config
+def load_policy(kind: ModelKind, folder: Path, tasks: list[str]) -> Any:
+    from common.saved_models import check_model_config, load_model, read_model_config
 
-    flag = f"--{kind.key}"
+    flag = f"--{kind.label}"
     config = read_model_config(folder, flag)
-    check_model_config(config, folder, flag, (kind.model_type,), [])
+    check_model_config(config, folder, flag, (kind.model_type,), [], STATE_LAYOUT)
     trained = config.get("tasks") or []
     unknown = [t for t in tasks if trained and t not in trained]
     if unknown:
@@ -262,12 +250,12 @@ def load_policy(kind: PolicyKind, folder: Path, tasks: list[str]) -> Any:
     return load_model(folder, flag, "cpu")
 
 
-def policy_name(kind: PolicyKind, model: Any) -> str:
+def policy_name(kind: ModelKind, model: Any) -> str:
     backbone = getattr(model.config, "backbone", None)
-    return f"{kind.label} ({Path(backbone).name})" if backbone else kind.label
+    return f"{kind.title} ({Path(backbone).name})" if backbone else kind.title
 
 
-def benchmark_policy(kind: PolicyKind, folder: Path, data: ta.TrainingData, canonical_table: ta.EpisodeTable,
+def benchmark_policy(kind: ModelKind, folder: Path, data: ta.TrainingData, canonical_table: ta.EpisodeTable,
                      args: argparse.Namespace) -> dict[str, Any]:
     model = load_policy(kind, folder, sorted(set(data.validation.task.tolist())))
     summary = read_train_summary(folder)
@@ -286,7 +274,7 @@ def benchmark_policy(kind: PolicyKind, folder: Path, data: ta.TrainingData, cano
     total, trainable = ta.count_parameters(model)
     if summary and summary.get("params_total") is not None:  # the trainer counted before saving (requires_grad intact)
         total, trainable = summary["params_total"], summary["params_trainable"]
-    config_path = args.vla_config if kind.key == "vla" else args.mlp_config
+    config_path = getattr(args, f"{kind.label}_config")
     command, note = training_command(kind, folder, summary, config_path)
     notes += [note] if note else []
     return {
@@ -459,8 +447,8 @@ def markdown_section(results: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/policy.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", type=Path, required=True, help="vla-preprocess dataset folder (validation split used)")
-    p.add_argument("--vla", type=Path, help="saved VLAPolicy folder (e.g. runs/vla_minilm/best)")
-    p.add_argument("--mlp", type=Path, help="saved MLPPolicy folder (e.g. runs/mlp_bc/best)")
+    for kind in kinds("policy"):  # --vla, --mlp: one flag per registered policy kind
+        p.add_argument(f"--{kind.label}", type=Path, help=f"saved {kind.model_class.__name__} folder (e.g. runs/x/best)")
     p.add_argument("--out", type=Path, default=Path("runs/benchmarks/policy"))
     p.add_argument("--results-md", type=Path, help=f"markdown file whose '{SECTION}' section is replaced")
     p.add_argument("--batch-size", type=int, default=128, help="windows per forward pass for the validation loss")
@@ -468,10 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-calls", type=int, default=200, help="timed predict_actions calls per thread count")
     p.add_argument("--warmup", type=int, default=20, help="untimed calls before timing")
     p.add_argument("--latency-goal-ms", type=float, default=20.0)
-    p.add_argument("--vla-config", type=Path, default=Path(KINDS[0].default_config),
-                   help="YAML the VLA was trained with (for the recorded training command)")
-    p.add_argument("--mlp-config", type=Path, default=Path(KINDS[1].default_config),
-                   help="YAML the MLP was trained with (for the recorded training command)")
+    for kind in kinds("policy"):
+        p.add_argument(f"--{kind.label}-config", type=Path, default=Path(kind.config),
+                       help=f"YAML the {kind.title} was trained with (for the recorded training command)")
     return p
 
 
@@ -482,8 +469,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
     if args.warmup < 0 or min(args.threads) < 1:
         raise UserError("--warmup must be >= 0 and every --threads value >= 1")
-    if args.vla is None and args.mlp is None:
-        raise UserError("nothing to benchmark: pass --vla and/or --mlp")
+    if all(getattr(args, kind.label) is None for kind in kinds("policy")):
+        raise UserError(f"nothing to benchmark: pass {' and/or '.join(f'--{kind.label}' for kind in kinds('policy'))}")
     return args
 
 
@@ -498,8 +485,8 @@ def benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(args.threads))
     try:
-        policies = {kind.key: benchmark_policy(kind, getattr(args, kind.key), data, canonical_table, args)
-                    for kind in KINDS if getattr(args, kind.key) is not None}
+        policies = {kind.label: benchmark_policy(kind, getattr(args, kind.label), data, canonical_table, args)
+                    for kind in kinds("policy") if getattr(args, kind.label) is not None}
     finally:
         torch.set_num_threads(previous_threads)
     results = {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.experts_multi import make_scene_expert
 from data_prep.scenes import (
     SCENES,
@@ -194,8 +194,8 @@ def table(reports: list[GoalReport]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scene_experts", description=__doc__.split("\n\n")[0])
     p.add_argument("--scenes", nargs="+", default=list(SCENES), help=f"scenes ({', '.join(SCENES)})")
     p.add_argument("--goals", nargs="+", default=None, help="only these goals (default: every goal of each scene)")
     p.add_argument("--seed", type=int, default=1000, help="first seed (the experts were tuned on seeds 0-39)")
@@ -203,7 +203,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-after-success", type=int, default=10)
     p.add_argument("--noise", type=float, default=0.05, help="the expert's action noise (vla-generate's default)")
     p.add_argument("--out", type=Path, default=None, help="write every episode's result to this JSON file")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[GoalReport]:

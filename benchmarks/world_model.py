@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
-from data_prep.tasks import STATE_SLICES, rot6_to_matrix
+from common.errors import UserError, run_cli
+from data_prep.tasks import STATE_LAYOUT, STATE_SLICES, rot6_to_matrix
 from evaluation.report import publish_benchmark
 
 SECTION = "## World model"
@@ -369,10 +369,11 @@ def robosuite_steps_per_second(task: str, steps: int, seed: int = 0, warmup: int
 
 def load_world_model(folder: Path, flag: str, architecture: str, layout: str) -> Any:
     """A saved WorldModel (AutoModel + trust_remote_code) of the expected architecture and state layout."""
-    from evaluation.cli import WORLD_MODEL_TYPE, check_model_config, load_model, read_model_config
+    from common.saved_models import check_model_config, load_model, read_model_config
+    from model_kinds import model_types
 
     config = read_model_config(folder, flag)
-    check_model_config(config, folder, flag, (WORLD_MODEL_TYPE,), [])
+    check_model_config(config, folder, flag, model_types("world"), [], STATE_LAYOUT)
     found = config.get("architecture", "mixer")  # folders saved before the switch are mixers
     if found != architecture:
         raise UserError(f"{flag} {folder}/config.json: architecture {found!r}, expected {architecture!r}")
@@ -614,7 +615,7 @@ def evaluate_dynamics(dynamics: Dynamics, data: Validation, starts: np.ndarray, 
 def benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     import torch
 
-    from data_prep.tasks import STATE_LAYOUT, get_task
+    from data_prep.tasks import get_task
 
     check_args(args)
     get_task(args.sim_task)

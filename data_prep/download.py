@@ -28,9 +28,9 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.file_download import http_get
 
-from data_prep.errors import UserError, first_line, run_cli
+from common.errors import UserError, first_line, run_cli
 from data_prep.robomimic_io import read_robomimic_hdf5
-from data_prep.tasks import TASKS, get_task
+from data_prep.tasks import get_task, task_names
 
 HF_REPO_ID = "robomimic/robomimic_datasets"
 DATASET_VERSION = "v1.5"
@@ -152,7 +152,8 @@ def _validate(path: Path, remote: RemoteFile) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-download", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    published = [name for name in task_names() if get_task(name).robomimic_name]  # tasks robomimic released data of
+    parser.add_argument("--tasks", nargs="+", default=published, choices=published)
     parser.add_argument("--dataset-type", default="ph", choices=list(RELEASED))
     parser.add_argument("--hdf5-type", default="low_dim", choices=sorted({t for types in RELEASED.values() for t in types}))
     parser.add_argument("--out", type=Path, default=Path("data/robomimic"))

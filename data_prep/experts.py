@@ -7,9 +7,9 @@ recomputed every step from live object poses, and a proportional servo turns it 
 If the object slips out of the hand, or a phase stalls, the expert starts over from the
 first phase, which makes the scripts robust without hand-tuned recovery paths.
 
-Usage (also as a policy in evaluation):
+Usage (also as a policy in evaluation; each task's entry in `data_prep.tasks` names its expert):
 
-    expert = make_expert("lift", seed=0)
+    expert = data_prep.tasks.make_expert("lift", seed=0)
     expert.reset(env)
     action = expert.act(obs)
 """
@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial.transform import Rotation
-
-from data_prep.errors import UserError
 
 GRIPPER_OPEN, GRIPPER_CLOSED = -1.0, 1.0
 # OSC_POSE delta scaling in robosuite's BASIC controller: action 1 = 5 cm / 0.5 rad goal offset.
@@ -341,7 +339,7 @@ class SquareExpert(ScriptedExpert):
     hold_radius = 0.05
     # Grasp height relative to the handle's centre (1 cm above the table). At -5 mm the fingertips, which reach 9 mm
     # below the eef site, press on the table: a learned policy that comes down 1-2 cm beside the handle is then held
-    # there by friction (benchmarks/stalls.py). +3 mm, clear of the table, did not help (docs/experiments/022), so the
+    # there by friction (benchmarks/diagnostics/stalls.py). +3 mm, clear of the table, did not help (docs/experiments/022), so the
     # demos keep -5 mm.
     grasp_height = -0.005
 
@@ -439,12 +437,3 @@ class SquareExpert(ScriptedExpert):
             Phase("retreat", retreat),
         ]
 
-
-EXPERTS: dict[str, type[ScriptedExpert]] = {cls.task: cls for cls in (LiftExpert, CanExpert, SquareExpert)}
-
-
-def make_expert(task: str, seed: int | None = None, noise: float = 0.05) -> ScriptedExpert:
-    """The scripted expert for `task`; call `.reset(env)` then `.act(obs)` (or `expert(obs)`)."""
-    if task not in EXPERTS:
-        raise UserError(f"no scripted expert for task {task!r}; expected one of {sorted(EXPERTS)}")
-    return EXPERTS[task](seed=seed, noise=noise)

@@ -1,9 +1,13 @@
 """`vla-generate`: scripted-expert demonstrations (or "play" data) in robosuite, written as robomimic HDF5.
 
-    vla-generate --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
-    vla-generate --tasks lift can square --episodes 100 --out data/raw_play --keep-failures --perturb-prob lift=0.06 can=0.02 square=0.01 --seed 50000
-    vla-generate --tasks square --episodes 100 --out data/raw_dagger --policy runs/mlp_demos_square/best --handover-steps 150 --max-attempts 600 --seed 60000
-    vla-generate --tasks lift can square --episodes 100 --out data/raw_onpolicy --policy runs/mlp_demos/best --policy-rollouts --seed 70000
+    vla-generate demos --tasks lift can square --episodes 50 --out data/raw --workers 2 --seed 0
+    vla-generate play --tasks lift can square --episodes 100 --out data/raw_play --perturb-prob lift=0.06 can=0.02 square=0.01 --seed 50000
+    vla-generate dagger --tasks square --episodes 100 --out data/raw_dagger --policy runs/mlp_demos_square/best --handover-steps 150 --max-attempts 600 --seed 60000
+    vla-generate rollouts --tasks lift can square --episodes 100 --out data/raw_onpolicy --policy runs/mlp_demos/best --seed 70000
+
+Four modes, each a subcommand with its own flags: `demos` (the expert's successes), `play` (the expert with
+random-action bursts, every attempt kept), `dagger` (a policy drives, the expert finishes) and `rollouts` (a
+policy's own whole episodes).
 
 For each task, attempt i runs the expert from the initial state of seed `--seed + i` (the
 expert's action noise uses the same seed), so a demo depends only on its seed, never on the
@@ -20,18 +24,18 @@ Output, one file per task, mirroring robomimic's `<task>/ph/low_dim_v15.hdf5` na
 `--report results.json` records attempts, successes, success rate, episode lengths and timing
 per task (the numbers in docs/RESULTS.md come from it).
 
-Play data (for the world model, which must also see imperfect behaviour and failures):
+Play data (`play`, for the world model, which must also see imperfect behaviour and failures):
 `--perturb-prob P` starts, with probability P at each step, a burst of `--perturb-steps LO HI`
 steps in which the expert's action is replaced by a random "wrong move": an arm action drawn
 uniformly (scaled by `PERTURB_ARM_SCALE`) and a random open/close, both held for the burst
 (a held move drifts 5-25 cm, as a policy's mistakes do; a fresh draw per step would average out
 to jitter). Afterwards the expert takes over again and re-plans (it restarts when the object was
 dropped). P may differ per task (`0.02 lift=0.05`): the longer and more precise the task, the
-fewer bursts it takes to fail it; `PLAY_PERTURB_PROB` (~30-60 % failures per task) is the
-setting `vla-pipeline` uses. The recorded action is
+fewer bursts it takes to fail it; by default each task's registered `play_perturb_prob` (data_prep/tasks.py,
+~30-60 % failures), the setting `vla-pipeline` uses. The recorded action is
 the executed one; the bursts draw from their own generator seeded by the attempt seed, so the
-expert's noise, and with P = 0 the whole output, is exactly what it is without perturbations.
-`--keep-failures` keeps every attempt: `--episodes N` is then N attempts per task, and a failed
+expert's noise is exactly what it is without perturbations.
+Play data keeps every attempt: `--episodes N` is N attempts per task, and a failed
 episode runs to the horizon with `dones` all 0 (robomimic's done marks a successful end; a time
 limit cannot be predicted from the state) and its per-step sparse rewards (0 unless the task was
 solved on the way and lost again).
@@ -42,7 +46,7 @@ expert's exploration noise; in play data the bursts' states get the expert's cor
 (policies are not trained on play data: the expert's phase machine keeps going during a burst,
 docs/experiments/008).
 
-DAgger data (Ross et al., 2011, with the roll-in/roll-out split of AggreVaTe): `--policy DIR` lets a
+DAgger data (`dagger`; Ross et al., 2011, with the roll-in/roll-out split of AggreVaTe): `--policy DIR` lets a
 trained policy drive the first 0..`--handover-steps` steps of each attempt (uniform, seeded by the
 attempt seed), then the expert re-plans from wherever the policy left the robot (keeping an object
 already grasped, else starting over) and finishes the task; only the expert's part is recorded, and,
@@ -55,8 +59,8 @@ With `--handover-on-stall` the policy instead drives until its gripper stalls (`
 than 1 cm in every 20 steps for the last 20 steps) or for `--handover-steps` steps, whichever comes first, so the
 expert's part starts where the policy gets stuck and shows the way out (lift, re-align, descend again).
 
-Policy roll-outs (world-model data, Dyna-style): `--policy DIR --policy-rollouts` lets the policy drive whole
-episodes, records every step and keeps failures (`--episodes` counts attempts, as with `--keep-failures`), so a world
+Policy roll-outs (`rollouts`, world-model data, Dyna-style): `--policy DIR` lets the policy drive whole
+episodes, records every step and keeps failures (`--episodes` counts attempts, as in play data), so a world
 model sees the states and mistakes of policies like the ones it will dream with. The label (`expert_actions`) is the policy's own
 action: this data is for world models, never for training a policy.
 """
@@ -80,10 +84,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.errors import UserError, run_cli
-from data_prep.robomimic_io import Episode, write_robomimic_hdf5
+from common.errors import UserError, run_cli
+from data_prep.robomimic_io import TASK_ATTR, Episode, write_robomimic_hdf5
 from data_prep.stalls import STALL_WINDOW, stalled_for
-from data_prep.tasks import OBJECT_KEY, TASKS, get_task, object_obs, state_from_obs
+from data_prep.tasks import OBJECT_KEY, STATE_LAYOUT, get_task, object_obs, state_from_obs, task_names, task_of_env
 
 OUTPUT_NAME = "low_dim_generated.hdf5"
 # robomimic's low-dim observation keys: the robot ones are copied from robosuite's observation as they are;
@@ -102,9 +106,6 @@ OBS_KEYS: tuple[str, ...] = (*ROBOT_OBS_KEYS, OBJECT_KEY)
 # Random burst actions: translation at the expert's typical (often saturated) scale; rotation half of it,
 # as the expert's rotation actions are smaller (full-scale held twists mostly drive the wrist into its limits).
 PERTURB_ARM_SCALE = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
-# Per-step burst chance that makes roughly 30-60 % of play episodes fail on each task (docs/experiments/004). A
-# longer, more precise task needs fewer bursts to fail.
-PLAY_PERTURB_PROB = {"lift": 0.06, "can": 0.02, "square": 0.01}
 PERTURB_STREAM = 1  # second entropy word of the bursts' generator: independent of the expert's (seeded by the seed alone)
 DRIVER_STREAM = 2  # likewise for the length of a driving policy's roll-in
 # --handover-on-stall: the expert takes over once the gripper has moved < 1 cm in every 20-step window of the last
@@ -154,8 +155,8 @@ class LearnerDriver:
     """
 
     def __init__(self, folder: str, task: str, handover_steps: int, on_stall: bool = False):
-        from evaluation.cli import load_model
-        from evaluation.policies import ChunkPolicy
+        from common.policies import ChunkPolicy
+        from common.saved_models import load_model
 
         self.policy = ChunkPolicy(load_model(Path(folder), "--policy", "cpu"), name=Path(folder).name)
         self.task = task
@@ -331,8 +332,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(settings: RolloutSettings) -> None:
-    from data_prep.experts import make_expert
     from data_prep.sim import make_env
+    from data_prep.tasks import make_expert
 
     _WORKER["settings"] = settings
     _WORKER["sim"] = make_env(settings.task)
@@ -440,6 +441,8 @@ def write_task_file(path: Path, episodes: list[Episode], settings: RolloutSettin
         "horizon": settings.horizon,
         "demo_seeds": report.kept_seeds,
     }
+    if task_of_env(env_args["env_name"]) != settings.task:  # a task that shares its env: the file names it
+        attrs[TASK_ATTR] = settings.task
     if settings.play:  # only then: plain expert files stay exactly as they were
         attrs |= {
             "keep_failures": settings.keep_failures,
@@ -457,9 +460,9 @@ def write_task_file(path: Path, episodes: list[Episode], settings: RolloutSettin
     write_robomimic_hdf5(path, episodes, env_args, valid_fraction=0.1, seed=seed, attrs=attrs)
 
 
-def write_report(path: Path, reports: list[TaskReport], args: argparse.Namespace) -> None:
+def write_report(path: Path, reports: list[TaskReport], args: argparse.Namespace, argv: list[str]) -> None:
     payload = {
-        "command": "vla-generate " + " ".join(sys.argv[1:]),
+        "command": "vla-generate " + " ".join(argv),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -485,37 +488,51 @@ def summary_line(r: TaskReport) -> str:
     )
 
 
+MODES = {  # subcommand -> what it makes
+    "demos": "the scripted expert's successful demonstrations (failed attempts are dropped, more seeds tried)",
+    "play": "play data for the world model: the expert with random-action bursts, every attempt kept",
+    "dagger": "DAgger data: a saved policy drives the first steps, the expert finishes; successes kept",
+    "rollouts": "a saved policy's own whole episodes, every step recorded, failures kept (world-model data)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"tasks to generate ({', '.join(TASKS)})")
-    p.add_argument("--episodes", type=int, default=50, help="successful demos per task (--keep-failures: attempts per task)")
-    p.add_argument("--out", type=Path, default=Path("data/raw"), help=f"output root: <out>/<task>/{OUTPUT_NAME}")
-    p.add_argument("--workers", type=int, default=2, help="simulator processes (1 = in this process)")
-    p.add_argument("--seed", type=int, default=0, help="attempt i uses seed + i")
-    p.add_argument("--max-attempts", type=int, default=None, help="attempts per task before giving up (default 2x episodes)")
-    p.add_argument("--horizon", type=int, default=None, help="max steps per episode (default: the task's horizon)")
-    p.add_argument("--steps-after-success", type=int, default=10, help="steps recorded after the first success")
-    p.add_argument("--noise", type=float, default=0.05, help="std of Gaussian noise on the expert's arm actions")
-    p.add_argument("--keep-failures", action="store_true",
-                   help="keep every attempt, failed ones too (dones all 0); --episodes then counts attempts")
-    p.add_argument("--perturb-prob", nargs="+", default=["0"], metavar="P|TASK=P",
-                   help="chance per step that a burst of random actions replaces the expert's (0 = pure expert); "
-                        "a bare P for every task, TASK=P for one (e.g. 0.02 lift=0.05 square=0.01)")
-    p.add_argument("--perturb-steps", type=int, nargs=2, default=[5, 20], metavar=("LO", "HI"),
-                   help="a burst lasts a uniform random number of steps in [LO, HI]")
-    p.add_argument("--policy", default=None, metavar="DIR",
-                   help="DAgger data: this saved VLA/MLP policy drives the first steps, then the expert takes over "
-                        "from there; only the expert's part is recorded")
-    p.add_argument("--handover-steps", type=int, default=None,
-                   help="with --policy: the policy drives a uniform random 0..N steps (default 100)")
-    p.add_argument("--handover-on-stall", action="store_true",
-                   help="with --policy: the policy drives until its gripper stalls (moves < 1 cm in every 20 steps "
-                        "for 20 steps) or --handover-steps steps, whichever comes first")
-    p.add_argument("--policy-rollouts", action="store_true",
-                   help="with --policy: the policy drives whole episodes, every step is recorded and failures are "
-                        "kept (world-model data; --episodes counts attempts)")
-    p.add_argument("--report", type=Path, default=None, help="write per-task statistics to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(MODES) + "}")
+    tasks = task_names()
+    for mode, summary in MODES.items():
+        sub = modes.add_parser(mode, help=summary, description=summary)
+        every_attempt = mode in ("play", "rollouts")
+        sub.add_argument("--tasks", nargs="+", default=tasks, help=f"tasks to generate ({', '.join(tasks)})")
+        sub.add_argument("--episodes", type=int, default=50,
+                         help="attempts per task, all kept" if every_attempt else "successful episodes per task")
+        sub.add_argument("--out", type=Path, default=Path("data/raw"), help=f"output root: <out>/<task>/{OUTPUT_NAME}")
+        sub.add_argument("--workers", type=int, default=2, help="simulator processes (1 = in this process)")
+        sub.add_argument("--seed", type=int, default=0, help="attempt i uses seed + i")
+        if not every_attempt:
+            sub.add_argument("--max-attempts", type=int, default=None,
+                             help="attempts per task before giving up (default 2x episodes)")
+        sub.add_argument("--horizon", type=int, default=None, help="max steps per episode (default: the task's horizon)")
+        sub.add_argument("--steps-after-success", type=int, default=10, help="steps recorded after the first success")
+        if mode != "rollouts":  # there the policy acts, not the expert
+            sub.add_argument("--noise", type=float, default=0.05, help="std of Gaussian noise on the expert's arm actions")
+        if mode == "play":
+            sub.add_argument("--perturb-prob", nargs="+", default=None, metavar="P|TASK=P",
+                             help="chance per step that a burst of random actions replaces the expert's: a bare P for "
+                                  "every task, TASK=P for one (default: each task's registered play_perturb_prob)")
+            sub.add_argument("--perturb-steps", type=int, nargs=2, default=[5, 20], metavar=("LO", "HI"),
+                             help="a burst lasts a uniform random number of steps in [LO, HI]")
+        if mode in ("dagger", "rollouts"):
+            sub.add_argument("--policy", required=True, metavar="DIR",
+                             help="saved policy folder (a model kind with role policy, e.g. runs/mlp/best)")
+        if mode == "dagger":
+            sub.add_argument("--handover-steps", type=int, default=100,
+                             help="the policy drives a uniform random 0..N steps before the expert takes over")
+            sub.add_argument("--handover-on-stall", action="store_true",
+                             help="the policy drives until its gripper stalls (moves < 1 cm in every 20 steps for 20 "
+                                  "steps) or --handover-steps steps, whichever comes first")
+        sub.add_argument("--report", type=Path, default=None, help="write per-task statistics to this JSON file")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -523,11 +540,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def perturb_probs(values: list[str], tasks: list[str]) -> dict[str, float]:
-    """`--perturb-prob` values -> probability per task: a bare number sets every task, TASK=P one task
-    (tasks not being generated are ignored, so one setting can serve runs of any subset of tasks)."""
-    default, per_task = 0.0, {}
-    for value in values:
+def perturb_probs(values: list[str] | None, tasks: list[str]) -> dict[str, float]:
+    """`--perturb-prob` values -> probability per task: by default each task's registered `play_perturb_prob`; a bare
+    number sets every task, TASK=P one task (tasks not being generated are ignored, so one setting can serve runs of
+    any subset of tasks)."""
+    default, per_task = None, {}
+    for value in values or []:
         task, _, number = value.rpartition("=")
         try:
             prob = float(number)
@@ -540,80 +558,68 @@ def perturb_probs(values: list[str], tasks: list[str]) -> dict[str, float]:
             per_task[task] = prob
         else:
             default = prob
-    return {task: per_task.get(task, default) for task in tasks}
+    return {task: per_task.get(task, get_task(task).play_perturb_prob if default is None else default) for task in tasks}
 
 
 def validate(args: argparse.Namespace) -> None:
     for task in args.tasks:
         get_task(task)
-    if args.episodes < 1:
-        raise UserError(f"--episodes must be >= 1, got {args.episodes}")
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
-    if args.keep_failures and args.max_attempts is not None:
-        raise UserError("--max-attempts has no effect with --keep-failures (--episodes counts attempts); drop it")
-    perturb_probs(args.perturb_prob, args.tasks)
-    low, high = args.perturb_steps
-    if low < 1 or high < low:
-        raise UserError(f"--perturb-steps LO HI must satisfy 1 <= LO <= HI, got {low} {high}")
-    if args.max_attempts is not None and args.max_attempts < args.episodes:
-        raise UserError(f"--max-attempts ({args.max_attempts}) must be >= --episodes ({args.episodes})")
+    for name in ("episodes", "workers"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    max_attempts = vars(args).get("max_attempts")
+    if max_attempts is not None and max_attempts < args.episodes:
+        raise UserError(f"--max-attempts ({max_attempts}) must be >= --episodes ({args.episodes})")
     if args.horizon is not None and args.horizon < 1:
         raise UserError(f"--horizon must be >= 1, got {args.horizon}")
-    if args.noise < 0:
+    if vars(args).get("noise", 0.0) < 0:
         raise UserError(f"--noise must be >= 0, got {args.noise}")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a directory")
-    if args.policy is None:
-        if args.handover_steps is not None:
-            raise UserError("--handover-steps needs --policy DIR (the policy that drives before the expert)")
-        if args.policy_rollouts:
-            raise UserError("--policy-rollouts needs --policy DIR (the policy whose roll-outs are recorded)")
-        if args.handover_on_stall:
-            raise UserError("--handover-on-stall needs --policy DIR (the policy that drives before the expert)")
-        return
-    if args.policy_rollouts and args.handover_on_stall:
-        raise UserError("--handover-on-stall has no effect with --policy-rollouts (the policy drives whole episodes); drop it")
-    if args.policy_rollouts and args.handover_steps is not None:
-        raise UserError("--handover-steps has no effect with --policy-rollouts (the policy drives whole episodes); drop it")
-    if args.policy_rollouts and args.max_attempts is not None:
-        raise UserError("--max-attempts has no effect with --policy-rollouts (--episodes counts attempts); drop it")
-    if args.handover_steps is not None and args.handover_steps < 0:
+    if args.mode == "play":
+        perturb_probs(args.perturb_prob, args.tasks)
+        low, high = args.perturb_steps
+        if low < 1 or high < low:
+            raise UserError(f"--perturb-steps LO HI must satisfy 1 <= LO <= HI, got {low} {high}")
+    if args.mode == "dagger" and args.handover_steps < 0:
         raise UserError(f"--handover-steps must be >= 0, got {args.handover_steps}")
-    from evaluation.cli import POLICY_TYPES, check_model_config, read_model_config
+    if args.mode in ("dagger", "rollouts"):
+        from common.saved_models import check_model_config, read_model_config
+        from model_kinds import model_types
 
-    folder = Path(args.policy)
-    check_model_config(read_model_config(folder, "--policy"), folder, "--policy", POLICY_TYPES, list(args.tasks))
-    if any(perturb_probs(args.perturb_prob, args.tasks).values()):
-        raise UserError("--perturb-prob and --policy exclude each other: the bursts would replace the policy's actions")
-    if args.keep_failures and not args.policy_rollouts:
-        raise UserError("--keep-failures and --policy exclude each other: DAgger data keeps the expert's successes "
-                        "(--policy-rollouts keeps a policy's own failures)")
+        folder = Path(args.policy)
+        check_model_config(read_model_config(folder, "--policy"), folder, "--policy", model_types("policy"),
+                           list(args.tasks), STATE_LAYOUT)
+
+
+def rollout_settings(args: argparse.Namespace, task: str) -> RolloutSettings:
+    """How each attempt of `task` runs in this mode."""
+    run = {"task": task, "horizon": args.horizon or get_task(task).horizon, "steps_after_success": args.steps_after_success}
+    if args.mode == "rollouts":
+        return RolloutSettings(**run, policy=args.policy, policy_rollouts=True)
+    run["noise"] = args.noise
+    if args.mode == "play":
+        prob = perturb_probs(args.perturb_prob, [task])[task]
+        return RolloutSettings(**run, perturbation=Perturbation(prob, *args.perturb_steps), keep_failures=True)
+    if args.mode == "dagger":
+        return RolloutSettings(**run, policy=args.policy, handover_steps=args.handover_steps,
+                               handover_on_stall=args.handover_on_stall)
+    return RolloutSettings(**run)
 
 
 def generate(argv: list[str] | None = None) -> list[TaskReport]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     validate(args)
     from data_prep.sim import quiet_robosuite
 
     quiet_robosuite()
     reports = []
-    probs = perturb_probs(args.perturb_prob, args.tasks)
     for task in dict.fromkeys(args.tasks):  # keep order, drop repeats
-        settings = RolloutSettings(
-            task=task,
-            horizon=args.horizon or get_task(task).horizon,
-            steps_after_success=args.steps_after_success,
-            noise=args.noise,
-            perturbation=Perturbation(probs[task], *args.perturb_steps),
-            keep_failures=args.keep_failures,
-            policy=args.policy,
-            handover_steps=100 if args.handover_steps is None else args.handover_steps,
-            handover_on_stall=args.handover_on_stall,
-            policy_rollouts=args.policy_rollouts,
-        )
+        settings = rollout_settings(args, task)
         episodes, report = generate_task(
-            settings, args.episodes, args.seed, args.max_attempts, args.workers, progress=not args.no_progress
+            settings, args.episodes, args.seed, vars(args).get("max_attempts"), args.workers,
+            progress=not args.no_progress,
         )
         if episodes:
             path = args.out / task / OUTPUT_NAME
@@ -622,7 +628,7 @@ def generate(argv: list[str] | None = None) -> list[TaskReport]:
         reports.append(report)
         print(summary_line(report) + (f"  -> {report.path}" if report.path else "  (nothing written)"))
     if args.report:
-        write_report(args.report, reports, args)
+        write_report(args.report, reports, args, argv)
         print(f"report: {args.report}")
     short = [r for r in reports if r.kept_successes + r.kept_failures < r.requested]
     if short:
@@ -631,8 +637,8 @@ def generate(argv: list[str] | None = None) -> list[TaskReport]:
     return reports
 
 
-def main() -> None:
-    run_cli(generate)
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: generate(argv))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Output (docs/DESIGN.md, "Dataset repo"):
 
 Every input is read and validated before anything is written, the repo is assembled in
 `<out>.tmp-<host>-<pid>` and renamed into place, so a bad input leaves nothing behind. `--out` may not be, hold or
-lie inside an input, and `--overwrite` replaces only a dataset that vla-preprocess wrote (data_prep/atomic.py).
+lie inside an input, and `--overwrite` replaces only a dataset that vla-preprocess wrote (common/atomic.py).
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ from datasets import DatasetDict, DatasetInfo, Features, List, Value, load_datas
 from huggingface_hub import DatasetCard, DatasetCardData
 from tqdm.auto import tqdm
 
-from data_prep.atomic import check_output_dir, publish_dir, temp_dir
-from data_prep.errors import UserError, run_cli
+from common.atomic import check_output_dir, publish_dir, temp_dir
+from common.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, RobomimicFile, read_robomimic_hdf5, split_demo_names
 from data_prep.tasks import (
     ACTION_DIM,
-    INSTRUCTIONS_FILE,
     OBJECT_DIM,
     STATE_DIM,
     STATE_LAYOUT,
     STATE_SLICES,
     get_task,
     instructions_for,
+    instructions_json,
 )
 
 COMMAND = "vla-preprocess"  # the name in the marker of the folders it writes
@@ -186,7 +186,7 @@ class SourceSummary:
     task: str
     origin: str
     episodes: Counter = field(default_factory=Counter)  # split -> count
-    failed: int = 0  # episodes not solved at their last step (play data made with `vla-generate --keep-failures`)
+    failed: int = 0  # episodes not solved at their last step (play data made with `vla-generate play`)
 
 
 @dataclass
@@ -406,9 +406,9 @@ def card_body(collected: Collected, counts: dict, seed: int) -> str:
         "## How it was made",
         "",
         f"Converted with `vla-preprocess --seed {seed}` from these robomimic HDF5 files (`generated` = scripted-expert "
-        "demos made by `vla-generate` in robosuite; `generated (play)` = its play data, `--keep-failures`; "
-        "`generated (DAgger)` = its DAgger data, `--policy`: the expert finishing from where a trained policy left "
-        "the robot; `generated (policy)` = a trained policy's own roll-outs, `--policy-rollouts` (world-model data: their "
+        "demos made by `vla-generate demos` in robosuite; `generated (play)` = its play data, `vla-generate play`; "
+        "`generated (DAgger)` = its DAgger data, `vla-generate dagger`: the expert finishing from where a trained policy "
+        "left the robot; `generated (policy)` = a trained policy's own roll-outs, `vla-generate rollouts` (world-model data: their "
         "labels are the policy's actions); `robomimic` = robomimic's published files, e.g. from `vla-download`). An episode not solved at its "
         "last step is a failure: its `done` is never set.",
         "",
@@ -462,7 +462,7 @@ def preprocess(
         shards = {split: write_split(collected.columns[split], split, tmp / "data", shard_rows) for split in SPLITS}
         stats = normalization_stats(collected.columns["train"])
         (tmp / "normalization.json").write_text(json.dumps(stats, indent=2) + "\n")
-        shutil.copyfile(INSTRUCTIONS_FILE, tmp / "instructions.json")
+        (tmp / "instructions.json").write_text(instructions_json())
         dataset_card(collected, seed).save(tmp / "README.md")
         publish_dir(tmp, out, COMMAND, overwrite)
     finally:

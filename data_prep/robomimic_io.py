@@ -3,7 +3,8 @@
 One reader serves robomimic's published datasets and the files `vla-generate` writes, so the
 rest of the pipeline never knows where a demo came from. The layout (robomimic v0.3 / v1.5 data):
 
-    data/                      attrs: total (int), env_args (json: env_name, type, env_kwargs)
+    data/                      attrs: total (int), env_args (json: env_name, type, env_kwargs); task (str) when the
+                               env is one that a task registered earlier also uses (our writer)
       demo_<i>/                attrs: num_samples (int), model_file (MJCF xml string)
         obs/<key>              [T, D] per observation key (robot0_eef_pos, object, ...)
         next_obs/<key>         [T, D]
@@ -32,14 +33,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep.errors import UserError, first_line
-from data_prep.tasks import ACTION_DIM, ENV_TO_TASK, STATE_KEYS, state_from_obs
+from common.errors import UserError, first_line
+from data_prep.tasks import ACTION_DIM, STATE_KEYS, get_task, state_from_obs, task_names, task_of_env
 
 EPISODE_ARRAYS = ("actions", "rewards", "dones", "states")
 EXPERT_ACTIONS = "expert_actions"  # optional per-episode array written by vla-generate (see the layout above)
 # Stamped into data.attrs by our writer; robomimic's own files lack it, which is how `origin` tells them apart.
 WRITER_ATTR = "writer"
 WRITER_NAME = "dreaming-vla"
+TASK_ATTR = "task"  # data attribute naming the task, in files of a task whose env another task came first with
 
 
 @dataclass
@@ -175,11 +177,12 @@ class RobomimicFile:
         if not self.demo_names:
             raise UserError(f"{self.path}: 'data' group holds no demo_<i> episodes")
         env_name = self.env_args.get("env_name")
-        if env_name not in ENV_TO_TASK:
-            raise UserError(
-                f"{self.path}: unknown env_name {env_name!r} in data.attrs['env_args']; expected one of {sorted(ENV_TO_TASK)}"
-            )
-        self.task: str = ENV_TO_TASK[env_name]
+        task = self.attrs.get(TASK_ATTR) or task_of_env(env_name)  # files of a task that shares its env name it
+        if task is None:
+            envs = sorted({get_task(name).env_name for name in task_names()})
+            raise UserError(f"{self.path}: unknown env_name {env_name!r} in data.attrs['env_args']; expected one of {envs}")
+        get_task(task)
+        self.task: str = task
 
     @property
     def origin(self) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.sim import SimEnv, build_robosuite_env, robomimic_env_args, robomimic_env_kwargs
 
 # robosuite's "the gripper has let go" test: 1 - tanh(10 d) < 0.6 for the eef-object distance d.

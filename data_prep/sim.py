@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy as _copy
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,9 @@ def quiet_robosuite() -> None:
 
 
 def standard_env_kwargs(task: str) -> dict[str, Any]:
-    """robosuite.make(**kwargs) for `task`, matching robomimic's low-dim datasets."""
-    return robomimic_env_kwargs(get_task(task).horizon)
+    """robosuite.make(**kwargs) for `task`, matching robomimic's low-dim datasets (plus the task's own `env_kwargs`)."""
+    spec = get_task(task)
+    return robomimic_env_kwargs(spec.horizon) | dict(spec.env_kwargs)
 
 
 def robomimic_env_kwargs(horizon: int) -> dict[str, Any]:
@@ -87,6 +89,7 @@ class SimEnv:
     task: str
     env: Any  # robosuite.environments.ManipulationEnv
     env_args: dict[str, Any]
+    sim_success: Callable[[Any], bool] | None = None  # the task's rule in the live env; None: robosuite's own
 
     def reset(self, seed: int) -> dict[str, np.ndarray]:
         """Reset to the initial state determined by `seed` alone (independent of earlier episodes)."""
@@ -97,7 +100,7 @@ class SimEnv:
         return self.env._get_observations(force_update=True)
 
     def success(self) -> bool:
-        return bool(self.env._check_success())
+        return bool(self.sim_success(self.env) if self.sim_success is not None else self.env._check_success())
 
 
 def reseed(env: Any, seed: int) -> None:
@@ -194,8 +197,9 @@ def compile_models_once() -> None:
 def make_env(task: str, seed: int = 0) -> SimEnv:
     """Build the standard robosuite env for `task` (see module docstring), seeded with `seed`."""
     kwargs = standard_env_kwargs(task)
-    return SimEnv(task=task, env=build_robosuite_env(get_task(task).env_name, kwargs, seed),
-                  env_args=env_args_for(task, kwargs))
+    spec = get_task(task)
+    return SimEnv(task=task, env=build_robosuite_env(spec.env_name, kwargs, seed),
+                  env_args=env_args_for(task, kwargs), sim_success=spec.sim_success)
 
 
 def build_robosuite_env(env_name: str, kwargs: dict[str, Any], seed: int) -> Any:

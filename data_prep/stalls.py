@@ -1,5 +1,5 @@
-"""When a policy's gripper counts as stalled: shared by DAgger's stall handover (`vla-generate --handover-on-stall`)
-and the failure analysis of benchmarks/stalls.py.
+"""When a policy's gripper counts as stalled: shared by DAgger's stall handover (`vla-generate dagger --handover-on-stall`)
+and the failure analysis of benchmarks/diagnostics/stalls.py.
 
 A stall: the gripper has come down open next to the object and the policy keeps commanding a small move that contact
 with the table or the object does not let happen (on Square, most failures: docs/experiments/022).

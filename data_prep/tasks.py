@@ -18,19 +18,23 @@ real entries (1) vs padding (0).
 robosuite 1.5 concatenates its "object-state" for Can and Square relative-pose first, so a live
 observation is rebuilt in robomimic's order from the named per-object keys (`TaskSpec.object_keys`)
 rather than copied from "object-state".
+
+Each task is one `TaskSpec` entry (`register_task`): its environment, scripted expert, success rule (in the live
+simulator and on a state), instructions and play-data burst chance. Every other part reads it through `get_task` and
+`task_names`. A task defined outside this file registers from a plugin module (`VLA_PLUGINS`, common/plugins.py).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
+from common.plugins import load_plugins
 
 ROBOT_KEYS: tuple[str, ...] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 ROBOT_DIMS: tuple[int, ...] = (3, 4, 2)  # widths of the raw observations (quaternion: x y z w)
@@ -52,45 +56,20 @@ STATE_SLICES: dict[str, slice] = {
     "object-eef pos": slice(20, 23),
     "object-eef rot": slice(23, 29),  # Lift: padding
 }
-INSTRUCTIONS_FILE = Path(__file__).with_name("instructions.json")
+INSTRUCTIONS_COMMENT = (  # the head of a dataset's instructions.json
+    "Instruction text per task. 'canonical' is the original project's phrase; 'train' paraphrases are seen during "
+    "training, 'validation' paraphrases are held out and used only on validation episodes."
+)
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    name: str  # short name used everywhere on the command line: lift, can, square
-    env_name: str  # robosuite environment class
-    object_dim: int  # width of the unpadded "object" observation
-    horizon: int  # max control steps of one episode (robomimic's eval horizon)
-    robomimic_name: str  # folder name in robomimic's published datasets
-    object_keys: tuple[str, ...]  # robosuite observation keys making up robomimic's "object", in order
-    object_quats: tuple[int, ...]  # offsets of the quaternions inside robomimic's "object" vector
-    # How robosuite observes the object-to-eef block (configuration_vla.RELATIVE_POSE_FRAMES): "world" (Lift:
-    # cube - eef, world frame) or "eef_lagged" (the object's pose in the eef frame, one control step late).
-    relative_pose_frame: str = "eef_lagged"
+class Instructions:
+    """A task's words: the canonical instruction, the paraphrases trained on, and held-out validation paraphrases
+    (only on validation episodes, never trained on)."""
 
-    @property
-    def instruction(self) -> str:
-        return load_instructions()[self.name]["canonical"]
-
-    @property
-    def state_object_dim(self) -> int:
-        """Width of this task's object block in the state (each quaternion becomes 6 numbers)."""
-        return self.object_dim + (ROT6_DIM - QUAT_DIM) * len(self.object_quats)
-
-
-TASKS: dict[str, TaskSpec] = {
-    "lift": TaskSpec("lift", "Lift", 10, 400, "lift", ("cube_pos", "cube_quat", "gripper_to_cube_pos"), (3,),
-                     relative_pose_frame="world"),
-    "can": TaskSpec(
-        "can", "PickPlaceCan", 14, 400, "can",
-        ("Can_pos", "Can_quat", "Can_to_robot0_eef_pos", "Can_to_robot0_eef_quat"), (3, 10),
-    ),
-    "square": TaskSpec(
-        "square", "NutAssemblySquare", 14, 400, "square",
-        ("SquareNut_pos", "SquareNut_quat", "SquareNut_to_robot0_eef_pos", "SquareNut_to_robot0_eef_quat"), (3, 10),
-    ),
-}
-ENV_TO_TASK = {spec.env_name: name for name, spec in TASKS.items()}
+    canonical: str
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -116,31 +95,179 @@ class SuccessRule:
         return inside & (distance > self.min_eef_distance)
 
 
-_LET_GO = float(np.arctanh(0.4) / 10.0)  # 0.042 m
-SUCCESS_RULES: dict[str, SuccessRule] = {
-    # cube more than 4 cm above the table top (table_offset z = 0.8)
-    "lift": SuccessRule(low=(-np.inf, -np.inf, 0.84), high=(np.inf, np.inf, np.inf)),
-    # can inside the quarter of bin 2 assigned to it (bin2_pos (0.1, 0.28, 0.8), bin_size 0.39 x 0.49), < 10 cm up
-    "can": SuccessRule(low=(0.1, 0.28, 0.8), high=(0.1 + 0.39 / 2, 0.28 + 0.49 / 2, 0.9), min_eef_distance=_LET_GO),
-    # square nut within 3 cm of peg 1 (0.23, 0.10) in x and y, and below table_offset z 0.82 + 5 cm
-    "square": SuccessRule(low=(0.2, 0.07, -np.inf), high=(0.26, 0.13, 0.87), min_eef_distance=_LET_GO),
-}
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """One task, registered once (`register_task`); everything the project knows about it is read from here.
+
+    The environment: robosuite's `env_name` with robomimic's low-dim settings, `horizon` and `env_kwargs`
+    (`data_prep.sim.make_env`; tasks that share an env and its construction differ in the rest). Success: in the live
+    simulator `sim_success(env)` (None: robosuite's own `_check_success()`), and read off a state `success_rule`
+    (dreams and recorded episodes; it must agree with the simulator's). `expert(seed=, noise=)` builds its scripted
+    expert; `play_perturb_prob` is the per-step burst chance of its play data (`vla-generate`).
+    """
+
+    name: str  # short name used everywhere on the command line: lift, can, square
+    env_name: str  # robosuite environment class
+    horizon: int  # max control steps of one episode (robomimic's eval horizon)
+    env_kwargs: Mapping[str, Any] = field(default_factory=dict)  # robosuite.make arguments beyond robomimic's settings
+    robomimic_name: str | None = None  # folder name in robomimic's published datasets (None: it has none)
+    object_dim: int  # width of the unpadded "object" observation
+    object_keys: tuple[str, ...]  # robosuite observation keys making up robomimic's "object", in order
+    object_quats: tuple[int, ...]  # offsets of the quaternions inside robomimic's "object" vector
+    # How robosuite observes the object-to-eef block (configuration_vla.RELATIVE_POSE_FRAMES): "world" (Lift:
+    # cube - eef, world frame) or "eef_lagged" (the object's pose in the eef frame, one control step late).
+    relative_pose_frame: str = "eef_lagged"
+    instructions: Instructions
+    success_rule: Callable[[np.ndarray], np.ndarray]  # [..., 29] states -> [...] bool
+    sim_success: Callable[[Any], bool] | None = None  # live robosuite env -> bool; None: its `_check_success()`
+    expert: Callable[..., Any]  # (seed=None, noise=0.05) -> a scripted expert (`.reset(env)`, `.act(obs)`): a class or factory
+    # Per-step chance of a random-action burst in play data, so that roughly 30-60 % of its episodes fail
+    # (docs/experiments/004): the longer and more precise the task, the fewer bursts it takes.
+    play_perturb_prob: float
+
+    @property
+    def instruction(self) -> str:
+        return self.instructions.canonical
+
+    @property
+    def state_object_dim(self) -> int:
+        """Width of this task's object block in the state (each quaternion becomes 6 numbers)."""
+        return self.object_dim + (ROT6_DIM - QUAT_DIM) * len(self.object_quats)
+
+
+# ----- the registry ------------------------------------------------------------------------------------------------
+_TASKS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task under a name of its own (a plugin module registers on import: common/plugins.py)."""
+    if spec.name in _TASKS:
+        raise ValueError(f"task {spec.name!r} is registered already")
+    if spec.state_object_dim > OBJECT_DIM:
+        raise ValueError(f"task {spec.name!r}: its object block ({spec.state_object_dim}) does not fit the state's "
+                         f"{OBJECT_DIM} object slots")
+    _TASKS[spec.name] = spec
+    return spec
+
+
+def task_names() -> list[str]:
+    """Every registered task, in registration order (the three robomimic tasks first)."""
+    load_plugins()
+    return list(_TASKS)
+
+
+def get_task(name: str) -> TaskSpec:
+    load_plugins()
+    if name not in _TASKS:
+        raise UserError(f"unknown task {name!r}; expected one of {sorted(_TASKS)}")
+    return _TASKS[name]
+
+
+def task_of_env(env_name: str) -> str | None:
+    """The task a robomimic file of robosuite's `env_name` holds when the file names none (robomimic's own files): the
+    first registered task of that env."""
+    return next((name for name in task_names() if _TASKS[name].env_name == env_name), None)
+
+
+def scripted_expert(name: str) -> Callable[..., Any]:
+    """The class `name` of data_prep.experts as a task's `expert`, imported when first built: the experts need scipy,
+    which the dream-only Space does without."""
+
+    def build(seed: int | None = None, noise: float = 0.05) -> Any:
+        from data_prep import experts
+
+        return getattr(experts, name)(seed=seed, noise=noise)
+
+    return build
+
+
+def make_expert(task: str, seed: int | None = None, noise: float = 0.05) -> Any:
+    """The scripted expert for `task`; call `.reset(env)` then `.act(obs)` (or `expert(obs)`)."""
+    return get_task(task).expert(seed=seed, noise=noise)
 
 
 def success_from_state(states: np.ndarray, task: str) -> np.ndarray:
     """Whether robosuite would call each state of `task` a success ([..., 29] -> [...] bool)."""
-    get_task(task)
-    return SUCCESS_RULES[task](states)
+    return get_task(task).success_rule(states)
+
+
+def instructions_for(task: str, split: str) -> list[str]:
+    """Paraphrases of `task` for 'train' or 'validation' (validation ones are never trained on)."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split {split!r}: expected 'train' or 'validation'")
+    return list(getattr(get_task(task).instructions, split))
+
+
+def load_instructions() -> dict[str, dict]:
+    """task -> {"canonical", "train", "validation"} for every registered task (a dataset's instructions.json)."""
+    words = {name: get_task(name).instructions for name in task_names()}
+    return {name: {"canonical": w.canonical, "train": list(w.train), "validation": list(w.validation)}
+            for name, w in words.items()}
+
+
+def instructions_json() -> str:
+    """The instructions.json that `vla-preprocess` writes next to a dataset."""
+    return json.dumps({"_comment": INSTRUCTIONS_COMMENT, **load_instructions()}, indent=2, ensure_ascii=False) + "\n"
+
+
+# ----- the robomimic tasks ----------------------------------------------------------------------------------------
+_LET_GO = float(np.arctanh(0.4) / 10.0)  # 0.042 m
+register_task(TaskSpec(
+    name="lift", env_name="Lift", horizon=400, robomimic_name="lift",
+    object_dim=10, object_keys=("cube_pos", "cube_quat", "gripper_to_cube_pos"), object_quats=(3,),
+    relative_pose_frame="world",
+    instructions=Instructions(
+        "Lift the red cube",
+        train=("Lift the red cube", "Pick up the red block", "Raise the red cube off the table",
+               "Grab the small red cube and lift it up", "Pick the red cube up from the table"),
+        validation=("Hoist the red block into the air", "Take hold of the red cube and raise it"),
+    ),
+    # cube more than 4 cm above the table top (table_offset z = 0.8)
+    success_rule=SuccessRule(low=(-np.inf, -np.inf, 0.84), high=(np.inf, np.inf, np.inf)),
+    expert=scripted_expert("LiftExpert"),
+    play_perturb_prob=0.06,
+))
+register_task(TaskSpec(
+    name="can", env_name="PickPlaceCan", horizon=400, robomimic_name="can",
+    object_dim=14, object_keys=("Can_pos", "Can_quat", "Can_to_robot0_eef_pos", "Can_to_robot0_eef_quat"),
+    object_quats=(3, 10),
+    instructions=Instructions(
+        "Pick up the coke can",
+        train=("Pick up the coke can", "Grab the soda can and put it in its bin", "Move the coke can to the target bin",
+               "Pick the red can up and place it in the bin", "Transfer the can into the correct compartment"),
+        validation=("Put the cola can into its container", "Carry the soda tin over to the bin"),
+    ),
+    # can inside the quarter of bin 2 assigned to it (bin2_pos (0.1, 0.28, 0.8), bin_size 0.39 x 0.49), < 10 cm up
+    success_rule=SuccessRule(low=(0.1, 0.28, 0.8), high=(0.1 + 0.39 / 2, 0.28 + 0.49 / 2, 0.9), min_eef_distance=_LET_GO),
+    expert=scripted_expert("CanExpert"),
+    play_perturb_prob=0.02,
+))
+register_task(TaskSpec(
+    name="square", env_name="NutAssemblySquare", horizon=400, robomimic_name="square",
+    object_dim=14,
+    object_keys=("SquareNut_pos", "SquareNut_quat", "SquareNut_to_robot0_eef_pos", "SquareNut_to_robot0_eef_quat"),
+    object_quats=(3, 10),
+    instructions=Instructions(
+        "Push the square nut",
+        train=("Push the square nut", "Put the square nut onto the square peg", "Fit the square nut over its peg",
+               "Pick up the square nut and slide it onto the peg", "Place the square ring on the matching peg"),
+        validation=("Thread the square nut down onto the post", "Mount the square washer on its rod"),
+    ),
+    # square nut within 3 cm of peg 1 (0.23, 0.10) in x and y, and below table_offset z 0.82 + 5 cm
+    success_rule=SuccessRule(low=(0.2, 0.07, -np.inf), high=(0.26, 0.13, 0.87), min_eef_distance=_LET_GO),
+    expert=scripted_expert("SquareExpert"),
+    play_perturb_prob=0.01,
+))
 
 
 def rot6_to_matrix(rot6: np.ndarray) -> np.ndarray:
     """6-D rotations [..., 6] -> rotation matrices [..., 3, 3] (Gram-Schmidt, so imagined columns need not be exact).
 
-    numpy in, numpy out (float64) around `modeling_vla.rot6_to_matrix`, the one implementation.
+    numpy in, numpy out (float64) around `modeling_geometry.rot6_to_matrix`, the one implementation.
     """
     import torch
 
-    from modeling_vla import rot6_to_matrix as rot6_to_matrix_torch
+    from modeling_geometry import rot6_to_matrix as rot6_to_matrix_torch
 
     return rot6_to_matrix_torch(torch.as_tensor(np.asarray(rot6, dtype=np.float64))).numpy()
 
@@ -155,12 +282,12 @@ def relative_pose_from_poses(states: np.ndarray, prev_states: np.ndarray, task: 
     object-to-eef pose is the object's pose in the eef frame, R_eef^T (p_obj - p_eef) and R_eef^T R_obj, where the
     object pose is the one of the *previous* control step (robosuite's sensors read the object from the
     observation cache before updating it). `prev_states` holds those previous states; at a reset pass `states`.
-    numpy around `modeling_vla.relative_pose_from_poses` (computed in float64), which world models with
+    numpy around `modeling_geometry.relative_pose_from_poses` (computed in float64), which world models with
     `derive_relative_pose` also train through.
     """
     import torch
 
-    from modeling_vla import relative_pose_from_poses as relative_pose_torch
+    from modeling_geometry import relative_pose_from_poses as relative_pose_torch
 
     spec = get_task(task)
     derived = relative_pose_torch(
@@ -169,24 +296,6 @@ def relative_pose_from_poses(states: np.ndarray, prev_states: np.ndarray, task: 
         torch.tensor(spec.relative_pose_frame == "eef_lagged"),
     )
     return derived.numpy().astype(np.float32)
-
-
-def get_task(name: str) -> TaskSpec:
-    if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
-    return TASKS[name]
-
-
-@cache
-def load_instructions() -> dict[str, dict]:
-    data = json.loads(INSTRUCTIONS_FILE.read_text())
-    return {k: v for k, v in data.items() if not k.startswith("_")}
-
-
-def instructions_for(task: str, split: str) -> list[str]:
-    """Paraphrases of `task` for 'train' or 'validation' (validation ones are never trained on)."""
-    get_task(task)
-    return list(load_instructions()[task][split])
 
 
 def object_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs") -> np.ndarray:

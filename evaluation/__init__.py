@@ -6,9 +6,10 @@
 The command line is `vla-rollout` (evaluation/cli.py).
 """
 
+from common.policies import ChunkExecution, ChunkPolicy, Policy
 from evaluation.envs import DreamEnv, Env, RobosuiteEnv, Start, StepResult, VideoSpec
+from evaluation.expert_policy import ExpertPolicy
 from evaluation.metrics import agreement, summarize, wilson_interval
-from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
 from evaluation.records import EpisodeRecord
 from evaluation.rollout import rollout
 

@@ -17,7 +17,9 @@ when an episode ends (success, done, error or horizon), the env only reports.
   (`workers > 1`, one Pipe per worker) or stepped in this process (`workers == 1`). A simulator that
   raises, or a worker process that dies, marks its episodes as errors; the other episodes go on.
   It also runs the scripted expert next to each simulator (`expert_actions`), since the expert reads
-  ground truth that only the simulator has, and optionally records MP4 videos.
+  ground truth that only the simulator has, and optionally records MP4 videos. `observations` hands out each
+  episode's robomimic observation dict (the keys robomimic-format HDF5 files store), for peers that read it
+  (benchmarks/peers/).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
+from common.policies import to_numpy
 from data_prep.tasks import (
     ACTION_DIM,
     STATE_DIM,
@@ -185,12 +188,6 @@ class DreamEnv:
         pass
 
 
-def to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
-
-
 # ----------------------------------------------------------------------------------------------
 # Real simulators
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +264,7 @@ class Simulators:
         return replies
 
     def expert_actions(self, items: list[tuple[int, int]]) -> list[tuple[int, np.ndarray | None, str | None]]:
-        from data_prep.experts import make_expert
+        from data_prep.tasks import make_expert
 
         replies = []
         for index, seed in items:
@@ -277,6 +274,19 @@ class Simulators:
                     slot.expert = make_expert(self.task, seed=seed)
                     slot.expert.reset(slot.sim.env)
                 replies.append((index, np.asarray(slot.expert.act(slot.obs), np.float32), None))
+            except Exception as err:  # noqa: BLE001
+                replies.append((index, None, describe(err)))
+        return replies
+
+    def observations(self, items: list[tuple[int, None]]) -> list[tuple[int, dict[str, np.ndarray] | None, str | None]]:
+        """Each episode's current observation in robomimic's keys (robot keys as robosuite gives them, `object` in
+        robomimic's order), exactly what `vla-generate` stores in a robomimic-format HDF5 file for that step."""
+        from data_prep.generate import observation_arrays
+
+        replies = []
+        for index, _ in items:
+            try:
+                replies.append((index, observation_arrays(self.slots[index].obs, self.task), None))
             except Exception as err:  # noqa: BLE001
                 replies.append((index, None, describe(err)))
         return replies
@@ -483,6 +493,17 @@ class RobosuiteEnv:
         for index, error in crashed.items():
             errors[index] = error
         return actions, errors
+
+    def observations(self, active: np.ndarray) -> tuple[list[dict[str, np.ndarray] | None], list[str | None]]:
+        """The robomimic observation dict of every active episode (None + error where it failed)."""
+        observations: list[dict[str, np.ndarray] | None] = [None] * self._n
+        errors: list[str | None] = [None] * self._n
+        replies, crashed = self._call("observations", [(int(i), None) for i in np.flatnonzero(active)])
+        for index, obs, error in replies:
+            observations[index], errors[index] = obs, error
+        for index, error in crashed.items():
+            errors[index] = error
+        return observations, errors
 
     def finish(self) -> list[str]:
         """Finalise videos of the last batch; return notes from the workers (e.g. rendering unavailable)."""

@@ -4,7 +4,7 @@
 
 The output is an ordinary saved WorldModel (`AutoModel.from_pretrained(out, trust_remote_code=True)`) whose
 ensemble holds every input's members side by side (`WorldModel.pool`); the folder appears atomically. An existing
---out is replaced only with --overwrite, and only when vla-pool-world-models wrote it (data_prep/atomic.py).
+--out is replaced only with --overwrite, and only when vla-pool-world-models wrote it (common/atomic.py).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data_prep.atomic import check_output_dir, write_output_dir
-from data_prep.errors import UserError, run_cli
-from data_prep.tasks import TASKS
-from evaluation.cli import WORLD_MODEL_TYPE, check_model_config, load_model, read_model_config
+from common.atomic import check_output_dir, write_output_dir
+from common.errors import UserError, run_cli
+from common.saved_models import check_model_config, load_model, read_model_config
+from data_prep.tasks import STATE_LAYOUT, task_names
+from model_kinds import model_types
 
 COMMAND = "vla-pool-world-models"  # the name in the marker of the folders it writes
 
@@ -39,7 +40,8 @@ def pool_world_models(inputs: list[Path], out: Path, overwrite: bool = False) ->
         raise UserError(f"--inputs: expected two or more world-model folders, got {len(inputs)}")
     for folder in inputs:
         config = read_model_config(folder, "--inputs")
-        check_model_config(config, folder, "--inputs", (WORLD_MODEL_TYPE,), list(config.get("tasks") or TASKS))
+        check_model_config(config, folder, "--inputs", model_types("world"), list(config.get("tasks") or task_names()),
+                           STATE_LAYOUT)
     check_output_dir(out, COMMAND, overwrite, inputs)
     models = [load_model(folder, "--inputs", "cpu") for folder in inputs]
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 OPTIONAL_ARRAYS = ("std", "p_success")  # per-step arrays only some records have (dreams); absent keys read as None
 

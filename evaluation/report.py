@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common.atomic import write_output_dir
 from evaluation.metrics import Agreement, DreamSpread, SuccessSummary, agreement, dream_spread, pair_by_seed, summarize
 from evaluation.plots import plot_dream_vs_real, plot_success_rates, plot_trajectories_3d, plot_trajectory_error
 from evaluation.records import EpisodeRecord, select
@@ -188,8 +189,6 @@ def publish_benchmark(out: Path, results: dict[str, Any], section: str, figures:
                       markdown_name: str, results_md: Path | None, heading: str) -> None:
     """A benchmark's outputs: results.json, its figures (name -> plot(path)) and markdown, swapped in atomically
     as one folder; then, with `results_md`, its section of docs/RESULTS.md replaced."""
-    from evaluation.cli import write_results  # cli imports this module
-
     def produce(tmp: Path) -> str:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         for name, plot in figures.items():
@@ -197,7 +196,7 @@ def publish_benchmark(out: Path, results: dict[str, Any], section: str, figures:
         (tmp / markdown_name).write_text(section)
         return section
 
-    write_results(out, produce, "benchmark", overwrite=True)  # replaces a benchmark's earlier folder, nothing else
+    write_output_dir(out, "benchmark", True, produce)  # replaces a benchmark's earlier folder, nothing else
     print(section)
     if results_md:
         replace_markdown_section(results_md, heading, section)

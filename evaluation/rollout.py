@@ -9,16 +9,15 @@ start) or a non-finite action ends its episode as an error: nothing NaN reaches 
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from common.policies import Policy
 from data_prep.tasks import ACTION_DIM, STATE_DIM
 from evaluation.envs import Env, Start
-from evaluation.policies import Policy
 from evaluation.records import EpisodeRecord
 
 
@@ -105,26 +104,9 @@ def rollout(
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`vla-rollout`'s parser: see evaluation/cli.py."""
-    from evaluation.cli import build_parser as cli_parser
-
-    return cli_parser()
-
-
 def stop_where(rows: np.ndarray, error: str, errors: list[str | None], active: np.ndarray) -> None:
     """End the episodes in `rows` with `error` (in place)."""
     for i in np.flatnonzero(rows):
         errors[i] = error
     active &= ~rows
 
-
-def main(argv: list[str] | None = None) -> None:
-    """`vla-rollout`: see evaluation/cli.py."""
-    from evaluation.cli import main as cli_main
-
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()

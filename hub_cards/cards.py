@@ -18,7 +18,8 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, EvalResult, ModelCard, ModelCardData
 
-from data_prep.errors import UserError
+from common.errors import UserError
+from model_kinds import ModelKind, kind_of_type
 
 TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 COMMON_TAGS = ["robotics", "vla", "robosuite", "robomimic", "dreaming-vla"]
@@ -28,96 +29,6 @@ TRAIN_METRIC_KEYS = ("steps", "epochs", "best_val_loss", "final_val", "train_sam
 TRAIN_CONFIG_KEYS = ("dataset", "batch_size", "grad_accum_steps", "lr", "weight_decay", "warmup_steps", "max_steps",
                      "max_grad_norm", "mixed_precision", "seed", "early_stopping_patience")
 SUCCESS_COLUMNS = ("policy", "task", "env", "episodes", "successes", "success_rate", "ci_low", "ci_high", "errors")
-
-
-@dataclass(frozen=True)
-class ModelKind:
-    """What differs between the three models' cards."""
-
-    title: str
-    tags: tuple[str, ...]
-    summary: str
-    architecture_keys: tuple[str, ...]
-    usage: str  # body of the `with torch.no_grad():` block of the loading snippet
-    intended_use: str
-    limitations: str
-
-
-_SHARED_LIMITS = (
-    "- Low-dimensional state only (robot proprioception + object pose from the simulator); no cameras.\n"
-    "- Trained on a small set of demonstrations for the listed tasks only; it does not generalise to other objects, "
-    "robots or controllers (robosuite OSC_POSE delta, 20 Hz).\n"
-    "- Instructions are embedded by a small sentence encoder; phrasings far from the training paraphrases may "
-    "select the wrong task.\n"
-    "- Simulation only. Never run on a real robot without an independent safety layer."
-)
-
-_POLICY_LIMITS = _SHARED_LIMITS + (
-    "\n- On Lift a policy reading the state alone does not turn the gripper to the cube's nearest face as the expert "
-    "does: it meets the cube 20-30 degrees off (median), and the VLA's failures are the most turned ones "
-    "(`benchmarks/grasp_yaw.py`). Reading the relative yaw (`relative_yaw_harmonics`) taught the MLP-BC the turn but "
-    "cost it Lift successes (a square grasp needs more precision in xy than it has). The VLA fine-tuned with it and "
-    "its sawtooth (`relative_yaw_sawtooth`) turns only partway (median 10-12 degrees off) and still turns away from "
-    "the nearest face in about one Lift episode in six; those are where its Lift failures have been (the project's "
-    "docs/RESULTS.md)."
-)
-
-KINDS: dict[str, ModelKind] = {
-    "vla_world_model": ModelKind(
-        title="Dreaming VLA world model (MLP-Mixer ensemble)",
-        tags=("world-model", "mlp-mixer"),
-        summary="Predicts the next robot/object state, task success and episode end from the current state (and, "
-        "with `velocity_input`, the previous one), a 7-D action and a language instruction (frozen MiniLM sentence "
-        "embedding). An ensemble of MLP-Mixers; the spread of its members is the uncertainty of every imagined step.",
-        architecture_keys=("text_encoder", "hidden_dim", "token_mlp_dim", "channel_mlp_dim", "num_layers",
-                           "num_ensemble", "multi_step", "state_token_groups", "velocity_input", "linear_skip",
-                           "input_noise", "loss_units"),
-        usage="    next_state, std, p_success, p_done = model.step(state, torch.zeros(1, 7), [\"Lift the red cube\"],\n"
-        "                                                    prev_state=state)  # s_{t-1}; state itself = at rest",
-        intended_use="Imagining rollouts (\"dreams\") of a policy to estimate its success and to visualise what it "
-        "would do, for research on world models and model-based evaluation of VLA policies in robosuite.",
-        limitations=_SHARED_LIMITS + "\n- Errors compound over long open-loop dreams (several cm after 50 steps), and "
-        "the ensemble spread (`std`) can stay narrow after a long dream has left the training data: compare with real "
-        "rollouts before trusting a dreamed success rate. The success head (the evaluation default) can fire on states "
-        "that are not successes; judged by robosuite's rule on the imagined state instead (`--dream-success state`), "
-        "tasks with cm tolerances (Square) are dreamed pessimistically. The state's object-to-eef block is a function of "
-        "the eef and object poses, which the model predicts separately and not always consistently: the project's "
-        "`DreamEnv` derives it from the predicted poses (`data_prep.tasks.relative_pose_from_poses`) by default. "
-        "Training through that formula (`derive_relative_pose`) dreamed Can worse and is off.\n- Trained on expert demos plus perturbed \"play\" episodes "
-        "with failures and a policy's own roll-outs; trained on successful demos alone, it dreams success for policies "
-        "that fail. Training noise on the input state (`input_noise`) keeps long dreams physically coherent, but the "
-        "dreamed Square success rate still moves by tens of points between training runs of one recipe: train "
-        "several seeds (`--set seed=N`) and pass them all to `vla-rollout --world-model`, which reports the spread, "
-        "or pool them into one ensemble (`vla-pool-world-models`), which dreams with the mean of all "
-        "runs' members (the project's docs/RESULTS.md has the measurements).\n- A gripper held still by contact "
-        "(pushed against the table or an object) is dreamed moving, many times faster than reality even on the training "
-        "data's own stalls, so a dream walks out of a stall that holds the real robot: a policy that stalls is dreamed "
-        "too optimistically (`benchmarks/stalls.py --world-model`).",
-    ),
-    "vla_policy": ModelKind(
-        title="Dreaming VLA policy (pretrained transformer + LoRA)",
-        tags=("lora", "peft", "vision-language-action"),
-        summary="A pretrained transformer reads the instruction tokens plus state tokens and a continuous head emits "
-        "a chunk of 7-D end-effector actions. The backbone is fine-tuned with LoRA (peft).",
-        architecture_keys=("backbone", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "chunk_size",
-                           "num_state_tokens", "pooling", "loss", "relative_yaw_harmonics", "relative_yaw_sawtooth"),
-        usage="    actions = model.predict_actions(state, [\"Lift the red cube\"])  # [1, chunk_size, 7]",
-        intended_use="Controlling a simulated robosuite Panda arm from a language instruction on the listed tasks; "
-        "a baseline for research on language-conditioned policies evaluated in learned world models.",
-        limitations=_POLICY_LIMITS,
-    ),
-    "vla_mlp_policy": ModelKind(
-        title="Dreaming VLA MLP behaviour-cloning baseline",
-        tags=("behavior-cloning", "baseline"),
-        summary="The baseline policy: normalised state plus a frozen MiniLM instruction embedding through an MLP "
-        "that predicts a chunk of 7-D end-effector actions.",
-        architecture_keys=("text_encoder", "hidden_dim", "num_layers", "dropout", "chunk_size", "loss",
-                           "relative_yaw_harmonics", "relative_yaw_sawtooth"),
-        usage="    actions = model.predict_actions(state, [\"Lift the red cube\"])  # [1, chunk_size, 7]",
-        intended_use="A reference point for the VLA policy on the same data and tasks.",
-        limitations=_POLICY_LIMITS,
-    ),
-}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -283,27 +194,26 @@ def eval_results(results: Results, dataset_id: str | None, world_model: bool) ->
 
 
 def model_kind(config: Mapping[str, Any], source: Path) -> ModelKind:
-    model_type = config.get("model_type")
-    if model_type not in KINDS:
-        raise UserError(f"{source}: model_type {model_type!r} is not one of this project's models {sorted(KINDS)}")
-    return KINDS[model_type]
+    """The registered kind (model_kinds.py) of a saved model's config.json content."""
+    return kind_of_type(config.get("model_type"), str(source))
 
 
 def model_card(config: Mapping[str, Any], repo_id: str, results: Results, dataset_id: str | None = None,
                source: Path = Path("config.json")) -> ModelCard:
     """The card of one saved model (its config.json content) from whatever results exist."""
     kind = model_kind(config, source)
-    tags = [*COMMON_TAGS, *kind.tags]
-    if config.get("model_type") == "vla_policy" and not config.get("use_lora", True):
+    text = kind.card_text
+    tags = [*COMMON_TAGS, *text.tags]
+    if "lora" in tags and not config.get("use_lora", True):
         tags.remove("lora")
     runs = results.train_summaries
-    world_model = config.get("model_type") == "vla_world_model"
+    world_model = kind.role == "world"
     if len(runs) > 1 and not world_model:
         raise UserError(f"{', '.join(str(path) for path, _ in runs)}: several training summaries for one "
                         f"{config.get('model_type')} model; only a pooled world model comes from several runs")
     evals = eval_results(results, dataset_id, world_model)
     header, rows = evaluation_table(results)
-    backbone = config.get("backbone") if config.get("model_type") == "vla_policy" else None
+    backbone = config.get("backbone")
     card_data = ModelCardData(
         library_name="transformers",
         license="mit",
@@ -320,8 +230,8 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
-        title=kind.title,
-        summary=kind.summary,
+        title=text.title,
+        summary=text.summary,
         repo_id=repo_id,
         model_class=architectures[0],
         model_type=config["model_type"],
@@ -329,7 +239,7 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
         action_dim=config.get("action_dim", "?"),
         state_layout=config.get("state_layout", "?"),
         tasks=", ".join(config.get("tasks") or []) or "not recorded",
-        architecture=flatten(config, kind.architecture_keys),
+        architecture=flatten(config, text.architecture_keys),
         train_metrics=training_table(results, None, TRAIN_METRIC_KEYS),
         train_config=training_table(results, "config", TRAIN_CONFIG_KEYS),
         train_header=["value"] if len(runs) == 1 else [f"`{run_label(path)}`" for path, _ in runs],
@@ -344,9 +254,9 @@ def model_card(config: Mapping[str, Any], repo_id: str, results: Results, datase
         "its dreams and in robosuite." if world_model else "",
         eval_note="the world model is evaluated through the policies' dream rollouts: pass their summary.json files"
         if world_model else "",
-        usage=kind.usage,
-        intended_use=kind.intended_use,
-        limitations=kind.limitations,
+        usage=text.usage,
+        intended_use=text.intended_use,
+        limitations=text.limitations,
     )
 
 

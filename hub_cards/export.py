@@ -3,17 +3,22 @@
     vla-export --model-dir runs/pipeline/train_policy/best --repo-id local/dreaming-vla-vla-policy \\
                --card-results runs/pipeline/train_policy/train_summary.json runs/pipeline/eval_policy/summary.json
     vla-export --dataset-dir runs/pipeline/dataset --repo-id local/dreaming-vla-dataset
+    vla-export --dataset-dir runs/pipeline/dataset --format lerobot --repo-id local/dreaming-vla-lerobot
 
-A model repo holds config.json (with `auto_map`), modeling_vla.py, configuration_vla.py, the safetensors
-weights (plus the tokenizer for the VLA) and README.md, the model card written from the results files.
+A model repo holds config.json (with `auto_map`), the code files that auto_map needs (`code_files`: the modules it
+names and the sibling modules they import), the safetensors weights (plus the tokenizer for the VLA) and README.md,
+the model card written from the results files.
 The folder is assembled under a temporary name and renamed into place (an existing --out only with --overwrite, and
-only when vla-export wrote it: data_prep/atomic.py). By default it is then placed
+only when vla-export wrote it: common/atomic.py). By default it is then placed
 into the local Hugging Face cache as the `main` revision of `--repo-id`, so
 
     HF_HUB_OFFLINE=1 python -c 'from transformers import AutoModel; AutoModel.from_pretrained("org/name", trust_remote_code=True)'
 
 works in a fresh process (and `datasets.load_dataset("org/name")` for the dataset). `--push` uploads the
 folder with `huggingface_hub.upload_folder` (needs a token and network).
+
+`--format lerobot` writes the dataset as a LeRobotDataset instead (hub_cards/lerobot_format.py), for LeRobot's
+trainers; it lives where `--out` says (LeRobot reads it with `root=`), not in the HF cache.
 """
 
 from __future__ import annotations
@@ -28,21 +33,17 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-from data_prep.atomic import MARKER, check_output_dir, publish_dir, temp_dir
-from data_prep.errors import UserError, run_cli
+from common.atomic import MARKER, check_output_dir, publish_dir, temp_dir
+from common.errors import UserError, run_cli
 from hub_cards.cards import Results, dataset_card, model_card, model_kind, read_json
 from hub_cards.hub_cache import place_in_hub_cache
+from hub_cards.lerobot_format import ACTION_COLUMNS, LeRobotExport, write_lerobot_dataset
+from hub_cards.lerobot_format import SPLITS as LEROBOT_SPLITS
 
 COMMAND = "vla-export"  # the name in the marker of the folders it writes
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CODE_FILES = ("configuration_vla.py", "modeling_vla.py")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-# model_type -> (config class, model class): what auto_map must name for trust_remote_code.
-AUTO_CLASSES = {
-    "vla_world_model": ("WorldModelConfig", "WorldModel"),
-    "vla_policy": ("VLAConfig", "VLAPolicy"),
-    "vla_mlp_policy": ("MLPPolicyConfig", "MLPPolicy"),
-}
+FORMATS = ("datasets", "lerobot")  # what --dataset-dir becomes: a `datasets` repo, or a LeRobotDataset
 # Training leftovers that do not belong in a published repo.
 SKIPPED_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt")
 
@@ -67,14 +68,36 @@ def check_repo_id(repo_id: str) -> None:
         raise UserError(f"--repo-id {repo_id!r}: expected 'org/name' (the cache layout needs a namespace)")
 
 
+def class_path(cls: type) -> str:
+    """A class as auto_map names it: "<module file name>.<class name>"."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
 def with_auto_map(config: dict, source: Path) -> dict:
     """config.json with the auto_map trust_remote_code needs (save_pretrained normally writes it already)."""
-    model_kind(config, source)
-    config_class, model_class = AUTO_CLASSES[config["model_type"]]
+    kind = model_kind(config, source)
     auto_map = dict(config.get("auto_map") or {})
-    auto_map.setdefault("AutoConfig", f"configuration_vla.{config_class}")
-    auto_map.setdefault("AutoModel", f"modeling_vla.{model_class}")
+    auto_map.setdefault("AutoConfig", class_path(kind.config_class))
+    auto_map.setdefault("AutoModel", class_path(kind.model_class))
     return {**config, "auto_map": auto_map}
+
+
+def code_files(auto_map: dict, folder: Path) -> list[str]:
+    """The .py files a model folder needs: the modules auto_map names and, recursively, the sibling modules they
+    import relatively (what transformers copies into its modules cache). Read in `folder`, else in the project."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    pending = [f"{ref.rsplit('.', 1)[0]}.py" for ref in auto_map.values() if isinstance(ref, str)]
+    found: list[str] = []
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.append(name)
+        source = folder / name if (folder / name).is_file() else REPO_ROOT / name
+        if source.is_file():
+            pending += [f"{module}.py" for module in get_relative_imports(source)]
+    return sorted(found)
 
 
 def copy_model_files(model_dir: Path, staging: Path) -> dict:
@@ -90,8 +113,10 @@ def copy_model_files(model_dir: Path, staging: Path) -> dict:
         if path.is_file() and not hidden and path.name not in (*SKIPPED_FILES, "config.json", "README.md"):
             shutil.copy2(path, staging / path.name)
     # The code saved next to the weights is the code they were trained with; older folders get the project's.
-    for name in CODE_FILES:
+    for name in code_files(config["auto_map"], staging):
         if not (staging / name).is_file():
+            if not (REPO_ROOT / name).is_file():
+                raise UserError(f"{model_dir}: its auto_map needs {name}, which is neither there nor in this project")
             shutil.copy2(REPO_ROOT / name, staging / name)
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
@@ -166,7 +191,7 @@ def prepare_datasets_cache(snapshot: Path, repo_id: str, cache_root: Path | None
     import datasets.config
     from datasets.load import dataset_module_factory, get_dataset_builder_class
 
-    from data_prep.atomic import replace_dir
+    from common.atomic import replace_dir
 
     namespace, name = repo_id.split("/")
     cache_root = Path(cache_root or datasets.config.HF_DATASETS_CACHE)
@@ -206,6 +231,22 @@ def export_dataset(dataset_dir: Path, repo_id: str, out: Path, do_push: bool = F
     return result
 
 
+def export_lerobot(dataset_dir: Path, repo_id: str, out: Path, action_column: str = ACTION_COLUMNS[0],
+                   tasks: Sequence[str] | None = None, splits: Sequence[str] | None = None,
+                   overwrite: bool = False) -> LeRobotExport:
+    """`dataset_dir` (a vla-preprocess folder) as a LeRobotDataset folder at `out`, written aside and renamed in."""
+    from common.atomic import write_output_dir
+
+    check_repo_id(repo_id)
+    result = write_output_dir(
+        out, COMMAND, overwrite,
+        lambda tmp: write_lerobot_dataset(dataset_dir, repo_id, tmp, action_column, list(tasks) if tasks else None,
+                                          list(splits) if splits else None),
+        inputs=[dataset_dir],
+    )
+    return LeRobotExport(out, result.episodes, result.frames, result.tasks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -219,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="repo folder to write (default: exports/<name>)")
     parser.add_argument("--push", action="store_true", help="also upload to the Hub (needs a token and network)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out written by vla-export")
+    lerobot = parser.add_argument_group("--format lerobot (a LeRobotDataset v3.0 of --dataset-dir)")
+    lerobot.add_argument("--format", choices=FORMATS, default=FORMATS[0],
+                         help="datasets: the Hugging Face datasets repo (default); lerobot: a LeRobotDataset")
+    lerobot.add_argument("--action-column", choices=ACTION_COLUMNS, default=ACTION_COLUMNS[0],
+                         help="what LeRobot's `action` holds: expert_action (the label our policies learn, default) "
+                              "or action (what was executed)")
+    lerobot.add_argument("--tasks", nargs="+", help="only these tasks (default: all)")
+    lerobot.add_argument("--splits", nargs="+", choices=LEROBOT_SPLITS, default=list(LEROBOT_SPLITS),
+                         help="which splits, in this order (default: train validation; info.json names the ranges)")
     return parser
 
 
@@ -226,9 +276,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _main(argv: Sequence[str] | None = None) -> ExportResult:
+def _main(argv: Sequence[str] | None = None) -> ExportResult | LeRobotExport:
     args = parse_args(argv)
     out = args.out or Path("exports") / args.repo_id.split("/")[-1]
+    if args.format == "lerobot":
+        return _main_lerobot(args, out)
+    if args.tasks or args.splits != list(LEROBOT_SPLITS) or args.action_column != ACTION_COLUMNS[0]:
+        raise UserError("--tasks/--splits/--action-column choose what a LeRobotDataset holds: add --format lerobot")
     if args.model_dir is not None:
         result = export_model(args.model_dir, args.repo_id, out, args.card_results, args.dataset_repo_id, args.push,
                               overwrite=args.overwrite)
@@ -246,8 +300,22 @@ def _main(argv: Sequence[str] | None = None) -> ExportResult:
     return result
 
 
-def main() -> None:
-    run_cli(_main)
+def _main_lerobot(args: argparse.Namespace, out: Path) -> LeRobotExport:
+    if args.dataset_dir is None:
+        raise UserError("--format lerobot exports a dataset: give --dataset-dir (a vla-preprocess folder), not --model-dir")
+    if args.push or args.card_results:
+        raise UserError("--format lerobot writes a local folder only: drop --push/--card-results (upload the folder "
+                        "with `hf upload --repo-type dataset` and tag it v3.0, as LeRobot's push_to_hub does)")
+    result = export_lerobot(args.dataset_dir, args.repo_id, out, args.action_column, args.tasks, args.splits,
+                            args.overwrite)
+    print(f"LeRobotDataset {args.repo_id}: folder {result.folder} ({result.episodes} episodes, {result.frames} frames, "
+          f"{result.tasks} task strings; action = {args.action_column})")
+    print(f'  load: LeRobotDataset("{args.repo_id}", root="{result.folder}")  (lerobot 0.4.x)')
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_cli(lambda: _main(argv))
 
 
 if __name__ == "__main__":

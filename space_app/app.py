@@ -42,16 +42,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_prep.errors import UserError  # noqa: E402
-from data_prep.tasks import TASKS, get_task  # noqa: E402
-from evaluation.cli import dataset_starts, load_model, real_initial_states  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.policies import ChunkPolicy  # noqa: E402
+from common.saved_models import load_model  # noqa: E402
+from data_prep.tasks import get_task, task_names  # noqa: E402
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start, VideoSpec  # noqa: E402
 from evaluation.metrics import EEF_POS, OBJECT_POS  # noqa: E402
+from evaluation.plan import dataset_starts, real_initial_states  # noqa: E402
 from evaluation.plots import plot_dream_vs_real, plot_trajectories_3d  # noqa: E402
-from evaluation.policies import ChunkPolicy  # noqa: E402
 from evaluation.records import EpisodeRecord  # noqa: E402
 from evaluation.rollout import rollout  # noqa: E402
-from pipeline import EXPORT_NAMES, PipelinePaths  # noqa: E402
+from model_kinds import get_kind  # noqa: E402
+from pipeline import PipelinePaths  # noqa: E402
 
 HELD_OUT, SEED = "held-out episode", "simulator seed"
 DEFAULT_HORIZON = 200
@@ -68,7 +70,7 @@ def default_model(kind: str) -> str:
     """The pipeline's trained model folder when it exists, else its exported repo id (local HF cache)."""
     paths = PipelinePaths()
     best = paths.best(kind)
-    return str(best) if (best / "config.json").is_file() else paths.repo_id(EXPORT_NAMES[kind])
+    return str(best) if (best / "config.json").is_file() else paths.repo_id(get_kind(kind).repo_name)
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,8 @@ def whole_number(value: Any, name: str, low: int, high: int) -> int:
 
 def check_request(instruction: Any, task: Any, start_kind: Any, number: Any, horizon: Any, with_real: Any) -> Request:
     """The raw values of a request (UI or HTTP), checked before any work: one readable error for anything else."""
-    if not isinstance(task, str) or task not in TASKS:
-        raise UserError(f"task must be one of {sorted(TASKS)}, got {str(task)[:40]!r}")
+    if not isinstance(task, str) or task not in task_names():
+        raise UserError(f"task must be one of {sorted(task_names())}, got {str(task)[:40]!r}")
     if start_kind not in (HELD_OUT, SEED):
         raise UserError(f"initial state must be {HELD_OUT!r} or {SEED!r}, got {str(start_kind)[:40]!r}")
     if instruction is not None and not isinstance(instruction, str):
@@ -313,10 +315,10 @@ def build_app(session: DreamSession) -> Any:
         with gr.Row():
             with gr.Column(scale=1):
                 instruction = gr.Textbox(label="instruction", value=get_task("lift").instruction, max_length=MAX_INSTRUCTION)
-                task = gr.Dropdown(list(TASKS), value="lift", label="task")
+                task = gr.Dropdown(task_names(), value="lift", label="task")
                 start_kind = gr.Radio([HELD_OUT, SEED], value=HELD_OUT, label="initial state")
                 number = gr.Number(value=0, precision=0, label="held-out episode index / simulator seed")
-                horizon = gr.Slider(1, max(t.horizon for t in TASKS.values()), value=DEFAULT_HORIZON, step=1, label="max steps")
+                horizon = gr.Slider(1, max(get_task(t).horizon for t in task_names()), value=DEFAULT_HORIZON, step=1, label="max steps")
                 with_real = gr.Checkbox(value=HAS_ROBOSUITE, interactive=HAS_ROBOSUITE,
                                         label="also run in robosuite (simulator-seed starts)")
                 run = gr.Button("Dream", variant="primary")

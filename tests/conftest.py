@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import sysconfig
 import tempfile
+import textwrap
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +27,28 @@ from data_prep.tasks import get_task
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread each beats two fighting over 2 cores
 
 ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def project_top_level_names() -> list[str]:
+    """The modules and packages the project installs (pyproject.toml), e.g. modeling_vla, data_prep."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return [*setuptools["py-modules"], *(p.rstrip("*") for p in setuptools["packages"]["find"]["include"])]
+
+
+def python_without_the_project(code: str) -> list[str]:
+    """A command running `code` with this environment's interpreter and packages, where the project is NOT importable:
+    -I (no script folder or working directory on sys.path, no PYTHON* variables) and -S (no site: neither the editable
+    install's finder nor any .pth file), then only the site-packages folders. A saved model folder must then bring all
+    of its code: transformers loads it from its modules cache, and a file missing from the folder fails."""
+    paths = sysconfig.get_paths()
+    prelude = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.path.extend({sorted({paths["purelib"], paths["platlib"]})!r})
+        found = [m for m in {project_top_level_names()!r} if importlib.util.find_spec(m) is not None]
+        assert not found, f"the project is importable here: {{found}}"
+    """)
+    return [sys.executable, "-I", "-S", "-c", prelude + textwrap.dedent(code)]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,4 +1,4 @@
-"""Output folders (data_prep/atomic.py): never over an input, never over what the command did not write (issue 40)."""
+"""Output folders (common/atomic.py): never over an input, never over what the command did not write (issue 40)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.atomic import MARKER, check_output_dir, publish_dir, temp_dir, write_output_dir, written_by
-from data_prep.errors import UserError
+from common.atomic import MARKER, check_output_dir, publish_dir, temp_dir, write_output_dir, written_by
+from common.errors import UserError
 
 
 def write_file(name: str):

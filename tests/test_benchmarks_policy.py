@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from test_train import TASKS, tiny_config, tiny_llama, write_dataset  # noqa: F401 (tiny_llama is a fixture)
 
 import train_accelerate as ta
-from data_prep.tasks import INSTRUCTIONS_FILE, instructions_for
+from data_prep.tasks import instructions_for, instructions_json
 from evaluation.report import replace_markdown_section
 from modeling_vla import MLPPolicy
 
@@ -33,7 +32,7 @@ _spec.loader.exec_module(bp)
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """test_train's synthetic repo, with held-out paraphrases on the validation rows (as vla-preprocess writes)."""
     root = write_dataset(tmp_path_factory.mktemp("ds") / "repo")
-    shutil.copyfile(INSTRUCTIONS_FILE, root / "instructions.json")
+    (root / "instructions.json").write_text(instructions_json())
     path = next((root / "data").glob("validation-*.parquet"))
     table = pq.read_table(path)
     episodes, tasks = table["episode"].to_pylist(), table["task"].to_pylist()

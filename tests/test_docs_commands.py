@@ -117,14 +117,31 @@ def load_parser(program: str, scripts: dict[str, str]) -> argparse.ArgumentParse
     return module.build_parser()
 
 
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A CLI's subcommands (`vla-generate demos|play|...`), by name; empty for a CLI without them."""
+    return {name: sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()}
+
+
+def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [parser, *(p for sub in subparsers(parser).values() for p in every_parser(sub))]
+
+
+def chosen_parser(parser: argparse.ArgumentParser, args: list[str]) -> argparse.ArgumentParser:
+    """The parser that reads the flags of `args`: the subcommand's, when args name one."""
+    chosen = next((subparsers(parser)[a] for a in args if a in subparsers(parser)), None)
+    return parser if chosen is None else chosen_parser(chosen, args)
+
+
 def optional_everything(parser: argparse.ArgumentParser) -> None:
     """A fragment may leave out required arguments: only the flags it does give are checked."""
-    for action in parser._actions:
-        action.required = False
-        if action.nargs in (None, argparse.ONE_OR_MORE) and not action.option_strings:
-            action.nargs = argparse.ZERO_OR_MORE if action.nargs == argparse.ONE_OR_MORE else argparse.OPTIONAL
-    for group in parser._mutually_exclusive_groups:
-        group.required = False
+    for one in every_parser(parser):
+        for action in one._actions:
+            action.required = False
+            if action.nargs in (None, argparse.ONE_OR_MORE) and not action.option_strings:
+                action.nargs = argparse.ZERO_OR_MORE if action.nargs == argparse.ONE_OR_MORE else argparse.OPTIONAL
+        for group in one._mutually_exclusive_groups:
+            group.required = False
 
 
 def check(command: DocCommand, scripts: dict[str, str]) -> str | None:
@@ -135,10 +152,11 @@ def check(command: DocCommand, scripts: dict[str, str]) -> str | None:
         parser = load_parser(program, scripts)
     except AssertionError as e:
         return f"{command.where}: `{command.text}`: {e}"
-    parser.allow_abbrev = False  # a doc must spell flags out: `--out` passing as `--output-dir` hides a rename
+    for one in every_parser(parser):
+        one.allow_abbrev = False  # a doc must spell flags out: `--out` passing as `--output-dir` hides a rename
     if elided or not command.whole:
         optional_everything(parser)
-        mentioned = parser._option_string_actions.get(args[-1]) if args else None
+        mentioned = chosen_parser(parser, args)._option_string_actions.get(args[-1]) if args else None
         if not command.whole and mentioned is not None and mentioned.nargs != 0:
             args = args[:-1]  # prose naming a flag (`vla-rollout --policy`): that it exists is the check
     errors = io.StringIO()
@@ -198,11 +216,12 @@ def test_placeholders_become_arguments_and_are_still_checked() -> None:
         "bash scripts/setup.sh && .venv/bin/vla-pipeline [--quick|--full]",
         "```",
         "| `vla-train --model world\\|policy\\|mlp --config configs/<x>.yaml` | inline, in a table |",
-        "`vla-generate ... --out data/raw_play --keep-failures` and `vla-rollout --video`: fragments",
+        "`vla-generate play ... --out data/raw_play --perturb-prob 0.05` and `vla-rollout --video`: fragments",
+        "prose naming a subcommand's flag: `vla-generate dagger --handover-on-stall`, `vla-generate rollouts --policy`",
         "prose naming a flag: what `vla-rollout --policy` accepts",
     ])
     problems, checked = failures(good, "GOOD.md")
-    assert not problems and checked == 8
+    assert not problems and checked == 10
     bad = "\n".join([
         "```",
         "vla-rollout --policy P --env <heaven|dream>",  # the first alternative is what is checked
@@ -210,20 +229,24 @@ def test_placeholders_become_arguments_and_are_still_checked() -> None:
         "vla-train ... --seed <k>",  # elided, but --seed is no vla-train flag
         "python benchmarks/no_such_benchmark.py --x 1",
         "vla-train --config c.yaml --out runs/x",  # an abbreviation of --output-dir: a doc spells flags out
+        "vla-generate --tasks lift --out data/raw",  # no subcommand
+        "vla-generate rollouts --tasks lift --policy p --handover-steps 5",  # a dagger flag
         "```",
-        "and `vla-rollout --polcy` in prose",
+        "and `vla-rollout --polcy` in prose, `vla-generate play ... --max-attempts 3` in a fragment",
     ])
     problems, checked = failures(bad, "BAD.md")
-    assert checked == 6 and len(problems) == 6
+    assert checked == 9 and len(problems) == 9
     assert "heaven" in problems[0] and "--inputs" in problems[1] and "--seed" in problems[2]
     assert "no such script benchmarks/no_such_benchmark.py" in problems[3]
-    assert "--out" in problems[4] and "--polcy" in problems[5]
+    assert "--out" in problems[4] and "invalid choice: 'lift'" in problems[5]
+    assert "--handover-steps" in problems[6] and "--polcy" in problems[7] and "--max-attempts" in problems[8]
 
 
 def test_every_cli_exposes_its_parser() -> None:
     """So any of them can be quoted in the docs and checked here."""
     scripts = console_scripts()
-    programs = list(scripts) + [str(p.relative_to(REPO)) for p in sorted((REPO / "benchmarks").glob("*.py"))]
+    benchmarks = [*(REPO / "benchmarks").glob("*.py"), *(REPO / "benchmarks" / "diagnostics").glob("*.py")]
+    programs = list(scripts) + [str(p.relative_to(REPO)) for p in sorted(benchmarks)]
     programs.append("space_app/app.py")
     for program in programs:
         assert isinstance(load_parser(program, scripts), argparse.ArgumentParser), program

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
+from common.errors import UserError
 from data_prep import download as dl
-from data_prep.errors import UserError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

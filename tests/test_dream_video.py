@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from common.policies import Policy
 from data_prep.tasks import STATE_SLICES, quat_to_rot6, state_from_obs
 from evaluation.arm_ik import ORIENTATION_TOLERANCE, POSITION_TOLERANCE
 from evaluation.dream_video import DreamScene, finite_states, object_slots, write_dream_videos
 from evaluation.envs import RobosuiteEnv, Start, VideoSpec
-from evaluation.policies import Policy
 from evaluation.records import EpisodeRecord, read_episodes, write_episodes
 from evaluation.rollout import rollout
 from evaluation.video import RenderingUnavailable, shown_steps

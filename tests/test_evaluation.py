@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.errors import UserError
+from common.errors import UserError
+from common.policies import ChunkExecution, ChunkPolicy, Policy
 from data_prep.tasks import STATE_DIM
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start, StepResult
+from evaluation.expert_policy import ExpertPolicy
 from evaluation.metrics import OBJECT_POS, agreement, summarize, wilson_interval
-from evaluation.policies import ChunkExecution, ChunkPolicy, ExpertPolicy, Policy
 from evaluation.records import EpisodeRecord
 from evaluation.rollout import rollout
 
@@ -661,7 +662,7 @@ def test_cli_video_films_the_dream_beside_the_real_rollout(tiny_models: dict[str
     import sys
 
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "evaluation.rollout", "--policy", str(tiny_models["mlp"]), "--world-model",
+    command = [sys.executable, "-m", "evaluation.cli", "--policy", str(tiny_models["mlp"]), "--world-model",
                str(tiny_models["world"]), "--tasks", "lift", "can", "--episodes", "2", "--env", "both", "--out",
                str(out), "--workers", "2", "--horizon", "3", "--video", "--video-episodes", "1", "--success-threshold",
                "1.0", "--done-threshold", "1.0", "--no-progress"]

@@ -2,8 +2,8 @@
 
 The committed fixtures tests/fixtures/tiny_<task>.hdf5 were made with this command (then renamed):
 
-    vla-generate --tasks lift --episodes 2 --out <tmp> --workers 1 --seed 0
-    vla-generate --tasks can square --episodes 1 --out <tmp> --workers 1 --seed 0
+    vla-generate demos --tasks lift --episodes 2 --out <tmp> --workers 1 --seed 0
+    vla-generate demos --tasks can square --episodes 1 --out <tmp> --workers 1 --seed 0
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import pytest
 import robosuite
 import torch
 
-from data_prep.errors import UserError, run_cli
-from data_prep.experts import make_expert
+from common.errors import UserError, run_cli
 from data_prep.generate import (
     OBS_KEYS,
     OUTPUT_NAME,
@@ -32,10 +31,10 @@ from data_prep.generate import (
 )
 from data_prep.robomimic_io import Episode, read_robomimic_hdf5, write_robomimic_hdf5
 from data_prep.sim import make_env
-from data_prep.tasks import STATE_DIM, TASKS, get_task, state_from_obs
+from data_prep.tasks import STATE_DIM, get_task, make_expert, state_from_obs, task_names
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TASK_NAMES = sorted(TASKS)
+TASK_NAMES = sorted(task_names())
 OBS_WIDTHS = {
     "robot0_eef_pos": 3,
     "robot0_eef_quat": 4,
@@ -53,7 +52,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One demo per task, generated in this process through the CLI function."""
     out = tmp_path_factory.mktemp("raw")
     report = out / "report.json"
-    generate(["--tasks", *TASK_NAMES, "--episodes", "1", "--out", str(out), "--workers", "1", "--seed", "0",
+    generate(["demos", "--tasks", *TASK_NAMES, "--episodes", "1", "--out", str(out), "--workers", "1", "--seed", "0",
               "--no-progress", "--report", str(report)])
     return {"out": out, "report": report, **{task: out / task / OUTPUT_NAME for task in TASK_NAMES}}
 
@@ -156,28 +155,28 @@ def test_same_seed_same_demos_regardless_of_workers(tmp_path: Path) -> None:
 def test_failed_attempts_are_not_kept(tmp_path: Path) -> None:
     # 5 steps cannot solve lift: every attempt fails, nothing is written, the error says why in one line
     with pytest.raises(UserError, match="too few successful demos.*lift \\(0/1\\)"):
-        generate(["--tasks", "lift", "--episodes", "1", "--max-attempts", "2", "--horizon", "5",
+        generate(["demos", "--tasks", "lift", "--episodes", "1", "--max-attempts", "2", "--horizon", "5",
                   "--out", str(tmp_path), "--workers", "1", "--no-progress"])
     assert not (tmp_path / "lift").exists() or not any((tmp_path / "lift").iterdir())
 
 
 def test_unknown_task_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UserError, match="unknown task 'stack'"):
-        generate(["--tasks", "lift", "stack", "--out", str(tmp_path)])
+        generate(["demos", "--tasks", "lift", "stack", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: generate(["--tasks", "stack", "--out", str(tmp_path)]))
+        run_cli(lambda: generate(["play", "--tasks", "stack", "--out", str(tmp_path)]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown task 'stack'") and "\n" not in err
-    with pytest.raises(UserError, match="no scripted expert"):
+    with pytest.raises(UserError, match="unknown task 'stack'"):
         make_expert("stack")
 
 
 def test_bad_counts_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--episodes"):
-        generate(["--tasks", "lift", "--episodes", "0", "--out", str(tmp_path)])
+        generate(["demos", "--tasks", "lift", "--episodes", "0", "--out", str(tmp_path)])
     with pytest.raises(UserError, match="--max-attempts"):
-        generate(["--tasks", "lift", "--episodes", "3", "--max-attempts", "2", "--out", str(tmp_path)])
+        generate(["demos", "--tasks", "lift", "--episodes", "3", "--max-attempts", "2", "--out", str(tmp_path)])
 
 
 def test_expert_acts_as_a_policy_on_a_fresh_env() -> None:
@@ -206,7 +205,7 @@ def test_committed_fixture_is_a_valid_generated_file(task: str) -> None:
 
 # ----- play data: perturbation bursts and kept failures ---------------------------------------------
 # Lift, horizon 60, a burst of 5-10 random steps with chance 0.05 per step: seeds 3 and 5 still succeed, 4 fails.
-PLAY_ARGS = ["--tasks", "lift", "--episodes", "3", "--seed", "3", "--horizon", "60", "--keep-failures",
+PLAY_ARGS = ["play", "--tasks", "lift", "--episodes", "3", "--seed", "3", "--horizon", "60",
              "--perturb-prob", "0.05", "--perturb-steps", "5", "10", "--no-progress"]
 PLAY_SETTINGS = RolloutSettings(task="lift", horizon=60, keep_failures=True, perturbation=Perturbation(0.05, 5, 10))
 
@@ -236,10 +235,10 @@ def h5_contents(path: Path) -> dict[str, object]:
 
 
 def test_no_perturbation_writes_exactly_the_committed_expert_file(tmp_path: Path) -> None:
-    # the fixture predates play mode and the expert labels: --perturb-prob 0 (the default) must still write the
-    # same file, value by value, plus each demo's noise-free `expert_actions`
-    generate(["--tasks", "lift", "--episodes", "2", "--out", str(tmp_path), "--workers", "1", "--seed", "0",
-              "--perturb-prob", "0", "--no-progress"])
+    # the fixture predates play mode and the expert labels: `demos` must still write the same file, value by value,
+    # plus each demo's noise-free `expert_actions`
+    generate(["demos", "--tasks", "lift", "--episodes", "2", "--out", str(tmp_path), "--workers", "1", "--seed", "0",
+              "--no-progress"])
     new, old = h5_contents(tmp_path / "lift" / OUTPUT_NAME), h5_contents(FIXTURES / "tiny_lift.hdf5")
     labels = {key for key in new if key.endswith("/expert_actions")}
     assert labels == {"data/demo_0/expert_actions", "data/demo_1/expert_actions"}
@@ -349,6 +348,9 @@ def test_play_failures_become_unsuccessful_dataset_rows(play: dict[str, Path], t
 def test_per_task_perturbation_probability() -> None:
     assert perturb_probs(["0"], ["lift", "can"]) == {"lift": 0.0, "can": 0.0}
     assert perturb_probs(["0.02", "lift=0.06", "square=0.01"], ["lift", "can"]) == {"lift": 0.06, "can": 0.02}
+    # by default each task's registered level; TASK=P changes that task alone
+    assert perturb_probs(None, ["lift", "can"]) == {"lift": get_task("lift").play_perturb_prob, "can": 0.02}
+    assert perturb_probs(["lift=0.1"], ["lift", "square"]) == {"lift": 0.1, "square": 0.01}
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -359,11 +361,10 @@ def test_per_task_perturbation_probability() -> None:
     (["--perturb-prob", "stack=0.1"], "unknown task 'stack'"),
     (["--perturb-steps", "20", "5"], "--perturb-steps LO HI must satisfy 1 <= LO <= HI, got 20 5"),
     (["--perturb-steps", "-3", "5"], "--perturb-steps LO HI must satisfy 1 <= LO <= HI, got -3 5"),
-    (["--keep-failures", "--max-attempts", "9"], "--max-attempts has no effect with --keep-failures"),
 ])
 def test_bad_play_settings_are_one_line_errors(flags: list[str], message: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--tasks", "lift", "--episodes", "3", "--out", str(tmp_path / "out"), *flags]
+    argv = ["play", "--tasks", "lift", "--episodes", "3", "--out", str(tmp_path / "out"), *flags]
     with pytest.raises(UserError, match=message):
         generate(argv)
     with pytest.raises(SystemExit):
@@ -374,7 +375,7 @@ def test_bad_play_settings_are_one_line_errors(flags: list[str], message: str, t
 
 
 # ----- DAgger data: a policy drives the first steps, the expert takes over ----------------------------
-DAGGER_ARGS = ["--tasks", "lift", "--episodes", "3", "--seed", "3", "--handover-steps", "30", "--no-progress"]
+DAGGER_ARGS = ["dagger", "--tasks", "lift", "--episodes", "3", "--seed", "3", "--handover-steps", "30", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -391,8 +392,8 @@ def random_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("on_stall", [False, True])
 def test_policy_drives_then_the_expert_takes_over_from_its_state(random_policy: Path, tmp_path: Path,
                                                                   on_stall: bool) -> None:
-    from evaluation.cli import load_model
-    from evaluation.policies import ChunkPolicy
+    from common.policies import ChunkPolicy
+    from common.saved_models import load_model
 
     report = tmp_path / "report.json"
     generate([*DAGGER_ARGS, "--out", str(tmp_path), "--workers", "1", "--policy", str(random_policy),
@@ -424,12 +425,12 @@ def test_policy_drives_then_the_expert_takes_over_from_its_state(random_policy: 
 
 
 def test_policy_rollouts_record_the_policys_whole_episode_failures_kept(random_policy: Path, tmp_path: Path) -> None:
-    from evaluation.cli import load_model
-    from evaluation.policies import ChunkPolicy
+    from common.policies import ChunkPolicy
+    from common.saved_models import load_model
 
     horizon = 25
-    generate(["--tasks", "lift", "--episodes", "2", "--seed", "5", "--horizon", str(horizon), "--no-progress",
-              "--out", str(tmp_path), "--workers", "1", "--policy", str(random_policy), "--policy-rollouts"])
+    generate(["rollouts", "--tasks", "lift", "--episodes", "2", "--seed", "5", "--horizon", str(horizon), "--no-progress",
+              "--out", str(tmp_path), "--workers", "1", "--policy", str(random_policy)])
     source = read_robomimic_hdf5(tmp_path / "lift" / OUTPUT_NAME)
     assert source.origin == "generated (policy)" and source.attrs["rollout_policy"] == str(random_policy)
     episodes = list(source)
@@ -500,23 +501,34 @@ def test_expert_resumes_a_grasp_it_did_not_make() -> None:
     sim.env.close()
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--handover-steps", "5"], "--handover-steps needs --policy DIR"),
-    (["--policy", "{missing}"], "--policy .*missing: folder not found"),
-    (["--policy", "{policy}", "--handover-steps", "-1"], "--handover-steps must be >= 0, got -1"),
-    (["--policy", "{policy}", "--perturb-prob", "0.1"], "--perturb-prob and --policy exclude each other"),
-    (["--policy", "{policy}", "--keep-failures"], "--keep-failures and --policy exclude each other"),
-    (["--policy-rollouts"], "--policy-rollouts needs --policy DIR"),
-    (["--policy", "{policy}", "--policy-rollouts", "--handover-steps", "5"], "--handover-steps has no effect"),
-    (["--policy", "{policy}", "--policy-rollouts", "--max-attempts", "5"], "--max-attempts has no effect"),
-    (["--handover-on-stall"], "--handover-on-stall needs --policy DIR"),
-    (["--policy", "{policy}", "--policy-rollouts", "--handover-on-stall"], "--handover-on-stall has no effect"),
-    (["--policy", "{policy}", "--tasks", "can"], "tasks \\['lift'\\] do not include \\['can'\\]"),
+@pytest.mark.parametrize(("mode", "flags", "message"), [
+    ("dagger", ["--policy", "{missing}"], "--policy .*missing: folder not found"),
+    ("rollouts", ["--policy", "{missing}"], "--policy .*missing: folder not found"),
+    ("dagger", ["--policy", "{policy}", "--handover-steps", "-1"], "--handover-steps must be >= 0, got -1"),
+    ("dagger", ["--policy", "{policy}", "--tasks", "can"], "tasks \\['lift'\\] do not include \\['can'\\]"),
+    ("rollouts", ["--policy", "{policy}", "--tasks", "can"], "tasks \\['lift'\\] do not include \\['can'\\]"),
 ])
-def test_bad_dagger_settings_are_one_line_errors(flags: list[str], message: str, random_policy: Path,
+def test_bad_dagger_settings_are_one_line_errors(mode: str, flags: list[str], message: str, random_policy: Path,
                                                  tmp_path: Path) -> None:
     flags = [f.format(policy=random_policy, missing=tmp_path / "missing") for f in flags]
-    argv = ["--tasks", "lift", "--episodes", "2", "--out", str(tmp_path / "out"), *flags]
+    argv = [mode, "--tasks", "lift", "--episodes", "2", "--out", str(tmp_path / "out"), *flags]
     with pytest.raises(UserError, match=message):
         generate(argv)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["demos", "--policy", "p"],  # a policy drives only in dagger and rollouts
+    ["demos", "--perturb-prob", "0.1"],  # bursts only in play
+    ["play", "--max-attempts", "9"],  # play keeps every attempt: nothing to give up on
+    ["dagger", "--tasks", "lift"],  # no --policy
+    ["rollouts", "--policy", "p", "--handover-steps", "5"],  # the policy drives whole episodes
+    ["rollouts", "--policy", "p", "--noise", "0.1"],  # the expert does not act
+    ["--tasks", "lift"],  # no mode
+])
+def test_each_mode_takes_only_its_own_flags(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from data_prep.generate import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and "vla-generate" in capsys.readouterr().err

@@ -11,20 +11,22 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import python_without_the_project
+from transformers.dynamic_module_utils import get_relative_imports
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import STATE_DIM
 from evaluation.metrics import SuccessSummary
 from hub_cards.cards import Results, format_value, model_card
-from hub_cards.export import export_dataset, export_model
+from hub_cards.export import code_files, export_dataset, export_model
 from hub_cards.hub_cache import place_in_hub_cache
+from model_kinds import get_kind
 
 torch.set_num_threads(1)
 
@@ -179,11 +181,10 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_fresh_python(code: str, *args: str, env: dict[str, str], cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True,
+def run_fresh_python(code: str, *args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter where the project is not importable (conftest.python_without_the_project)."""
+    return subprocess.run([*python_without_the_project(code), *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 @pytest.mark.parametrize(("kind", "class_name", "shape"),
@@ -197,14 +198,28 @@ def test_exported_model_loads_by_repo_id_offline_in_a_fresh_process(
     result = export_model(best, f"org/tiny-{kind}", out, results_files=None, cache_dir=tmp_path / "hf" / "hub")
 
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "modeling_vla.py", "configuration_vla.py", "model.safetensors", "README.md"} <= files
-    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"] == f"modeling_vla.{class_name}"
+    auto_map = json.loads((out / "config.json").read_text())["auto_map"]
+    model_class = get_kind(kind).model_class
+    assert auto_map["AutoModel"] == f"{model_class.__module__}.{class_name}"  # the module that defines the class
+    code = code_files(auto_map, out)  # derived: auto_map's modules and the siblings they import relatively
+    assert {"configuration_vla.py", f"{model_class.__module__}.py"} <= set(code)
+    assert {"config.json", *code, "model.safetensors", "README.md"} <= files
+    assert {p.name for p in out.glob("*.py")} == set(code)
     assert "0.07319" in (out / "README.md").read_text()  # the train_summary.json next to best/ was found
     assert result.snapshot is not None and result.snapshot.parent.parent.name == f"models--org--tiny-{kind}"
     assert not list(out.parent.glob("*tmp*"))  # no staging folder left behind
 
-    stdout = run_fresh_python(LOAD_MODEL, f"org/tiny-{kind}", str(best), env=offline_env(tmp_path), cwd=tmp_path)
-    assert f"LOADED {class_name} {shape}" in stdout
+    loaded = run_fresh_python(LOAD_MODEL, f"org/tiny-{kind}", str(best), env=offline_env(tmp_path), cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert f"LOADED {class_name} {shape}" in loaded.stdout
+
+    # a copy missing a sibling module that the model's module imports does not load: the code comes from the folder
+    sibling = sorted(get_relative_imports(out / f"{model_class.__module__}.py"))[-1] + ".py"
+    shutil.copytree(out, tmp_path / "broken")
+    (tmp_path / "broken" / sibling).unlink()
+    place_in_hub_cache(tmp_path / "broken", f"org/broken-{kind}", "model", tmp_path / "hf" / "hub")
+    broken = run_fresh_python(LOAD_MODEL, f"org/broken-{kind}", str(best), env=offline_env(tmp_path), cwd=tmp_path)
+    assert broken.returncode != 0 and "LOADED" not in broken.stdout, broken.stdout
 
 
 def test_cache_layout_matches_huggingface_hub(tmp_path: Path) -> None:
@@ -290,7 +305,9 @@ def test_exported_dataset_loads_by_repo_id_offline(tmp_path: Path, make_robomimi
                             datasets_cache_dir=hf / "datasets")
     card = (result.folder / "README.md").read_text()
     assert 'load_dataset("org/tiny-data")' in card and "configs:" in card
-    stdout = run_fresh_python(LOAD_DATASET, "org/tiny-data", env=offline_env(tmp_path), cwd=tmp_path)
+    loaded = run_fresh_python(LOAD_DATASET, "org/tiny-data", env=offline_env(tmp_path), cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    stdout = loaded.stdout
     assert f"ROWS {prep.rows['train']} {prep.rows['validation']} {STATE_DIM}" in stdout
 
 

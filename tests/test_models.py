@@ -6,15 +6,16 @@ Round trips load the saved folder in a fresh process through `AutoModel.from_pre
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import python_without_the_project
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
@@ -109,13 +110,13 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 
 
 def outputs_in_fresh_process(folder: Path, inputs: dict, instruction: list[str], tmp_path: Path) -> dict:
-    """Load `folder` with AutoModel(trust_remote_code) in a new interpreter and run it on `inputs`."""
+    """Load `folder` with AutoModel(trust_remote_code) in a new interpreter without the project; run it on `inputs`."""
     inputs_path, outputs_path = tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"
     save_file(inputs, inputs_path)
     Path(f"{inputs_path}.txt").write_text("\n".join(instruction))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), str(inputs_path), str(outputs_path)],
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(  # the project is not importable there: the folder's own code must do
+        [*python_without_the_project(FRESH_PROCESS_SCRIPT), str(folder), str(inputs_path), str(outputs_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -420,9 +421,10 @@ def test_world_model_round_trip_in_fresh_process(tmp_path, velocity_input):
     if config.linear_skip:
         assert model.skip.weight.abs().sum() > 0  # the skip path trains (it starts at zero)
     model.save_pretrained(tmp_path / "wm")
-    assert {"config.json", "model.safetensors", "modeling_vla.py", "configuration_vla.py"} <= {
-        p.name for p in (tmp_path / "wm").iterdir()
-    }
+    # save_pretrained copies the model's module and the siblings it imports, nothing else of the project
+    assert {p.name for p in (tmp_path / "wm").iterdir()} == {
+        "config.json", "model.safetensors", "configuration_vla.py", "modeling_world.py", "modeling_shared.py",
+        "modeling_geometry.py"}
     inputs = {"state": torch.randn(5, STATE_DIM), "action": torch.rand(5, ACTION_DIM), "prev_state": torch.randn(5, STATE_DIM)}
     instruction = [INSTRUCTIONS[i % 2] for i in range(5)]
     outputs = model.step(inputs["state"], inputs["action"], instruction, prev_state=inputs["prev_state"])
@@ -819,3 +821,16 @@ def test_vla_backbone_dropout_sets_the_frozen_backbones_dropout(tiny_llama):
     assert llama.base_backbone.config.attention_dropout == 0.2
     with pytest.raises(ValueError, match="backbone_dropout"):
         VLAConfig(backbone_dropout=1.5)
+
+
+def test_vla_with_a_bf16_backbone_trains_its_adapters_in_fp32(tiny_llama):
+    """The CPU recipe's frozen backbone in bf16 (AMX matmuls); LoRA, head and the instruction-prefix attention stay
+    fp32, and training still fits the batch."""
+    torch.manual_seed(0)
+    model = VLAPolicy(tiny_vla_config(tiny_llama, backbone_dtype="bfloat16", lora_dropout=0.0))
+    assert model.base_backbone.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    losses = train_losses(model, synthetic_batch(batch=8, horizon=4), steps=30)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.7 * losses[0], losses
+    actions = model.predict_actions(torch.randn(3, STATE_DIM), ["Lift the red cube", "lift it", "lift it"])
+    assert actions.dtype == torch.float32 and torch.isfinite(actions).all()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
+from data_prep.tasks import get_task, task_names
 from pipeline import REPO_ROOT, SIZES, PipelinePaths, Stage, build_stages, run_stages
 from train_accelerate import load_config
 
@@ -166,7 +167,7 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
 
     assert order.index("generate_play") < order.index("preprocess_world") < order.index("train_world_s0")
     play = list(stages["generate_play"].command)
-    assert "--keep-failures" in play and play[play.index("--out") + 1] == str(paths.raw_play)
+    assert play[1] == "play" and play[play.index("--out") + 1] == str(paths.raw_play)
     assert play[play.index("--episodes") + 1] == str(SIZES["quick"].play_episodes_per_task)
     # play seeds never overlap the expert demos' (seed .. seed + max attempts) nor evaluation's (100000+)
     expert = list(stages["generate"].command)
@@ -174,7 +175,8 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     play_seed = int(play[play.index("--seed") + 1])
     assert play_seed not in expert_seeds and play_seed + SIZES["full"].play_episodes_per_task < 100_000
     probs = play[play.index("--perturb-prob") + 1: play.index("--report")]
-    assert [p.split("=")[0] for p in probs] == ["lift", "square"] and all(0 < float(p.split("=")[1]) < 1 for p in probs)
+    assert probs == [f"{task}={get_task(task).play_perturb_prob}" for task in ("lift", "square")]  # the registered levels
+    assert all(0 < get_task(task).play_perturb_prob < 1 for task in task_names())
     world_inputs = list(stages["preprocess_world"].command)
     assert world_inputs[world_inputs.index("--inputs") + 1: world_inputs.index("--out")] == [
         str(paths.raw), str(paths.raw_play), str(paths.raw_onpolicy)]
@@ -182,7 +184,7 @@ def test_world_model_trains_on_demos_plus_play_data_and_policies_on_demos_plus_d
     onpolicy = list(stages["generate_onpolicy"].command)
     assert order.index("train_mlp_demos") < order.index("generate_onpolicy") < order.index("preprocess_world")
     assert dataset_of(stages["train_mlp_demos"]) == str(paths.dataset)
-    assert "--policy-rollouts" in onpolicy and onpolicy[onpolicy.index("--out") + 1] == str(paths.raw_onpolicy)
+    assert onpolicy[1] == "rollouts" and onpolicy[onpolicy.index("--out") + 1] == str(paths.raw_onpolicy)
     assert onpolicy[onpolicy.index("--policy") + 1] == str(paths.best("mlp_demos"))
     assert onpolicy[onpolicy.index("--tasks") + 1: onpolicy.index("--episodes")] == ["lift", "square"]
     onpolicy_seed = int(onpolicy[onpolicy.index("--seed") + 1])

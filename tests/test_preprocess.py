@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from datasets import load_dataset
 
+from common.errors import UserError
 from data_prep import preprocess as pp
-from data_prep.errors import UserError
 from data_prep.tasks import STATE_DIM, STATE_LAYOUT, STATE_SLICES, instructions_for, state_from_obs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def converted(inputs, tmp_path_factory) -> tuple[Path, dict]:
 def test_repo_layout(converted):
     out, rows = converted
     assert sorted(p.name for p in out.iterdir()) == [".vla-output.json", "README.md", "data", "instructions.json",
-                                                     "normalization.json"]  # the first: who wrote it (data_prep/atomic.py)
+                                                     "normalization.json"]  # the first: who wrote it (common/atomic.py)
     n_train = -(-len(rows["train"]["episode"]) // 40)  # shard_rows=40
     assert n_train > 1
     expected = [f"train-{i:05d}-of-{n_train:05d}.parquet" for i in range(n_train)] + ["validation-00000-of-00001.parquet"]

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.robomimic_io import Episode, read_robomimic_hdf5, write_robomimic_hdf5
 from data_prep.tasks import STATE_DIM, STATE_SLICES, state_from_obs
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -301,11 +300,13 @@ def test_demo_generation_array_covers_tasks_and_disjoint_seeds(fake_slurm) -> No
         # attempt i uses seed + i: the seed ranges [seed, seed + max_attempts) of one task never overlap
         ranges = sorted((seed, seed + attempts) for t, seed, attempts, _ in seen.values() if t == task)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(ranges, ranges[1:], strict=False))
-    assert_flags_known(argv, "vla-generate")
+    from data_prep.generate import parse_args
+
+    assert parse_args(argv).mode == "demos"  # vla-generate's own parser accepts the command
 
 
 def test_rollout_array_runs_one_task_chunk_per_element(fake_slurm) -> None:
-    from data_prep.tasks import TASKS
+    from data_prep.tasks import task_names
     from evaluation.cli import parse_args
 
     env = {**fake_slurm, "CHUNKS_PER_TASK": "2", "EPISODES_PER_CHUNK": "5"}
@@ -313,7 +314,7 @@ def test_rollout_array_runs_one_task_chunk_per_element(fake_slurm) -> None:
     for index in range(6):
         run_script("run_vla_rollout.slurm", {**env, "SLURM_ARRAY_TASK_ID": str(index)})
         args = parse_args(recorded(env, "vla-rollout-x"))  # vla-rollout's own parser accepts the command
-        assert len(args.tasks) == 1 and args.tasks[0] in TASKS
+        assert len(args.tasks) == 1 and args.tasks[0] in task_names()
         assert args.device == "cuda" and args.env == "both"
         plays.append((args.tasks[0], args.seed, args.episodes, str(args.out)))
     assert [p[:3] for p in plays] == [(t, s, 5) for t in ("lift", "can", "square") for s in (0, 5)]
@@ -328,16 +329,6 @@ def flag_values(argv: list[str]) -> dict[str, str | None]:
             following = argv[i + 1] if i + 1 < len(argv) else None
             values[token] = None if following is None or following.startswith("--") else following
     return values
-
-
-def assert_flags_known(argv: list[str], cli: str) -> None:
-    """Every --flag in argv appears in `cli --help` (the console script of this environment)."""
-    executable = Path(sys.executable).with_name(cli)
-    assert executable.exists(), f"{cli} is not installed in {executable.parent} (pip install -e .)"
-    help_text = subprocess.run([str(executable), "--help"], capture_output=True, text=True, timeout=120).stdout
-    known = set(re.findall(r"--[a-z][a-z0-9_-]*", help_text))
-    unknown = [flag for flag in argv if flag.startswith("--") and flag not in known]
-    assert not unknown, f"{cli} does not accept {unknown}"
 
 
 # ----------------------------------------------------------------------------- GPU benchmark, CPU mode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.experts_multi import CLEARANCE, Block, clearance, clearest_yaw, make_scene_expert
 from data_prep.scenes import (
     GOAL_TASKS,

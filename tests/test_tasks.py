@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import (
     STATE_DIM,
     STATE_SLICES,
-    TASKS,
+    get_task,
     quat_to_rot6,
     relative_pose_from_poses,
     state_from_obs,
     state_mask,
     success_from_state,
+    task_names,
 )
 
 
@@ -27,7 +30,7 @@ def test_live_robosuite_observation_follows_robomimic_object_order(task: str) ->
     sim = make_env(task, seed=0)
     obs = sim.reset(7)
     state, mask = state_from_obs(obs, task)
-    position_key, quat_key, relative = TASKS[task].object_keys[:3]
+    position_key, quat_key, relative = get_task(task).object_keys[:3]
     np.testing.assert_allclose(state[STATE_SLICES["object pos"]], obs[position_key], rtol=0, atol=1e-6)
     np.testing.assert_allclose(state[STATE_SLICES["object rot"]], quat_to_rot6(obs[quat_key]), rtol=0, atol=1e-6)
     np.testing.assert_allclose(state[STATE_SLICES["object-eef pos"]], obs[relative], rtol=0, atol=1e-6)
@@ -91,8 +94,8 @@ def test_bad_observations_name_the_key_and_the_expected_width() -> None:
 
 def expert_at_reset(task: str, seed: int):
     """A live robosuite env of `task` just reset with `seed`, its first observation, and the scripted expert for it."""
-    from data_prep.experts import make_expert
     from data_prep.sim import make_env
+    from data_prep.tasks import make_expert
 
     sim = make_env(task, seed=seed)
     obs = sim.reset(seed)
@@ -105,14 +108,14 @@ def expert_at_reset(task: str, seed: int):
 def test_success_from_state_agrees_with_robosuite_along_an_expert_episode(task: str) -> None:
     """The dream's success rule, applied to each observed state, says what env._check_success says."""
     env, obs, expert = expert_at_reset(task, seed=3)
-    if task == "can":  # the constants in data_prep.tasks.SUCCESS_RULES are this env's
+    if task == "can":  # the constants of can's success_rule (data_prep/tasks.py) are this env's
         np.testing.assert_allclose(env.bin2_pos, [0.1, 0.28, 0.8])
         np.testing.assert_allclose(env.bin_size[:2], [0.39, 0.49])
     if task == "square":
         np.testing.assert_allclose(env.sim.data.body_xpos[env.peg1_body_id], [0.23, 0.1, 0.85])
         np.testing.assert_allclose(env.table_offset, [0, 0, 0.82])
     ours, theirs = [], []
-    for _ in range(TASKS[task].horizon):
+    for _ in range(get_task(task).horizon):
         obs, _, _, _ = env.step(expert.act(obs))
         ours.append(bool(success_from_state(state_from_obs(obs, task)[0], task)))
         theirs.append(bool(env._check_success()))
@@ -147,7 +150,40 @@ def test_each_task_names_a_relative_pose_frame_that_the_world_model_knows() -> N
     """The trainer copies TaskSpec.relative_pose_frame into WorldModelConfig.relative_pose_frames, which checks it."""
     from configuration_vla import RELATIVE_POSE_FRAMES, WorldModelConfig
 
-    frames = {name: spec.relative_pose_frame for name, spec in TASKS.items()}
+    frames = {name: get_task(name).relative_pose_frame for name in task_names()}
     assert frames == {"lift": "world", "can": "eef_lagged", "square": "eef_lagged"}
     assert set(frames.values()) <= set(RELATIVE_POSE_FRAMES)
     assert WorldModelConfig(derive_relative_pose=True, relative_pose_frames=frames).relative_pose_frames == frames
+
+
+def test_a_task_is_registered_once_and_must_fit_the_state() -> None:
+    from data_prep.tasks import register_task
+
+    lift = get_task("lift")
+    with pytest.raises(ValueError, match="'lift' is registered already"):
+        register_task(lift)
+    with pytest.raises(ValueError, match="does not fit the state's 18 object slots"):
+        register_task(dataclasses.replace(lift, name="wide", object_dim=20))
+    assert "wide" not in task_names()
+
+
+def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLA_PLUGINS", "lift_plugin_that_does_not_exist")
+    with pytest.raises(UserError, match="VLA_PLUGINS: cannot import plugin module 'lift_plugin_that_does_not_exist'"):
+        get_task("lift")
+    monkeypatch.delenv("VLA_PLUGINS")
+    assert get_task("lift").instruction == "Lift the red cube"
+
+
+def test_the_task_registry_loads_without_the_simulator_or_the_experts() -> None:
+    """The dream-only Space reads the registry where robosuite (and scipy, which the experts need) may be missing."""
+    import subprocess
+    import sys
+
+    from data_prep.tasks import make_expert
+
+    code = ("import sys, data_prep.tasks as t; t.get_task('lift').instruction; "
+            "print(sorted(m for m in ('robosuite', 'scipy', 'data_prep.experts') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
+    assert type(make_expert("lift", seed=0)).__name__ == "LiftExpert"  # built from its class when asked

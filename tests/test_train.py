@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_accelerate as ta
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.preprocess import FEATURES
 from data_prep.tasks import ACTION_DIM, STATE_DIM, STATE_LAYOUT
 
@@ -285,10 +285,10 @@ def test_bad_config_is_one_line_error(tmp_path: Path, capsys, text: str, overrid
 
 @pytest.mark.parametrize("path", sorted(Path(ta.__file__).parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_name_real_model_fields(path: Path) -> None:
-    import configuration_vla
+    from model_kinds import get_kind
 
     cfg = ta.load_config(path)
-    config_class = getattr(configuration_vla, ta.MODEL_CLASSES[cfg.model][0])
+    config_class = get_kind(cfg.model).config_class
     config = config_class(**cfg.model_config)  # validates the values; the VLA backbone is not loaded here
     assert set(cfg.model_config) <= set(config.to_dict())
 

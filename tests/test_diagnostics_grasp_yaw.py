@@ -1,4 +1,4 @@
-"""benchmarks/grasp_yaw.py: the gripper's turn from the object's nearest face at the step it comes down to the object."""
+"""benchmarks/diagnostics/grasp_yaw.py: the gripper's turn from the object's nearest face at the step it comes down to the object."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import STATE_DIM, STATE_SLICES
 from evaluation.records import EpisodeRecord, write_episodes
 
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("benchmarks_grasp_yaw", REPO / "benchmarks" / "grasp_yaw.py")
+_spec = importlib.util.spec_from_file_location("benchmarks_grasp_yaw", REPO / "benchmarks" / "diagnostics" / "grasp_yaw.py")
 gy = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(gy)
 

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterable
 from pathlib import Path
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 MARKER = ".vla-output.json"  # hidden: dataset loaders, uploads and the hub cache skip dot files
 

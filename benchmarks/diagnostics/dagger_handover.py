@@ -1,5 +1,5 @@
 """Where the roll-ins of DAgger sets hand over to the expert, and which phases of the task their recorded steps
-cover: for two or more `vla-generate --policy` files of one task made from the same seeds by different drivers.
+cover: for two or more `vla-generate dagger` files of one task made from the same seeds by different drivers.
 
     .venv/bin/python benchmarks/dagger_handover.py data/raw_dagger_mlp1/square/low_dim_generated.hdf5 \
         data/raw_dagger_sqdrv/square/low_dim_generated.hdf5
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.robomimic_io import read_robomimic_hdf5
 from data_prep.tasks import OBJECT_KEY
 
@@ -40,7 +40,7 @@ class DaggerSet:
 def load(path: Path) -> DaggerSet:
     f = read_robomimic_hdf5(path)
     if "handovers" not in f.attrs:
-        raise UserError(f"{path}: data.attrs has no 'handovers' (expected a DAgger file from vla-generate --policy)")
+        raise UserError(f"{path}: data.attrs has no 'handovers' (expected a DAgger file from vla-generate dagger)")
     seeds, handovers = (json.loads(v) if isinstance(v, str) else v for v in (f.attrs[k] for k in ("demo_seeds", "handovers")))
     if len(seeds) != len(f) or len(handovers) != len(f):
         raise UserError(f"{path}: {len(f)} episodes but {len(seeds)} demo_seeds and {len(handovers)} handovers")
@@ -70,7 +70,7 @@ def describe(s: DaggerSet, seeds: list[int]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("files", type=Path, nargs="+", help="DAgger HDF5 files of one task (vla-generate --policy)")
+    p.add_argument("files", type=Path, nargs="+", help="DAgger HDF5 files of one task (vla-generate dagger)")
     return p
 
 

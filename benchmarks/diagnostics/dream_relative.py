@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import run_cli
+from common.errors import run_cli
 from data_prep.tasks import STATE_SLICES, relative_pose_from_poses
 from evaluation.metrics import pair_by_seed
 from evaluation.records import EpisodeRecord, read_episodes, select

@@ -1,4 +1,4 @@
-"""benchmarks/dream_relative.py: a dream's object-to-eef block against what its own poses imply."""
+"""benchmarks/diagnostics/dream_relative.py: a dream's object-to-eef block against what its own poses imply."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tasks import STATE_DIM, STATE_SLICES, relative_pose_from_poses
 from evaluation.records import EpisodeRecord, write_episodes
 
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("benchmarks_dream_relative", REPO / "benchmarks" / "dream_relative.py")
+_spec = importlib.util.spec_from_file_location("benchmarks_dream_relative", REPO / "benchmarks" / "diagnostics" / "dream_relative.py")
 dr = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(dr)
 IDENTITY = np.array([1.0, 0, 0, 0, 1.0, 0])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.tasks import STATE_SLICES
 from evaluation.records import EpisodeRecord, read_episodes, select
 

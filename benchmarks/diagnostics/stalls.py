@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from data_prep.stalls import STALL_MOVE, STALL_STEPS, STALL_WINDOW, stall_step
-from data_prep.tasks import STATE_SLICES, TASKS, state_from_obs
+from data_prep.tasks import STATE_SLICES, get_task, state_from_obs, task_names
 from evaluation.envs import DREAM_RELATIVE
 from evaluation.records import EpisodeRecord, read_episodes, select
 
@@ -88,7 +88,7 @@ BRANCHES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def probe(record: EpisodeRecord, t: int) -> Probe:
-    from data_prep.experts import make_expert
+    from data_prep.tasks import make_expert
 
     sim, obs = _replayed(record, t)
     error = float(np.abs(state_from_obs(obs, record.task)[0] - record.states[t]).max())
@@ -112,7 +112,7 @@ def probe(record: EpisodeRecord, t: int) -> Probe:
     sim, obs = _replayed(record, t)
     expert.reset(sim.env)
     expert.resume(obs)
-    for step in range(t, TASKS[record.task].horizon):
+    for step in range(t, get_task(record.task).horizon):
         obs, *_ = sim.env.step(expert.act(obs))
         if sim.success():
             result.expert_success, result.expert_steps = True, step + 1 - t
@@ -223,7 +223,7 @@ def dream_from_stalls(world_model, policy, stalled: list[EpisodeRecord], stalls:
         t = stalls[record.seed]
         start = min(t + DREAM_OFFSET, record.length)
         real, dreamed = one_step_motion(world_model, record, t)
-        horizon = TASKS[record.task].horizon - start
+        horizon = get_task(record.task).horizon - start
         dream = rollout(DreamEnv(world_model, record.task, relative_from=relative_from), policy, [Start(record.seed, record.states[start])],
                         [record.instruction], horizon, progress=False)[0]
         results.append(StallDream(real, dreamed, start, dream))
@@ -250,7 +250,7 @@ def print_stall_dreams(stalled: list[EpisodeRecord], stalls: dict[int, int], res
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help="a vla-rollout results folder with real episodes")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", required=True, choices=sorted(task_names()))
     p.add_argument("--policy", help="policy name in the folder (needed when it holds several)")
     p.add_argument("--replay", type=int, default=0, help="replay this many stalled episodes in robosuite")
     p.add_argument("--world-model", type=Path, help="a saved world model: dream the stalls (needs --policy-dir)")
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{source} from the same {len(twins)} starts: {sum(r.success for r in twins)} succeed, "
               f"{dream_stalls} stall")
     if args.world_model is not None:
-        from evaluation.cli import load_model
-        from evaluation.policies import ChunkPolicy
+        from common.policies import ChunkPolicy
+        from common.saved_models import load_model
 
         world_model = load_model(args.world_model, "--world-model", "cpu")
         policy = ChunkPolicy(load_model(args.policy_dir, "--policy-dir", "cpu"), name=stalled[0].policy if stalled else "")

@@ -1,4 +1,4 @@
-"""benchmarks/dagger_handover.py on tiny DAgger files whose object heights are set by hand."""
+"""benchmarks/diagnostics/dagger_handover.py on tiny DAgger files whose object heights are set by hand."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import ENV_NAMES, synthetic_episode
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.robomimic_io import write_robomimic_hdf5
 
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("benchmarks_dagger_handover", REPO / "benchmarks" / "dagger_handover.py")
+_spec = importlib.util.spec_from_file_location("benchmarks_dagger_handover", REPO / "benchmarks" / "diagnostics" / "dagger_handover.py")
 bd = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(bd)
 

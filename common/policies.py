@@ -1,4 +1,4 @@
-"""Policies the rollout loop can drive: trained models (action chunks) and the scripted expert.
+"""Running a trained policy step by step: its action chunks become one action per control step.
 
 Every policy answers `act(states [N, 29], instructions, active [N]) -> actions [N, 7]` once per
 control step, after `reset(n)` at the start of a batch of episodes.
@@ -11,8 +11,8 @@ control step, after `reset(n)` at the start of a batch of episodes.
 A model whose config has `velocity_input` also gets the previous step's states (`prev_state`; none
 right after `reset`, i.e. at rest, as an episode's first row in training).
 
-`ExpertPolicy` is the scripted expert. It reads ground-truth object poses that exist only inside
-the simulator, so it runs only with a `RobosuiteEnv` (never in a dream).
+The scripted expert, which reads the simulator's ground truth, is `evaluation.expert_policy.ExpertPolicy`. These run
+a trained policy wherever one drives: evaluation's roll-outs and `vla-generate`'s DAgger data and policy roll-outs.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data_prep.errors import UserError
-from data_prep.tasks import ACTION_DIM
-from evaluation.envs import RobosuiteEnv, to_numpy
+from common.errors import UserError
 
 
 class Policy:
@@ -90,9 +88,10 @@ class ChunkPolicy(Policy):
                     **extra,
                 )
             )
-        if chunk.ndim != 3 or chunk.shape[0] != len(rows) or chunk.shape[2] != ACTION_DIM:
-            raise ValueError(f"{self.name}.predict_actions returned shape {chunk.shape}, expected ({len(rows)}, H, 7)")
-        full = np.zeros((len(states), chunk.shape[1], ACTION_DIM), np.float32)
+        width = getattr(getattr(self.model, "config", None), "action_dim", chunk.shape[-1])  # the model's own, if it says
+        if chunk.ndim != 3 or chunk.shape[0] != len(rows) or chunk.shape[2] != width:
+            raise ValueError(f"{self.name}.predict_actions returned shape {chunk.shape}, expected ({len(rows)}, H, {width})")
+        full = np.zeros((len(states), chunk.shape[1], width), np.float32)
         full[rows] = chunk
         return full
 
@@ -122,19 +121,7 @@ class ChunkPolicy(Policy):
         return np.tensordot(weights / weights.sum(), predictions, axes=1).astype(np.float32)
 
 
-class ExpertPolicy(Policy):
-    """The scripted expert of `data_prep.experts`, run next to each real simulator."""
-
-    name = "expert"
-
-    def __init__(self, env: Any):
-        if not isinstance(env, RobosuiteEnv):
-            raise UserError(
-                "the scripted expert reads the simulator's ground truth, so it runs only in real robosuite "
-                "(use --env real with --policy expert)"
-            )
-        self.env = env
-
-    def act(self, states: np.ndarray, instructions: Sequence[str], active: np.ndarray) -> np.ndarray:
-        actions, self.errors = self.env.expert_actions(active)
-        return actions
+def to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)

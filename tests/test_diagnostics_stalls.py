@@ -1,4 +1,4 @@
-"""benchmarks/stalls.py: finding the step a failed episode stalls at, reading results folders back, and replaying a
+"""benchmarks/diagnostics/stalls.py: finding the step a failed episode stalls at, reading results folders back, and replaying a
 real Lift episode whose gripper was driven into the table."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
+from common.policies import Policy
 from data_prep.tasks import state_from_obs
-from evaluation.policies import Policy
 from evaluation.records import EpisodeRecord, read_episodes, write_episodes
 
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("benchmarks_stalls", REPO / "benchmarks" / "stalls.py")
+_spec = importlib.util.spec_from_file_location("benchmarks_stalls", REPO / "benchmarks" / "diagnostics" / "stalls.py")
 bs = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(bs)
 
