@@ -58,6 +58,7 @@ ONPOLICY_SEED_OFFSET = 70_000  # the world model's policy roll-outs: seeds 70000
 VLA_DAGGER_SEED_OFFSET = 90_000  # the VLA's own DAgger round: seeds 90000 + seed ..
 # The evaluation starts, the same for every training seed (paired): never a seed any data stage uses.
 EVAL_SEED = 100_000
+VIDEO_POLICY = "policy"  # the kind whose evaluation is filmed (PipelineSize.video_episodes): the VLA
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,8 @@ class PipelineSize:
     eval_episodes: int
     checkpoint_every: int | None = None  # eval/save interval override for short runs (None: the config's)
     workers: int = 2
+    # Real and dreamed episodes per task filmed in the VLA's evaluation (needs an OpenGL backend; 0: none).
+    video_episodes: int = 1
     # World models trained with seeds seed, seed + 1, ... and pooled into the one dream model (1: no pooling).
     # A single run's dreamed success rate varies widely between seeds; a pool of ten was chosen over five
     # (docs/experiments/016, 031).
@@ -265,9 +268,10 @@ SIZES = {
                                        "policy_finetune": 50},
                           eval_episodes=2,
                           checkpoint_every=100,
+                          video_episodes=0,
                           world_seeds=2),
     # The default: no DAgger, the MLP-BC drives the world model's roll-outs, training beside the world model's data
-    # (docs/experiments/042).
+    # (docs/experiments/043).
     "standard": PipelineSize(episodes_per_task=100, play_episodes_per_task=20, dagger_episodes_per_task=0,
                              dagger_rounds=0, train_steps={"world": 1000, "policy": 2000, "mlp": 3000},
                              eval_episodes=50, checkpoint_every=500, world_seeds=2, vla_dagger=False, overlap=True),
@@ -597,7 +601,9 @@ def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks:
         f"evaluate_{policy}",
         console("vla-rollout", "--policy", paths.best(policy), "--world-model", paths.best("world"), "--tasks", *tasks,
                 "--episodes", size.eval_episodes, "--env", "both", "--out", paths.eval_dir(policy), "--seed", EVAL_SEED,
-                "--workers", size.workers, "--name", get_kind(policy).label, "--no-progress", "--overwrite"),
+                "--workers", size.workers, "--name", get_kind(policy).label, "--no-progress", "--overwrite",
+                *(("--video", "--video-episodes", size.video_episodes) if policy == VIDEO_POLICY and size.video_episodes
+                  else ())),
         (paths.eval_dir(policy) / "summary.json", paths.eval_dir(policy) / "summary.md"),
         env=paths.private_env,
     )
@@ -731,7 +737,9 @@ def print_summary(reports: Sequence[StageReport], paths: PipelinePaths, total_se
     print("evaluations (tables, figures and, with an OpenGL backend, videos):")
     for policy in (report.name.removeprefix("evaluate_") for report in reports if report.name.startswith("evaluate_")):
         label = get_kind(policy).label
-        print(f"  {label:<4} {paths.eval_dir(policy) / 'summary.md'}  figures: {paths.eval_dir(policy) / 'figures'}")
+        videos = paths.eval_dir(policy) / "videos"
+        print(f"  {label:<4} {paths.eval_dir(policy) / 'summary.md'}  figures: {paths.eval_dir(policy) / 'figures'}"
+              + (f"  videos: {videos}" if videos.is_dir() else ""))
     print("\nsuccess on the evaluation starts (real robosuite; dreamed by the world model from the same starts):")
     print("\n".join(success_table(paths)))
 

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("/tmp/vla-main-job"), help="where the fresh clones go")
     p.add_argument("--results-md", type=Path, help="markdown file whose '## The main job' section is replaced")
     p.add_argument("--out", type=Path, default=Path("results/main_job.json"), help="JSON of every run")
+    p.add_argument("--add", action="store_true",
+                   help="keep the other seeds' runs already in --out (one seed per invocation, the section shows all)")
     return p
 
 
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         if shutil.which("git") is None:
             raise UserError("git is needed to clone the repository")
         runs = [run_seed(seed, args.work) for seed in args.seeds]
+        if args.add and args.out.is_file():
+            kept = [run for run in json.loads(args.out.read_text()) if run["seed"] not in args.seeds]
+            runs = sorted(kept + runs, key=lambda run: run["seed"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(runs, indent=2) + "\n")
         command = " ".join(["python benchmarks/main_job.py", *(argv if argv is not None else sys.argv[1:])])

@@ -409,3 +409,13 @@ def test_every_size_evaluates_on_the_evaluation_starts_whatever_the_training_see
         for seed in (0, 1):
             stages = {s.name: s for s in build_stages(PipelinePaths(tmp_path), size, ["lift"], seed=seed)}
             assert flag_value(stages["evaluate_policy"], "--seed") == flag_value(stages["evaluate_mlp"], "--seed") == "100000"
+
+
+def test_the_vla_evaluation_is_filmed_except_in_the_smoke_run(tmp_path: Path) -> None:
+    """The main job ends with a video of the VLA (real, dream and side by side); --quick films nothing (CI time)."""
+    for size, filmed in (("standard", True), ("full", True), ("quick", False)):
+        stages = {stage.name: stage for stage in build_stages(PipelinePaths(tmp_path), SIZES[size], ["lift"])}
+        policy, mlp = (list(map(str, stages[f"evaluate_{kind}"].command)) for kind in ("policy", "mlp"))
+        assert ("--video" in policy) is filmed and "--video" not in mlp, size
+        if filmed:
+            assert policy[policy.index("--video-episodes") + 1] == "1"
