@@ -260,6 +260,10 @@ class PipelineSize:
     vla_dagger: bool = True
     # Training and the world model's data stages on one core each, side by side (PipelineSize of 2 CPU cores).
     overlap: bool = False
+    # Who drives the DAgger rounds: an MLP-BC per task trained on that task's data ("per_task", docs/experiments/021),
+    # or, for one round, the three-task MLP-BC on the demos that also drives the world model's roll-outs ("shared":
+    # one training instead of one per task, docs/experiments/043).
+    dagger_driver: str = "per_task"
 
 
 SIZES = {
@@ -270,10 +274,11 @@ SIZES = {
                           checkpoint_every=100,
                           video_episodes=0,
                           world_seeds=2),
-    # The default: no DAgger, the MLP-BC drives the world model's roll-outs, training beside the world model's data
-    # (docs/experiments/043).
-    "standard": PipelineSize(episodes_per_task=100, play_episodes_per_task=20, dagger_episodes_per_task=0,
-                             dagger_rounds=0, train_steps={"world": 1000, "policy": 2000, "mlp": 3000},
+    # The default: one DAgger round driven by the three-task MLP-BC on the demos (which also drives the world model's
+    # roll-outs), the policies training beside the world model's data (docs/experiments/043).
+    "standard": PipelineSize(episodes_per_task=100, play_episodes_per_task=20, dagger_episodes_per_task=50,
+                             dagger_rounds=1, dagger_driver="shared",
+                             train_steps={"world": 1000, "policy": 2000, "mlp": 3000, "mlp_driver": 3000},
                              eval_episodes=50, checkpoint_every=500, world_seeds=2, vla_dagger=False, overlap=True),
     "full": PipelineSize(episodes_per_task=200, play_episodes_per_task=100, dagger_episodes_per_task=100,
                          dagger_rounds=DAGGER_ROUNDS,
@@ -476,6 +481,10 @@ def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str]
     (vla-generate dagger); then all tasks' rounds 1..r are merged with the demos."""
     from data_prep.generate import OUTPUT_NAME
 
+    if size.dagger_driver not in ("per_task", "shared"):
+        raise UserError(f"dagger_driver {size.dagger_driver!r}: expected 'per_task' or 'shared'")
+    if size.dagger_driver == "shared":
+        return shared_dagger_stages(paths, size, tasks, seed)
     stages = []
     for round_ in range(1, size.dagger_rounds + 1):
         raw = paths.raw_dagger(round_)
@@ -514,6 +523,33 @@ def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str]
     return stages
 
 
+def shared_dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
+    """One DAgger round for every task, driven by the three-task MLP-BC on the demos (ROLLOUT_DRIVER, trained in
+    world_data_stages); the expert finishes. Then the round is merged with the demos."""
+    from data_prep.generate import OUTPUT_NAME
+
+    if size.dagger_rounds != 1:
+        raise UserError(f"dagger_driver='shared' drives one DAgger round, got dagger_rounds={size.dagger_rounds}")
+    raw, episodes, dataset = paths.raw_dagger(1), size.dagger_episodes_per_task, paths.dagger_dataset(1)
+    report = raw / "generate_report.json"
+    return [
+        Stage(
+            "generate_dagger1",
+            console("vla-generate", "dagger", "--tasks", *tasks, "--episodes", episodes, "--out", raw,
+                    "--workers", size.workers, "--seed", DAGGER_SEED_OFFSET + seed, "--max-attempts", 6 * episodes,
+                    "--policy", paths.best(ROLLOUT_DRIVER), "--handover-steps", DAGGER_HANDOVER_STEPS,
+                    "--report", report),
+            (report, *(raw / task / OUTPUT_NAME for task in tasks)),
+        ),
+        Stage(
+            "preprocess_dagger1",
+            console("vla-preprocess", "--inputs", paths.raw, raw, "--out", dataset, "--seed", seed, "--overwrite"),
+            (dataset / "normalization.json", dataset / "README.md"),
+            env=paths.private_env,
+        ),
+    ]
+
+
 def vla_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
     """The VLA; with `size.vla_dagger`, trained as `policy_base`, then its own DAgger round and a fine-tune."""
     from data_prep.generate import OUTPUT_NAME
@@ -549,6 +585,14 @@ def rollout_driver(size: PipelineSize) -> str:
     return "mlp" if size.dagger_rounds == 0 else ROLLOUT_DRIVER
 
 
+def rollout_driver_stages(paths: PipelinePaths, size: PipelineSize, seed: int) -> list[Stage]:
+    """The three-task MLP-BC on the demos that drives the world model's roll-outs (and a shared DAgger round), when
+    it is not the evaluated MLP-BC itself (rollout_driver)."""
+    driver = rollout_driver(size)
+    return [] if driver == "mlp" else [train_stage("mlp", paths, size, seed, name=driver, config=DRIVER_CONFIG,
+                                                   role="mlp_driver")]
+
+
 def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
     """The world model's dataset: demos + play data + whole episodes of a three-task MLP-BC trained on the demos,
     failures kept."""
@@ -557,8 +601,6 @@ def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[
     report = paths.raw_onpolicy / "generate_report.json"
     driver = rollout_driver(size)
     return [
-        *([] if driver == "mlp" else
-          [train_stage("mlp", paths, size, seed, name=driver, config=DRIVER_CONFIG, role="mlp_driver")]),
         play_stage(paths, size, tasks, seed),
         Stage(
             "generate_onpolicy",
@@ -596,11 +638,11 @@ def world_model_stages(paths: PipelinePaths, size: PipelineSize, seed: int) -> l
     return stages
 
 
-def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> Stage:
+def evaluate_stage(policy: str, paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], eval_seed: int) -> Stage:
     return Stage(
         f"evaluate_{policy}",
         console("vla-rollout", "--policy", paths.best(policy), "--world-model", paths.best("world"), "--tasks", *tasks,
-                "--episodes", size.eval_episodes, "--env", "both", "--out", paths.eval_dir(policy), "--seed", EVAL_SEED,
+                "--episodes", size.eval_episodes, "--env", "both", "--out", paths.eval_dir(policy), "--seed", eval_seed,
                 "--workers", size.workers, "--name", get_kind(policy).label, "--no-progress", "--overwrite",
                 *(("--video", "--video-episodes", size.video_episodes) if policy == VIDEO_POLICY and size.video_episodes
                   else ())),
@@ -673,23 +715,27 @@ def infer_needs(stages: Sequence[Stage]) -> list[Stage]:
     return inferred
 
 
-def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int = 0) -> list[Stage]:
+def build_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int = 0,
+                 eval_seed: int = EVAL_SEED) -> list[Stage]:
     """generate → preprocess → DAgger rounds → world-model data → train world/VLA/MLP → evaluate (dream + real) → export cards/repos."""
     paths = dataclasses.replace(paths, dagger_rounds=size.dagger_rounds, vla_dagger=size.vla_dagger)
     mlp = [train_stage("mlp", paths, size, seed)]
     others = [train_stage(policy, paths, size, seed) for policy in pipeline_policies(size) if policy not in RECIPE_POLICIES]
     driver_first = rollout_driver(size) == "mlp"  # the MLP-BC drives the world model's roll-outs: it trains first
+    shared_driver = size.dagger_rounds > 0 and size.dagger_driver == "shared"  # it drives the DAgger round too
     # List order is the priority among ready stages: the VLA, the longest, starts as soon as its data is there.
     stages = infer_needs([
         *data_stages(paths, size, tasks, seed),
+        *(rollout_driver_stages(paths, size, seed) if shared_driver else []),
         *dagger_stages(paths, size, tasks, seed),
         *vla_stages(paths, size, tasks, seed),
         *(mlp if driver_first else []),
+        *([] if shared_driver else rollout_driver_stages(paths, size, seed)),
         *world_data_stages(paths, size, tasks, seed),
         *world_model_stages(paths, size, seed),
         *([] if driver_first else mlp),
         *others,
-        *(evaluate_stage(policy, paths, size, tasks, seed) for policy in pipeline_policies(size)),
+        *(evaluate_stage(policy, paths, size, tasks, eval_seed) for policy in pipeline_policies(size)),
         *export_stages(paths, size),
     ])
     if size.overlap:  # training and the world model's data on one core each, side by side
@@ -756,6 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-seed", type=int, default=EVAL_SEED,
+                        help=f"first simulator seed of the evaluation starts (default {EVAL_SEED}; tuning runs: 200000+)")
     parser.add_argument("--org", default=DEFAULT_ORG, help="namespace of the exported hub repos (local cache only unless pushed)")
     return parser
 
@@ -770,10 +818,13 @@ def _main(argv: Sequence[str] | None = None) -> list[StageReport]:
 
     for task in args.tasks:
         get_task(task)
+    if args.eval_seed < EVAL_SEED:
+        raise UserError(f"--eval-seed {args.eval_seed}: evaluation starts begin at {EVAL_SEED} or later, apart from "
+                        "every seed the data stages use")
     size = SIZES[args.size]
     paths = PipelinePaths(args.workdir.resolve(), args.org)
     paths.workdir.mkdir(parents=True, exist_ok=True)
-    stages = build_stages(paths, size, args.tasks, args.seed)
+    stages = build_stages(paths, size, args.tasks, args.seed, args.eval_seed)
     print(f"vla-pipeline --{args.size}: {len(stages)} stages in {paths.workdir}")
     start = time.monotonic()
     reports = run_stages(stages, paths.workdir)

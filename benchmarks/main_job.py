@@ -39,12 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("/tmp/vla-main-job"), help="where the fresh clones go")
     p.add_argument("--results-md", type=Path, help="markdown file whose '## The main job' section is replaced")
     p.add_argument("--out", type=Path, default=Path("results/main_job.json"), help="JSON of every run")
+    p.add_argument("--eval-seed", type=int, help="vla-pipeline --eval-seed (a tuning run: 200000+; default: the pipeline's)")
     p.add_argument("--add", action="store_true",
                    help="keep the other seeds' runs already in --out (one seed per invocation, the section shows all)")
     return p
 
 
-def run_seed(seed: int, work: Path) -> dict:
+def run_seed(seed: int, work: Path, eval_seed: int | None = None) -> dict:
     clone = work / f"seed{seed}"
     if clone.exists():
         raise UserError(f"{clone} already exists; remove it or pass another --work")
@@ -56,7 +57,8 @@ def run_seed(seed: int, work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "OMP_", "MKL_"))}
     started = time.monotonic()
     with open(log, "w") as out:
-        code = subprocess.run(["bash", "-c", f"{MAIN_COMMAND} --seed {seed}"], cwd=clone, env=env, stdout=out,
+        extra = f" --eval-seed {eval_seed}" if eval_seed is not None else ""
+        code = subprocess.run(["bash", "-c", f"{MAIN_COMMAND} --seed {seed}{extra}"], cwd=clone, env=env, stdout=out,
                               stderr=subprocess.STDOUT).returncode
     seconds = time.monotonic() - started
     if code != 0:
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> None:
         if shutil.which("git") is None:
             raise UserError("git is needed to clone the repository")
-        runs = [run_seed(seed, args.work) for seed in args.seeds]
+        runs = [run_seed(seed, args.work, args.eval_seed) for seed in args.seeds]
         if args.add and args.out.is_file():
             kept = [run for run in json.loads(args.out.read_text()) if run["seed"] not in args.seeds]
             runs = sorted(kept + runs, key=lambda run: run["seed"])

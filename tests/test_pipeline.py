@@ -387,21 +387,35 @@ def test_a_stage_may_only_need_stages_before_it(tmp_path: Path) -> None:
         run_stages(stages, tmp_path, runner=FakeRunner(stages), echo=lambda _: None)
 
 
-def test_the_standard_size_trains_beside_the_world_models_data_and_its_mlp_drives_the_rollouts(tmp_path: Path) -> None:
+def test_the_standard_size_trains_beside_the_world_models_data_and_one_mlp_drives_dagger_and_rollouts(tmp_path: Path) -> None:
     paths = PipelinePaths(tmp_path)
     stages = {stage.name: stage for stage in build_stages(paths, SIZES["standard"], ["lift", "square"])}
-    assert "train_mlp_demos" not in stages and not any(name.startswith("generate_dagger") for name in stages)
-    assert flag_value(stages["generate_onpolicy"], "--policy") == str(paths.best("mlp"))
-    # the order of work comes from the data: the VLA needs the demos only, the evaluations the pooled world model
-    assert stages["train_policy"].needs == ("preprocess",) == stages["train_mlp"].needs
+    # one DAgger round for all tasks, driven by the three-task MLP-BC on the demos, which also drives the roll-outs
+    assert [name for name in stages if name.startswith(("generate_dagger", "train_dagger"))] == ["generate_dagger1"]
+    driver = str(paths.best("mlp_demos"))
+    assert flag_value(stages["generate_dagger1"], "--policy") == flag_value(stages["generate_onpolicy"], "--policy") == driver
+    assert flag_values(stages["generate_dagger1"], "--tasks", "--episodes") == ["lift", "square"]  # one command
+    assert stages["train_mlp_demos"].needs == ("preprocess",) and stages["generate_dagger1"].needs == ("train_mlp_demos",)
+    # the order of work comes from the data: the policies need demos + DAgger, the evaluations the pooled world model
+    assert stages["train_policy"].needs == ("preprocess_dagger1",) == stages["train_mlp"].needs
     assert set(stages["evaluate_policy"].needs) == {"train_policy", "pool_world"}
     assert set(stages["preprocess_world"].needs) == {"generate", "generate_play", "generate_onpolicy"}
+    names = list(stages)
+    assert names.index("train_mlp_demos") < names.index("generate_play")  # the driver before the play data
     one_core = {name for name, stage in stages.items() if stage.cores == 1}
-    assert {"train_policy", "train_mlp", "generate_play", "generate_onpolicy", "train_world_s0"} <= one_core
-    assert not one_core & {"generate", "preprocess", "evaluate_policy", "evaluate_mlp"}
+    assert {"train_policy", "train_mlp", "train_mlp_demos", "generate_play", "generate_onpolicy", "train_world_s0"} <= one_core
+    assert not one_core & {"generate", "preprocess", "generate_dagger1", "evaluate_policy", "evaluate_mlp"}
     assert flag_value(stages["generate_play"], "--workers") == flag_value(stages["generate_onpolicy"], "--workers") == "1"
     from pipeline import build_parser
     assert build_parser().parse_args([]).size == "standard"  # the README's main command runs this size
+
+
+def test_a_shared_dagger_driver_drives_one_round_only(tmp_path: Path) -> None:
+    size = dataclasses.replace(SIZES["standard"], dagger_rounds=2)
+    with pytest.raises(UserError, match="one DAgger round"):
+        build_stages(PipelinePaths(tmp_path), size, ["lift"])
+    with pytest.raises(UserError, match="dagger_driver 'both'"):
+        build_stages(PipelinePaths(tmp_path), dataclasses.replace(SIZES["standard"], dagger_driver="both"), ["lift"])
 
 
 def test_every_size_evaluates_on_the_evaluation_starts_whatever_the_training_seed(tmp_path: Path) -> None:
@@ -409,6 +423,8 @@ def test_every_size_evaluates_on_the_evaluation_starts_whatever_the_training_see
         for seed in (0, 1):
             stages = {s.name: s for s in build_stages(PipelinePaths(tmp_path), size, ["lift"], seed=seed)}
             assert flag_value(stages["evaluate_policy"], "--seed") == flag_value(stages["evaluate_mlp"], "--seed") == "100000"
+    tuning = {s.name: s for s in build_stages(PipelinePaths(tmp_path), SIZES["standard"], ["lift"], eval_seed=200_000)}
+    assert flag_value(tuning["evaluate_policy"], "--seed") == "200000"
 
 
 def test_the_vla_evaluation_is_filmed_except_in_the_smoke_run(tmp_path: Path) -> None:
