@@ -9,6 +9,8 @@ the robot (`vla-generate dagger`), so the final policies also learn to recover f
 (`<workdir>/dataset_dagger<r>` = demos + rounds 1..r; each round's drivers learned from the rounds before).
 The VLA trained on that data (`train_policy_base`) then drives a DAgger round of its own (`raw_dagger_vla`) and is
 fine-tuned on everything (`dataset_dagger_vla`, `vla-train --set init_from=...`) into `train_policy`.
+That is the full size; the default (`--standard`) runs one round for all tasks driven by the three-task MLP-BC on the
+demos (`PipelineSize.dagger_driver="shared"`) and no VLA round, to fit 30 minutes on 2 CPU cores.
 The world model also learns from "play" data (`vla-generate play`:
 expert runs with random wrong moves, failures kept) and from the whole episodes of a three-task MLP-BC trained on
 the demos (`vla-generate rollouts`: a policy's states, grasps and failures), merged with the demos into
