@@ -514,25 +514,30 @@ def dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str]
                     (report, raw / task / OUTPUT_NAME),
                 ),
             ]
-        dataset = paths.dagger_dataset(round_)
-        stages.append(Stage(
-            f"preprocess_dagger{round_}",
-            console("vla-preprocess", "--inputs", paths.raw, *(paths.raw_dagger(r) for r in range(1, round_ + 1)),
-                    "--out", dataset, "--seed", seed, "--overwrite"),
-            (dataset / "normalization.json", dataset / "README.md"),
-            env=paths.private_env,
-        ))
+        stages.append(merge_dagger_stage(paths, round_, seed))
     return stages
 
 
+def merge_dagger_stage(paths: PipelinePaths, round_: int, seed: int) -> Stage:
+    """The demos + DAgger rounds 1..round_ as one dataset (`dataset_dagger<round_>`)."""
+    dataset = paths.dagger_dataset(round_)
+    return Stage(
+        f"preprocess_dagger{round_}",
+        console("vla-preprocess", "--inputs", paths.raw, *(paths.raw_dagger(r) for r in range(1, round_ + 1)),
+                "--out", dataset, "--seed", seed, "--overwrite"),
+        (dataset / "normalization.json", dataset / "README.md"),
+        env=paths.private_env,
+    )
+
+
 def shared_dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
-    """One DAgger round for every task, driven by the three-task MLP-BC on the demos (ROLLOUT_DRIVER, trained in
-    world_data_stages); the expert finishes. Then the round is merged with the demos."""
+    """One DAgger round for every task, driven by the three-task MLP-BC on the demos (ROLLOUT_DRIVER, trained by
+    rollout_driver_stages); the expert finishes. Then the round is merged with the demos."""
     from data_prep.generate import OUTPUT_NAME
 
     if size.dagger_rounds != 1:
         raise UserError(f"dagger_driver='shared' drives one DAgger round, got dagger_rounds={size.dagger_rounds}")
-    raw, episodes, dataset = paths.raw_dagger(1), size.dagger_episodes_per_task, paths.dagger_dataset(1)
+    raw, episodes = paths.raw_dagger(1), size.dagger_episodes_per_task
     report = raw / "generate_report.json"
     return [
         Stage(
@@ -543,12 +548,7 @@ def shared_dagger_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequen
                     "--report", report),
             (report, *(raw / task / OUTPUT_NAME for task in tasks)),
         ),
-        Stage(
-            "preprocess_dagger1",
-            console("vla-preprocess", "--inputs", paths.raw, raw, "--out", dataset, "--seed", seed, "--overwrite"),
-            (dataset / "normalization.json", dataset / "README.md"),
-            env=paths.private_env,
-        ),
+        merge_dagger_stage(paths, 1, seed),
     ]
 
 
