@@ -17,19 +17,21 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-DEFAULT_STATE_LAYOUT = "eef_pos3+eef_rot6+gripper_qpos2+object18pad.rot6"
+DEFAULT_STATE_LAYOUT = "eef_pos3+eef_rot6+gripper_qpos2+slots4x18pad.rot6"
+DEFAULT_STATE_DIM = 83
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-# One mixer token per semantic slice of the 29-D state: eef_pos, eef_rot6, gripper_qpos, then the object
-# block as (pos, rot6) and (relative pos, relative rot6) (Lift's last 6 are padding). Few tokens keep the
-# per-step cost low: dreams evaluate the whole ensemble thousands of times per rollout on CPU.
-DEFAULT_STATE_TOKEN_GROUPS = [3, 6, 2, 9, 9]
+# One mixer token per semantic slice of the 83-D state: eef_pos, eef_rot6, gripper_qpos, then one token per object
+# slot (pos, rot6, relative pos, relative rot6; an object-centric mixer, issue 46). Few tokens keep the per-step cost
+# low: dreams evaluate the whole ensemble thousands of times per rollout on CPU.
+DEFAULT_STATE_TOKEN_GROUPS = [3, 6, 2, 18, 18, 18, 18]
 LOSSES = ("l1", "mse")
 POOLINGS = ("auto", "state", "mean", "last")
 WORLD_MODEL_ARCHITECTURES = ("mixer", "mlp")
 WORLD_MODEL_LOSS_UNITS = ("state_std", "step")
 # How robosuite 1.5 observes a task's object-to-eef block (checked against live simulators in tests/test_tasks.py):
 # "world": object - eef position in the world frame, same step (Lift; its relative-rotation slots are padding);
-# "eef_lagged": the object's pose in the eef frame, with the object pose of the *previous* control step (Can, Square).
+# "eef_lagged": the object's pose in the eef frame, with the object pose of the *previous* control step (Can, Square,
+# the nuts and bins scenes).
 RELATIVE_POSE_FRAMES = ("world", "eef_lagged")
 BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -107,7 +109,7 @@ def _vector(config: object, field: str, dim_field: str, default: float, positive
 class RobotModelConfig(PretrainedConfig):
     """Fields shared by the three models: dims, layout, normalisation statistics, tasks trained on."""
 
-    state_dim: int = 29
+    state_dim: int = DEFAULT_STATE_DIM
     action_dim: int = 7
     state_layout: str = DEFAULT_STATE_LAYOUT
     state_mean: list[float] | None = None  # None -> zeros
@@ -115,7 +117,7 @@ class RobotModelConfig(PretrainedConfig):
     action_mean: list[float] | None = None
     action_std: list[float] | None = None
     tasks: list[str] | None = None  # task names trained on (informative; the model cards list them)
-    # The 29-D state holds poses but no velocities. With velocity_input the model also reads v_t = s_t - s_{t-1}
+    # The state holds poses but no velocities. With velocity_input the model also reads v_t = s_t - s_{t-1}
     # in normalised units divided by velocity_scale (the train split's per-dim std of one-step changes, so v is
     # O(1)); v = 0 at a reset. The world model needs it for dynamics; a policy for telling a gripper held still
     # by a contact from one passing through the same pose.
@@ -208,7 +210,7 @@ class WorldModelConfig(RobotModelConfig):
     # only has to learn the contacts and the rest. Zero-initialised: training starts as without it.
     linear_skip: bool = False
     # Mixer only: each state token predicts its own block's change (a per-token readout) instead of one head on
-    # the mean of all tokens, which has to squeeze 29 per-dim answers through one pooled vector.
+    # the mean of all tokens, which has to squeeze 83 per-dim answers through one pooled vector.
     token_readout: bool = False
     # The network outputs the change in units of velocity_scale (each dim's typical one-step change) instead of
     # the state's std: one-step changes are 10-100x smaller than the state's spread and differ by that much

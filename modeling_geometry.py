@@ -10,9 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
-# Where the poses start in the default state layout (relative_yaw_harmonics and derive_relative_pose read them).
+# Where the poses start in the default state layout (relative_yaw_harmonics and derive_relative_pose read them):
+# the eef, then object slot 0 (each further slot repeats its 18 numbers, data_prep.tasks).
 EEF_POS_OFFSET, EEF_ROT6_OFFSET, OBJECT_POS_OFFSET, OBJECT_ROT6_OFFSET = 0, 3, 11, 14
 RELATIVE_POS_OFFSET, RELATIVE_ROT6_OFFSET = 20, 23  # the object-to-eef block
+SLOT_DIM, MAX_SLOTS = 18, 4
 
 
 def yaw_of_rot6(rot6: torch.Tensor) -> torch.Tensor:
@@ -50,21 +52,29 @@ def _slot(state: torch.Tensor, offset: int, width: int) -> torch.Tensor:
 
 
 def relative_pose_from_poses(states: torch.Tensor, prev_states: torch.Tensor, eef_frame: torch.Tensor) -> torch.Tensor:
-    """Raw states of the default layout with the object-to-eef block recomputed from the absolute poses.
+    """Raw states of the default layout with every object slot's object-to-eef block recomputed from the poses.
 
     eef_frame (bool, broadcast over the rows) picks robosuite's rule per row (RELATIVE_POSE_FRAMES): True,
-    "eef_lagged" (Can, Square): R_eef^T (p_obj - p_eef) and R_eef^T R_obj, with the object pose of `prev_states`
-    (robosuite's sensors read the object from the observation cache before updating it); False, "world" (Lift):
-    p_obj - p_eef in the world frame, same step, the relative-rotation slots left as they are (padding).
-    Differentiable, so a world model can train through it.
+    "eef_lagged" (Can, Square, nuts, bins): R_eef^T (p_obj - p_eef) and R_eef^T R_obj, with the object pose of
+    `prev_states` (robosuite's sensors read the object from the observation cache before updating it); False, "world"
+    (Lift, cubes): p_obj - p_eef in the world frame, same step, the relative-rotation slots left as they are (padding).
+    Empty slots come out as garbage: the caller's state mask zeroes them. Differentiable, so a world model can train
+    through it.
     """
-    eef_pos, eef_rot = _slot(states, EEF_POS_OFFSET, 3), rot6_to_matrix(_slot(states, EEF_ROT6_OFFSET, 6))
-    world = _slot(states, OBJECT_POS_OFFSET, 3) - eef_pos
-    offset = _slot(prev_states, OBJECT_POS_OFFSET, 3) - eef_pos
+    robot = OBJECT_POS_OFFSET
+    objects = states[..., robot:].unflatten(-1, (MAX_SLOTS, SLOT_DIM))  # [..., slots, 18]
+    prev_objects = prev_states[..., robot:].unflatten(-1, (MAX_SLOTS, SLOT_DIM))
+    eef_pos = _slot(states, EEF_POS_OFFSET, 3).unsqueeze(-2)  # [..., 1, 3]
+    eef_rot = rot6_to_matrix(_slot(states, EEF_ROT6_OFFSET, 6)).unsqueeze(-3)  # [..., 1, 3, 3]
+    pos, rot6 = OBJECT_POS_OFFSET - robot, OBJECT_ROT6_OFFSET - robot
+    rel_pos, rel_rot6 = RELATIVE_POS_OFFSET - robot, RELATIVE_ROT6_OFFSET - robot
+    world = _slot(objects, pos, 3) - eef_pos
+    offset = _slot(prev_objects, pos, 3) - eef_pos
     in_eef = (eef_rot.transpose(-1, -2) @ offset.unsqueeze(-1)).squeeze(-1)
-    rotation = eef_rot.transpose(-1, -2) @ rot6_to_matrix(_slot(prev_states, OBJECT_ROT6_OFFSET, 6))
+    rotation = eef_rot.transpose(-1, -2) @ rot6_to_matrix(_slot(prev_objects, rot6, 6))
     rotation6 = torch.cat([rotation[..., :, 0], rotation[..., :, 1]], dim=-1)
-    eef_frame = torch.as_tensor(eef_frame, dtype=torch.bool, device=states.device).unsqueeze(-1)
+    eef_frame = torch.as_tensor(eef_frame, dtype=torch.bool, device=states.device)[..., None, None]
     block = torch.cat([torch.where(eef_frame, in_eef, world),
-                       torch.where(eef_frame, rotation6, _slot(states, RELATIVE_ROT6_OFFSET, 6))], dim=-1)
-    return torch.cat([states[..., :RELATIVE_POS_OFFSET], block, states[..., RELATIVE_ROT6_OFFSET + 6 :]], dim=-1)
+                       torch.where(eef_frame, rotation6, _slot(objects, rel_rot6, 6))], dim=-1)
+    objects = torch.cat([objects[..., :rel_pos], block, objects[..., rel_rot6 + 6 :]], dim=-1)
+    return torch.cat([states[..., :robot], objects.flatten(-2)], dim=-1)

@@ -1,7 +1,7 @@
 """The models, as the project imports them: the MLP-Mixer world-model ensemble, the LoRA VLA policy and the MLP
 behaviour-cloning baseline.
 
-All of them take and return raw units (state [B, 29], action [B, 7] / chunks [B, H, 7]) and normalise
+All of them take and return raw units (state [B, 83], action [B, 7] / chunks [B, H, 7]) and normalise
 internally with the statistics in their config. `model(**batch)` (batch as in docs/DESIGN.md, "Training
 batches") returns a `RobotModelOutput` with `.loss` and `.metrics`.
 

@@ -45,7 +45,6 @@ from model_kinds import get_kind, kinds
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = Path("runs/pipeline")
-DEFAULT_TASKS = ("lift", "can", "square")
 DEFAULT_ORG = "local"  # hub namespace of the exported repos: local/dreaming-vla-world-model, ...
 DAGGER_ROUNDS = 1  # of the full pipeline: a second round did not help (docs/experiments/008)
 # Play seeds start here (+ --seed): never the expert demos' (seed, seed + 1, ...) nor evaluation's (100000+).
@@ -802,7 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", dest="size", action="store_const", const="full", help="the reported size (hours on a CPU)")
     parser.set_defaults(size="standard")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    from data_prep.tasks import default_tasks, task_names
+
+    parser.add_argument("--tasks", nargs="+", default=default_tasks(), choices=task_names(), metavar="TASK",
+                        help=f"tasks (default: {' '.join(default_tasks())}; any of {' '.join(task_names())})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-seed", type=int, default=EVAL_SEED,
                         help=f"first simulator seed of the evaluation starts (default {EVAL_SEED}; tuning runs: 200000+)")

@@ -89,6 +89,9 @@ class TrainConfig:
     # them); model_config may only repeat its values (so the run's YAML can be reused). The optimizer, schedule
     # and step count start afresh.
     init_from: str | None = None
+    # The language-blind control (issue 46): every instruction of both splits replaced by this one string, so the
+    # model learns from the same data without the words; evaluate it with the same string (benchmarks/language.py).
+    fixed_instruction: str | None = None
 
     def validate(self, source: str) -> None:
         """Refuse values that would fail later with a worse message (or silently train nonsense)."""
@@ -130,6 +133,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{source}: {name}={value!r}, expected a positive integer or null")
+        if self.fixed_instruction is not None and not (isinstance(self.fixed_instruction, str)
+                                                       and self.fixed_instruction.strip()):
+            raise UserError(f"{source}: fixed_instruction={self.fixed_instruction!r}, expected a non-empty string or null")
 
 
 def all_finite(value: Any) -> bool:
@@ -525,6 +531,9 @@ def load_initial_model(cfg: TrainConfig, data: TrainingData):
         saved = getattr(config, key, None)
         if (list(saved) if isinstance(saved, tuple) else saved) != value:
             raise UserError(f"{source}: model_config.{key}={value!r}, but the saved model has {saved!r}")
+    if config.state_layout != data.normalization.state_layout:
+        raise UserError(f"{source}: state_layout {config.state_layout!r}, but dataset {cfg.dataset} has "
+                        f"{data.normalization.state_layout!r}")
     if config.state_dim != data.state_dim:
         raise UserError(f"{source}: state width {config.state_dim}, but dataset {cfg.dataset} has {data.state_dim}")
     unknown = sorted(set(data.tasks) - set(config.tasks))
@@ -842,6 +851,9 @@ def train(cfg: TrainConfig, resume: bool = False, source: str = "config") -> dic
     check_run_folder(output_dir, resume)
 
     data = load_training_data(cfg.dataset)
+    if cfg.fixed_instruction is not None:
+        for table in (data.train, data.validation):
+            table.instruction = np.full(len(table.instruction), cfg.fixed_instruction, dtype=object)
     accelerator = fresh_accelerator(cfg)
     set_seed(cfg.seed)
     model, horizon = build_model(cfg, data, source)

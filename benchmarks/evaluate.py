@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.errors import UserError, run_cli
 from common.policies import ChunkExecution
-from data_prep.tasks import task_names
+from data_prep.tasks import default_tasks
 from evaluation.cli import parse_args
 from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS
 from evaluation.plan import make_plan, play, settings_of, write_results
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{kind.label}", type=Path, help=f"saved {kind.model_class.__name__} folder")
     p.add_argument("--world-model", type=Path, nargs="+",
                    help="saved WorldModel folder(s) (needed with a policy); several: the spread over them is reported")
-    p.add_argument("--tasks", nargs="+", default=task_names())
+    p.add_argument("--tasks", nargs="+", default=default_tasks())
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=100_000, help="first simulator seed; disjoint from vla-generate's")

@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 from common.errors import UserError, run_cli  # noqa: E402
-from data_prep.tasks import ACTION_DIM, STATE_DIM, instructions_for, task_names  # noqa: E402
+from data_prep.tasks import ACTION_DIM, STATE_DIM, default_tasks, instructions_for  # noqa: E402
 
 # transformers.LlamaConfig of meta-llama/Meta-Llama-3-8B(-Instruct): 8.03 B parameters with the LM head,
 # 7.50 B in the LlamaModel the VLA uses (it reads hidden states; no LM head).
@@ -160,7 +160,7 @@ def host_peak_rss_gib() -> float:
 
 
 def all_instructions() -> list[str]:
-    return [text for task in task_names() for text in instructions_for(task, "train")]
+    return [text for task in default_tasks() for text in instructions_for(task, "train")]
 
 
 def write_backbone_folder(folder: Path, backbone: dict[str, Any]) -> Path:

@@ -33,11 +33,11 @@ from data_prep.scenes import (
     eef_pos,
     get_scene,
     goal_success,
-    make_scene_env,
     object_poses,
     object_poses_from_obs,
     successes_from_poses,
 )
+from data_prep.sim import make_env
 from evaluation.metrics import wilson_interval
 
 DISTURBED = 0.02  # m an object other than the named one may move horizontally before it counts as moved
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> list[GoalReport]:
         goals = [g for g in get_scene(scene).goals if args.goals is None or g in args.goals]
         if not goals:
             continue
-        sim = make_scene_env(scene, goals[0])
+        sim = make_env(f"{scene}_{goals[0]}")
         for goal in goals:
             start = time.perf_counter()
             episodes = []

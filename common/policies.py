@@ -1,6 +1,6 @@
 """Running a trained policy step by step: its action chunks become one action per control step.
 
-Every policy answers `act(states [N, 29], instructions, active [N]) -> actions [N, 7]` once per
+Every policy answers `act(states [N, 83], instructions, active [N]) -> actions [N, 7]` once per
 control step, after `reset(n)` at the start of a batch of episodes.
 
 `ChunkPolicy` wraps anything with `predict_actions(state, instruction) -> [B, H, 7]` (`VLAPolicy`,

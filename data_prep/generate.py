@@ -87,7 +87,16 @@ from tqdm import tqdm
 from common.errors import UserError, run_cli
 from data_prep.robomimic_io import TASK_ATTR, Episode, write_robomimic_hdf5
 from data_prep.stalls import STALL_WINDOW, stalled_for
-from data_prep.tasks import OBJECT_KEY, STATE_LAYOUT, get_task, object_obs, state_from_obs, task_names, task_of_env
+from data_prep.tasks import (
+    OBJECT_KEY,
+    STATE_LAYOUT,
+    default_tasks,
+    get_task,
+    object_obs,
+    state_from_obs,
+    task_names,
+    task_of_env,
+)
 
 OUTPUT_NAME = "low_dim_generated.hdf5"
 # robomimic's low-dim observation keys: the robot ones are copied from robosuite's observation as they are;
@@ -499,11 +508,12 @@ MODES = {  # subcommand -> what it makes
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-generate", description=__doc__.split("\n\n")[0])
     modes = p.add_subparsers(dest="mode", required=True, metavar="{" + ",".join(MODES) + "}")
-    tasks = task_names()
+    tasks = default_tasks()
     for mode, summary in MODES.items():
         sub = modes.add_parser(mode, help=summary, description=summary)
         every_attempt = mode in ("play", "rollouts")
-        sub.add_argument("--tasks", nargs="+", default=tasks, help=f"tasks to generate ({', '.join(tasks)})")
+        sub.add_argument("--tasks", nargs="+", default=tasks,
+                         help=f"tasks to generate (default: {' '.join(tasks)}; any of {' '.join(task_names())})")
         sub.add_argument("--episodes", type=int, default=50,
                          help="attempts per task, all kept" if every_attempt else "successful episodes per task")
         sub.add_argument("--out", type=Path, default=Path("data/raw"), help=f"output root: <out>/<task>/{OUTPUT_NAME}")

@@ -37,7 +37,9 @@ from common.errors import UserError, run_cli
 from data_prep.robomimic_io import Episode, RobomimicFile, read_robomimic_hdf5, split_demo_names
 from data_prep.tasks import (
     ACTION_DIM,
+    MAX_SLOTS,
     OBJECT_DIM,
+    SLOT_DIM,
     STATE_DIM,
     STATE_LAYOUT,
     STATE_SLICES,
@@ -70,7 +72,7 @@ FEATURES = Features(
     }
 )
 FEATURE_DOCS = {
-    "task": "short task name (`lift`, `can`, `square`)",
+    "task": "short task name (`lift`, `can`, `square`, or a scene goal such as `cubes_red`); bookkeeping only, no model reads it",
     "instruction": "language goal; a train paraphrase on train rows, a held-out paraphrase on validation rows",
     "episode": "episode id, unique over the whole repo",
     "step": "control step within the episode (0-based)",
@@ -394,10 +396,13 @@ def card_body(collected: Collected, counts: dict, seed: int) -> str:
         "",
         "Orientations are the first two columns of the rotation matrix (6 numbers; robosuite's xyzw quaternions "
         "converted), which, unlike quaternions, never jump between equivalent values from one step to the next. "
-        "The object block is robomimic's `object` observation with its quaternions converted that way. Lift's is 12 "
-        f"wide (cube position, rotation, gripper-to-cube vector), Can's and Square's {OBJECT_DIM} (object position and "
-        "rotation, then its pose relative to the end effector). Lift's block is padded with zeros on the right, and "
-        "`state_mask` marks real entries with 1 and padding with 0, so models can ignore the padding.",
+        f"The object block ({OBJECT_DIM} floats) holds {MAX_SLOTS} slots of {SLOT_DIM}, one per object in a fixed "
+        "order per scene: each is robomimic's `object` observation of that object with its quaternions converted that "
+        "way. A cube's slot is 12 wide (cube position, rotation, gripper-to-cube vector), every other object's 18 "
+        "(object position and rotation, then its pose relative to the end effector). Lift, Can and Square fill slot 0 "
+        "(slot 0's blocks are named above, slots 1-3 are 'other objects'). Each slot is padded with zeros on the right, "
+        "empty slots are zeros, and `state_mask` marks real entries with 1 and padding with 0, so models can ignore the "
+        "padding. Which object the instruction names is in the instruction alone.",
         "",
         "`normalization.json` holds mean/std/min/max per state and action dimension over the **train** split only; "
         "state statistics count only unpadded entries, a dimension that is padding on every train row gets mean 0 and "

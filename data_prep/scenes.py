@@ -15,6 +15,10 @@ placed (Stack: cube A stacked on B), so each goal has its own rule, in two equiv
   `not_in_bin`, and the let-go test of their `_check_success`; Lift's "4 cm above the table" for the cubes);
 * `success_from_poses(scene, goal, poses, eef_pos)`: the same rule as a function of recorded object poses and the
   eef position alone, so a recorded episode can be relabelled under every goal of its scene.
+
+Each (scene, goal) is a task of the task registry, "<scene>_<goal>" (`data_prep.tasks` registers them from `SCENES`;
+build one with `data_prep.sim.make_env("cubes_red")`). Only pure functions of poses and the live env live here, so
+the registry can import this file.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
-from data_prep.sim import SimEnv, build_robosuite_env, robomimic_env_args, robomimic_env_kwargs
 
 # robosuite's "the gripper has let go" test: 1 - tanh(10 d) < 0.6 for the eef-object distance d.
 LET_GO_DISTANCE = float(np.arctanh(0.4) / 10.0)  # 0.042 m
@@ -83,6 +86,8 @@ class GoalSpec:
     instruction: str  # canonical wording (issue 46)
     kind: str  # "lifted" | "on_peg" | "in_bin"
     index: int = 0  # robosuite's index of the peg / bin quadrant (and of the object in env.nuts / env.objects)
+    train: tuple[str, ...] = ()  # paraphrases trained on (the canonical one first)
+    validation: tuple[str, ...] = ()  # held-out paraphrases (validation episodes only)
 
     @property
     def rule(self) -> PoseBox:
@@ -99,39 +104,76 @@ class SceneSpec:
     goals: dict[str, GoalSpec]
     horizon: int  # max control steps of one episode
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # beyond robomimic's settings
+    # How robosuite observes each object relative to the gripper: "world" (Stack, as Lift: object - eef position)
+    # or "eef_lagged" (NutAssembly, PickPlace, as Can / Square: the object's pose in the eef frame, one step late).
+    relative_pose_frame: str = "eef_lagged"
+    play_perturb_prob: float = 0.02  # per-step burst chance of play data (data_prep.tasks.TaskSpec)
 
     def object_name(self, slot: str) -> str:
         return self.objects[self.slots.index(slot)]
+
+    def object_keys(self, slot: str) -> tuple[str, ...]:
+        """robosuite's observation keys of one object, in the order of a single-object task's "object" vector."""
+        name = self.object_name(slot)
+        if self.relative_pose_frame == "world":
+            return f"{name}_pos", f"{name}_quat", f"gripper_to_{name}"
+        return f"{name}_pos", f"{name}_quat", f"{name}_to_robot0_eef_pos", f"{name}_to_robot0_eef_quat"
 
 
 def _goals(*goals: GoalSpec) -> dict[str, GoalSpec]:
     return {goal.name: goal for goal in goals}
 
 
+def _cube(name: str, colour: str) -> GoalSpec:
+    return GoalSpec(
+        name, f"{colour}_cube", f"Lift the {colour} cube", "lifted",
+        train=(f"Lift the {colour} cube", f"Pick up the {colour} block", f"Raise the {colour} cube off the table",
+               f"Grab the {colour} cube and lift it up", f"Pick the {colour} block up from the table"),
+        validation=(f"Hoist the {colour} block into the air", f"Take hold of the {colour} cube and raise it"),
+    )
+
+
+def _nut(name: str, index: int) -> GoalSpec:
+    return GoalSpec(
+        name, f"{name}_nut", f"Put the {name} nut on the {name} peg", "on_peg", index,
+        train=(f"Put the {name} nut on the {name} peg", f"Fit the {name} nut over its peg",
+               f"Pick up the {name} nut and slide it onto its peg", f"Place the {name} nut on the matching peg",
+               f"Move the {name} nut onto the {name} peg"),
+        validation=(f"Thread the {name} nut down onto its post", f"Mount the {name} ring on the {name} rod"),
+    )
+
+
+def _bin_goal(name: str, thing: str, index: int, other_words: tuple[str, str]) -> GoalSpec:
+    return GoalSpec(
+        name, name, f"Put the {thing} in its bin", "in_bin", index,
+        train=(f"Put the {thing} in its bin", f"Move the {thing} to its bin", f"Pick up the {thing} and drop it in "
+               "its bin", f"Place the {thing} in the matching bin", f"Transfer the {thing} into its compartment"),
+        validation=(f"Carry the {other_words[0]} over to its container", f"Drop the {other_words[1]} into its slot"),
+    )
+
+
 SCENES: dict[str, SceneSpec] = {
     "cubes": SceneSpec(
         "cubes", "Stack", ("red_cube", "green_cube"), ("cubeA", "cubeB"),
-        _goals(GoalSpec("red", "red_cube", "Lift the red cube", "lifted"),
-               GoalSpec("green", "green_cube", "Lift the green cube", "lifted")),
-        horizon=400,
+        _goals(_cube("red", "red"), _cube("green", "green")),
+        horizon=400, relative_pose_frame="world", play_perturb_prob=0.06,
     ),
     "nuts": SceneSpec(
         "nuts", "NutAssembly", ("square_nut", "round_nut"), ("SquareNut", "RoundNut"),
-        _goals(GoalSpec("square", "square_nut", "Put the square nut on the square peg", "on_peg", 0),
-               GoalSpec("round", "round_nut", "Put the round nut on the round peg", "on_peg", 1)),
-        horizon=400, env_kwargs={"single_object_mode": 0},
+        _goals(_nut("square", 0), _nut("round", 1)),
+        horizon=400, env_kwargs={"single_object_mode": 0}, play_perturb_prob=0.01,
     ),
     "bins": SceneSpec(
         "bins", "PickPlace", ("milk", "bread", "cereal", "can"), ("Milk", "Bread", "Cereal", "Can"),
-        _goals(GoalSpec("milk", "milk", "Put the milk carton in its bin", "in_bin", 0),
-               GoalSpec("bread", "bread", "Put the bread in its bin", "in_bin", 1),
-               GoalSpec("cereal", "cereal", "Put the cereal box in its bin", "in_bin", 2),
-               GoalSpec("can", "can", "Put the coke can in its bin", "in_bin", 3)),
-        horizon=500, env_kwargs={"single_object_mode": 0},
+        _goals(_bin_goal("milk", "milk carton", 0, ("milk carton", "milk")),
+               _bin_goal("bread", "bread", 1, ("loaf of bread", "bread")),
+               _bin_goal("cereal", "cereal box", 2, ("cereal box", "cereal")),
+               _bin_goal("can", "coke can", 3, ("coke can", "soda can"))),
+        horizon=500, env_kwargs={"single_object_mode": 0}, play_perturb_prob=0.02,
     ),
 }
 ENV_TO_SCENE = {spec.env_name: name for name, spec in SCENES.items()}
-# Each (scene, goal) is one task: "<scene>_<goal>", e.g. "cubes_red" (SceneSim.task and the expert's task).
+# Each (scene, goal) is one task: "<scene>_<goal>", e.g. "cubes_red" (its registry name and the expert's task).
 GOAL_TASKS: dict[str, tuple[str, str]] = {f"{scene}_{goal}": (scene, goal) for scene, spec in SCENES.items()
                                           for goal in spec.goals}
 
@@ -155,33 +197,6 @@ def scene_of(env: Any) -> str:
     if name not in ENV_TO_SCENE:
         raise UserError(f"robosuite env {name!r} is not a multi-object scene; expected one of {sorted(ENV_TO_SCENE)}")
     return ENV_TO_SCENE[name]
-
-
-# ----- building the env --------------------------------------------------------------------------------------------
-def scene_env_kwargs(scene: str) -> dict[str, Any]:
-    spec = get_scene(scene)
-    return robomimic_env_kwargs(spec.horizon) | spec.env_kwargs
-
-
-@dataclass
-class SceneSim(SimEnv):
-    """A scene's robosuite env bound to one goal: `success()` is that goal's rule (the env itself is goal-free)."""
-
-    scene: str = ""
-    goal: str = ""
-
-    def success(self) -> bool:
-        return goal_success(self.env, self.scene, self.goal)
-
-
-def make_scene_env(scene: str, goal: str, seed: int = 0) -> SceneSim:
-    """The robosuite env of `scene` (robomimic low-dim settings, all objects present); `goal` only picks the rule."""
-    spec = get_scene(scene)
-    get_goal(scene, goal)
-    kwargs = scene_env_kwargs(scene)
-    env = build_robosuite_env(spec.env_name, kwargs, seed)
-    return SceneSim(task=f"{scene}_{goal}", env=env, env_args=robomimic_env_args(spec.env_name, kwargs), scene=scene,
-                    goal=goal)
 
 
 # ----- object poses ------------------------------------------------------------------------------------------------

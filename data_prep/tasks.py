@@ -1,8 +1,12 @@
 """The task registry and the one state layout shared by data, models and environments.
 
-State vector (STATE_DIM = 29), identical for every task so one model serves all three:
+State vector (STATE_DIM = 83), identical for every task so one model serves them all:
 
-    [ eef_pos (3) | eef_rot6 (6) | gripper_qpos (2) | object (18, zero-padded) ]
+    [ eef_pos (3) | eef_rot6 (6) | gripper_qpos (2) | slot 0 (18) | slot 1 (18) | slot 2 (18) | slot 3 (18) ]
+
+One slot per object, zero-padded, in a fixed order per scene (`TaskSpec.slot_widths`): Lift / Can / Square fill slot
+0 (its offsets are those of the single-object layout before it, docs/experiments/044), the multi-object scenes of
+`data_prep.scenes` two or four slots. The state never says which object the instruction names (issue 46).
 
 Every orientation is stored as the first two columns of its rotation matrix (the continuous 6-D
 representation of Zhou et al., CVPR 2019) instead of robosuite's quaternion: a quaternion and its
@@ -10,10 +14,10 @@ negation are the same rotation, and robosuite's matrix-to-quaternion conversion 
 from one step to the next (such jumps made most of the first world model's one-step error,
 docs/experiments/003). Rotation-matrix columns have no such branch, so equal poses give equal states.
 
-The object block follows robomimic's "object" observation with each quaternion replaced by its 6-D
-form: Lift's cube -> pos 3 | rot6 6 | gripper-to-cube pos 3 (12, then 6 zeros of padding); Can's and
-Square's -> pos 3 | rot6 6 | object-to-eef pos 3 | object-to-eef rot6 6 (18). `state_mask` marks the
-real entries (1) vs padding (0).
+Each slot follows robomimic's "object" observation of one object with each quaternion replaced by its 6-D
+form: Lift's cube (and each cube of the cubes scene) -> pos 3 | rot6 6 | gripper-to-cube pos 3 (12, then 6 zeros of
+padding); Can's, Square's and the nuts' and bins' objects -> pos 3 | rot6 6 | object-to-eef pos 3 | object-to-eef
+rot6 6 (18). `state_mask` marks the real entries (1) vs padding (0).
 
 robosuite 1.5 concatenates its "object-state" for Can and Square relative-pose first, so a live
 observation is rebuilt in robomimic's order from the named per-object keys (`TaskSpec.object_keys`)
@@ -35,18 +39,22 @@ import numpy as np
 
 from common.errors import UserError
 from common.plugins import load_plugins
+from data_prep import scenes
 
 ROBOT_KEYS: tuple[str, ...] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 ROBOT_DIMS: tuple[int, ...] = (3, 4, 2)  # widths of the raw observations (quaternion: x y z w)
 OBJECT_KEY = "object"
 STATE_KEYS: tuple[str, ...] = (*ROBOT_KEYS, OBJECT_KEY)
 QUAT_DIM, ROT6_DIM = 4, 6
-OBJECT_DIM = 18  # the widest object block in the state (Can, Square), after quaternion -> rot6
-STATE_DIM = 3 + ROT6_DIM + 2 + OBJECT_DIM  # 29
+SLOT_DIM = 18  # one object's block (Can, Square: the widest), after quaternion -> rot6
+MAX_SLOTS = 4  # the most objects a scene holds (bins: milk, bread, cereal, can)
+ROBOT_DIM = 3 + ROT6_DIM + 2  # 11
+OBJECT_DIM = SLOT_DIM * MAX_SLOTS  # 72
+STATE_DIM = ROBOT_DIM + OBJECT_DIM  # 83
 ACTION_DIM = 7  # OSC_POSE delta: dx dy dz dax day daz gripper
 # A string stamped into datasets and model configs; two artefacts are compatible iff it matches.
-STATE_LAYOUT = "eef_pos3+eef_rot6+gripper_qpos2+object18pad.rot6"
-# Named blocks of the state, for plots, metrics and per-block error breakdowns.
+STATE_LAYOUT = "eef_pos3+eef_rot6+gripper_qpos2+slots4x18pad.rot6"
+# Named blocks of the state, for plots, metrics and per-block error breakdowns (slot 0's blocks by name).
 STATE_SLICES: dict[str, slice] = {
     "eef pos": slice(0, 3),
     "eef rot": slice(3, 9),
@@ -55,7 +63,13 @@ STATE_SLICES: dict[str, slice] = {
     "object rot": slice(14, 20),
     "object-eef pos": slice(20, 23),
     "object-eef rot": slice(23, 29),  # Lift: padding
+    "other objects": slice(29, STATE_DIM),  # slots 1-3 (multi-object scenes)
 }
+
+
+def slot_offset(slot: int) -> int:
+    """Where object slot `slot` starts in the state."""
+    return ROBOT_DIM + SLOT_DIM * slot
 INSTRUCTIONS_COMMENT = (  # the head of a dataset's instructions.json
     "Instruction text per task. 'canonical' is the original project's phrase; 'train' paraphrases are seen during "
     "training, 'validation' paraphrases are held out and used only on validation episodes."
@@ -87,7 +101,7 @@ class SuccessRule:
     min_eef_distance: float = 0.0
 
     def __call__(self, states: np.ndarray) -> np.ndarray:
-        """[..., 29] states -> [...] bool."""
+        """[..., STATE_DIM] states -> [...] bool."""
         states = np.asarray(states)
         position = states[..., STATE_SLICES["object pos"]]
         inside = np.all((position > np.asarray(self.low)) & (position < np.asarray(self.high)), axis=-1)
@@ -114,25 +128,38 @@ class TaskSpec:
     object_dim: int  # width of the unpadded "object" observation
     object_keys: tuple[str, ...]  # robosuite observation keys making up robomimic's "object", in order
     object_quats: tuple[int, ...]  # offsets of the quaternions inside robomimic's "object" vector
+    # Widths of the objects in robomimic's "object" vector, in slot order (empty: one object, the whole vector).
+    slot_widths: tuple[int, ...] = ()
     # How robosuite observes the object-to-eef block (configuration_vla.RELATIVE_POSE_FRAMES): "world" (Lift:
     # cube - eef, world frame) or "eef_lagged" (the object's pose in the eef frame, one control step late).
     relative_pose_frame: str = "eef_lagged"
     instructions: Instructions
-    success_rule: Callable[[np.ndarray], np.ndarray]  # [..., 29] states -> [...] bool
+    success_rule: Callable[[np.ndarray], np.ndarray]  # [..., STATE_DIM] states -> [...] bool
     sim_success: Callable[[Any], bool] | None = None  # live robosuite env -> bool; None: its `_check_success()`
     expert: Callable[..., Any]  # (seed=None, noise=0.05) -> a scripted expert (`.reset(env)`, `.act(obs)`): a class or factory
     # Per-step chance of a random-action burst in play data, so that roughly 30-60 % of its episodes fail
     # (docs/experiments/004): the longer and more precise the task, the fewer bursts it takes.
     play_perturb_prob: float
+    default: bool = True  # among the tasks the commands run when told none (the robomimic three; scenes are opt-in)
 
     @property
     def instruction(self) -> str:
         return self.instructions.canonical
 
     @property
-    def state_object_dim(self) -> int:
-        """Width of this task's object block in the state (each quaternion becomes 6 numbers)."""
-        return self.object_dim + (ROT6_DIM - QUAT_DIM) * len(self.object_quats)
+    def slots(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """Each object's (start, end) in robomimic's "object" vector and its quaternions' offsets within it."""
+        bounds, start = [], 0
+        for width in self.slot_widths or (self.object_dim,):
+            quats = tuple(q - start for q in self.object_quats if start <= q < start + width)
+            bounds.append((start, start + width, quats))
+            start += width
+        return bounds
+
+    @property
+    def state_slot_dims(self) -> list[int]:
+        """Width of each object's slot in the state before padding (each quaternion becomes 6 numbers)."""
+        return [end - start + (ROT6_DIM - QUAT_DIM) * len(quats) for start, end, quats in self.slots]
 
 
 # ----- the registry ------------------------------------------------------------------------------------------------
@@ -143,9 +170,11 @@ def register_task(spec: TaskSpec) -> TaskSpec:
     """Add a task under a name of its own (a plugin module registers on import: common/plugins.py)."""
     if spec.name in _TASKS:
         raise ValueError(f"task {spec.name!r} is registered already")
-    if spec.state_object_dim > OBJECT_DIM:
-        raise ValueError(f"task {spec.name!r}: its object block ({spec.state_object_dim}) does not fit the state's "
-                         f"{OBJECT_DIM} object slots")
+    if spec.slot_widths and sum(spec.slot_widths) != spec.object_dim:
+        raise ValueError(f"task {spec.name!r}: slot_widths {spec.slot_widths} do not add up to object_dim {spec.object_dim}")
+    if len(spec.state_slot_dims) > MAX_SLOTS or max(spec.state_slot_dims) > SLOT_DIM:
+        raise ValueError(f"task {spec.name!r}: its objects ({spec.state_slot_dims}) do not fit the state's {MAX_SLOTS} "
+                         f"object slots of {SLOT_DIM}")
     _TASKS[spec.name] = spec
     return spec
 
@@ -154,6 +183,11 @@ def task_names() -> list[str]:
     """Every registered task, in registration order (the three robomimic tasks first)."""
     load_plugins()
     return list(_TASKS)
+
+
+def default_tasks() -> list[str]:
+    """The tasks the commands run when told none: Lift / Can / Square (the multi-object scenes are opt-in)."""
+    return [name for name in task_names() if _TASKS[name].default]
 
 
 def get_task(name: str) -> TaskSpec:
@@ -260,6 +294,67 @@ register_task(TaskSpec(
 ))
 
 
+# ----- the multi-object scenes (issue 46): one task per (scene, goal), the goal named only by the instruction -------
+@dataclass(frozen=True)
+class GoalRule:
+    """A scene goal's rule (`data_prep.scenes`) read off a state: the named object's slot and the eef position."""
+
+    scene: str
+    goal: str
+    slot: int
+
+    def __call__(self, states: np.ndarray) -> np.ndarray:
+        """[..., STATE_DIM] states -> [...] bool."""
+        states = np.asarray(states)
+        position = states[..., slot_offset(self.slot) : slot_offset(self.slot) + 3]
+        return scenes.get_goal(self.scene, self.goal).rule(position, states[..., STATE_SLICES["eef pos"]])
+
+
+@dataclass(frozen=True)
+class GoalInSim:
+    """The same goal in the live simulator, with robosuite's own per-object checks (`scenes.goal_success`)."""
+
+    scene: str
+    goal: str
+
+    def __call__(self, env: Any) -> bool:
+        return scenes.goal_success(env, self.scene, self.goal)
+
+
+def scene_expert(scene: str, goal: str) -> Callable[..., Any]:
+    """A scene goal's scripted expert (data_prep.experts_multi), imported when first built (it needs scipy)."""
+
+    def build(seed: int | None = None, noise: float = 0.05) -> Any:
+        from data_prep.experts_multi import make_scene_expert
+
+        return make_scene_expert(scene, goal, seed=seed, noise=noise)
+
+    return build
+
+
+def register_scene(scene: scenes.SceneSpec) -> None:
+    """Register every goal of `scene` as the task "<scene>_<goal>" (the same env, state and expert code per goal)."""
+    keys = [scene.object_keys(slot) for slot in scene.slots]
+    widths = [10 if scene.relative_pose_frame == "world" else 14 for _ in keys]  # pos, quat, relative pos (, quat)
+    starts = np.cumsum([0, *widths[:-1]])
+    quats = tuple(int(q) for start in starts for q in ((start + 3,) if scene.relative_pose_frame == "world"
+                                                          else (start + 3, start + 10)))
+    for goal in scene.goals.values():
+        register_task(TaskSpec(
+            name=f"{scene.name}_{goal.name}", env_name=scene.env_name, horizon=scene.horizon,
+            env_kwargs=dict(scene.env_kwargs), object_dim=sum(widths), object_keys=tuple(k for ks in keys for k in ks),
+            object_quats=quats, slot_widths=tuple(widths), relative_pose_frame=scene.relative_pose_frame,
+            instructions=Instructions(goal.instruction, train=goal.train, validation=goal.validation),
+            success_rule=GoalRule(scene.name, goal.name, scene.slots.index(goal.slot)),
+            sim_success=GoalInSim(scene.name, goal.name), expert=scene_expert(scene.name, goal.name),
+            play_perturb_prob=scene.play_perturb_prob, default=False,
+        ))
+
+
+for _scene in scenes.SCENES.values():
+    register_scene(_scene)
+
+
 def rot6_to_matrix(rot6: np.ndarray) -> np.ndarray:
     """6-D rotations [..., 6] -> rotation matrices [..., 3, 3] (Gram-Schmidt, so imagined columns need not be exact).
 
@@ -295,7 +390,7 @@ def relative_pose_from_poses(states: np.ndarray, prev_states: np.ndarray, task: 
         torch.as_tensor(np.asarray(prev_states, dtype=np.float64)),
         torch.tensor(spec.relative_pose_frame == "eef_lagged"),
     )
-    return derived.numpy().astype(np.float32)
+    return (derived.numpy() * state_mask(task)).astype(np.float32)  # empty slots stay 0
 
 
 def object_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs") -> np.ndarray:
@@ -336,9 +431,11 @@ def quats_to_rot6(vector: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray:
 
 
 def state_mask(task: str) -> np.ndarray:
-    """1 for the state dims `task` fills, 0 for its object padding (models keep those at 0)."""
-    mask = np.ones(STATE_DIM, dtype=np.float32)
-    mask[STATE_DIM - (OBJECT_DIM - get_task(task).state_object_dim) :] = 0.0
+    """1 for the state dims `task` fills, 0 for its object padding and empty slots (models keep those at 0)."""
+    mask = np.zeros(STATE_DIM, dtype=np.float32)
+    mask[:ROBOT_DIM] = 1.0
+    for slot, width in enumerate(get_task(task).state_slot_dims):
+        mask[slot_offset(slot) : slot_offset(slot) + width] = 1.0
     return mask
 
 
@@ -360,9 +457,9 @@ def state_from_obs(obs: Mapping[str, np.ndarray], task: str, source: str = "obs"
             raise UserError(f"{source}: observation {key!r} has width {value.shape[-1]}, expected {dim} for task {task!r}")
         raw[key] = value
     eef_pos, eef_quat, gripper, objects = (raw[key] for key in STATE_KEYS)
-    parts = [eef_pos, quat_to_rot6(eef_quat), gripper, quats_to_rot6(objects, spec.object_quats)]
-    pad = OBJECT_DIM - spec.state_object_dim
-    if pad:
-        parts.append(np.zeros((*eef_pos.shape[:-1], pad), dtype=np.float32))
-    state = np.concatenate(parts, axis=-1)
+    state = np.zeros((*eef_pos.shape[:-1], STATE_DIM), dtype=np.float32)
+    state[..., :ROBOT_DIM] = np.concatenate([eef_pos, quat_to_rot6(eef_quat), gripper], axis=-1)
+    for slot, (start, end, quats) in enumerate(spec.slots):
+        block = quats_to_rot6(objects[..., start:end], quats)
+        state[..., slot_offset(slot) : slot_offset(slot) + block.shape[-1]] = block
     return state, np.broadcast_to(state_mask(task), state.shape).copy()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.errors import run_cli
 from common.policies import ChunkExecution
-from data_prep.tasks import task_names
+from data_prep.tasks import default_tasks, task_names
 from evaluation.envs import DREAM_RELATIVE, DREAM_SUCCESS
 from evaluation.plan import COMMAND, make_plan, plan_inputs, play, settings_of, write_results
 from evaluation.records import write_episodes
@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-model", type=Path, nargs="+",
                    help="saved WorldModel folder (needed for --env dream/both); several (e.g. training seeds) dream the "
                         "same starts one after the other, and the report adds the spread of their dream - real gaps")
-    tasks = task_names()
-    p.add_argument("--tasks", nargs="+", default=tasks, help=f"tasks to play (default: {' '.join(tasks)})")
+    tasks = default_tasks()
+    p.add_argument("--tasks", nargs="+", default=tasks,
+                   help=f"tasks to play (default: {' '.join(tasks)}; also {' '.join(sorted(set(task_names()) - set(tasks)))})")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task and env")
     p.add_argument("--env", choices=("dream", "real", "both"), default="both")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder (appears atomically)")

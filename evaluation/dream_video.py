@@ -67,7 +67,7 @@ def pose_blocks(task: str) -> tuple[str, ...]:
 
 
 def pose_std(std: np.ndarray, task: str) -> np.ndarray:
-    """[T, 29] ensemble std -> [T]: summed over the pose dims (the strip's curve)."""
+    """[T, 83] ensemble std -> [T]: summed over the pose dims (the strip's curve)."""
     return sum(np.asarray(std)[:, STATE_SLICES[name]].sum(axis=1) for name in pose_blocks(task))
 
 
@@ -82,7 +82,7 @@ class Frame:
 
 
 class DreamScene:
-    """A robosuite env of `task` that draws 29-d states (see the module docstring). `pose` needs no OpenGL."""
+    """A robosuite env of `task` that draws states (see the module docstring). `pose` needs no OpenGL."""
 
     def __init__(self, task: str, seed: int, camera: str = "agentview", size: int = 256):
         import mujoco

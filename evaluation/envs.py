@@ -2,7 +2,7 @@
 
 Both speak the same `Env` protocol over N episodes at once:
 
-    result = env.reset(starts, instructions)        # result.states [N, 29]
+    result = env.reset(starts, instructions)        # result.states [N, 83]
     result = env.step(actions [N, 7], active [N])   # states, success, done, reward, std, errors
 
 Episodes outside `active` are not advanced (their state is carried over); the rollout loop decides
@@ -60,7 +60,7 @@ DREAM_RELATIVE = ("poses", "model")
 
 @dataclass
 class Start:
-    """Where one episode begins: a simulator seed, and/or a 29-d state to dream from."""
+    """Where one episode begins: a simulator seed, and/or an 83-d state to dream from."""
 
     seed: int
     state: np.ndarray | None = None  # required by DreamEnv
@@ -71,12 +71,12 @@ class Start:
 class StepResult:
     """What an env reports for all N episodes after a reset or a step."""
 
-    states: np.ndarray  # [N, 29] float32
+    states: np.ndarray  # [N, 83] float32
     success: np.ndarray  # [N] bool
     done: np.ndarray  # [N] bool
     reward: np.ndarray  # [N] float32
     errors: list[str | None]  # per episode; a non-None error ends that episode
-    std: np.ndarray | None = None  # [N, 29] world-model ensemble spread (dreams only)
+    std: np.ndarray | None = None  # [N, 83] world-model ensemble spread (dreams only)
 
     @classmethod
     def empty(cls, n: int) -> StepResult:

@@ -125,7 +125,7 @@ def seeded_starts(seed: int, episodes: int) -> list[Start]:
 
 
 def real_initial_states(task: str, starts: list[Start], workers: int) -> list[Start]:
-    """Reset simulators with the starts' seeds and read their 29-d states (no step is played)."""
+    """Reset simulators with the starts' seeds and read their states (no step is played)."""
     with RobosuiteEnv(task, workers=workers) as env:
         result = env.reset(starts, [])
     bad = [(s.seed, e) for s, e in zip(starts, result.errors, strict=True) if e is not None]

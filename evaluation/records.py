@@ -38,9 +38,9 @@ class EpisodeRecord:
     episode_return: float  # real: sparse reward sum; dream: sum of p_success
     length: int  # executed steps
     error: str | None  # simulator / worker failure that ended the episode
-    states: np.ndarray  # [length + 1, 29]: initial state, then the state after every step
+    states: np.ndarray  # [length + 1, 83]: initial state, then the state after every step
     actions: np.ndarray  # [length, 7]
-    std: np.ndarray | None = None  # [length + 1, 29] world-model ensemble spread (dreams)
+    std: np.ndarray | None = None  # [length + 1, 83] world-model ensemble spread (dreams)
     p_success: np.ndarray | None = None  # [length + 1] dreams: the success head after each step (0 at the start)
     success_step: int | None = None  # step (1-based) at which success was first reported
     world_model: str = ""  # which world model dreamed it, when several did ("" for real episodes or a single one)

@@ -60,7 +60,7 @@ def block_names(block: slice) -> list[str]:
 
 
 def lerobot_observation(states: np.ndarray) -> dict[str, np.ndarray]:
-    """Our [..., 29] states -> LeRobot's `observation.state` [..., 11] and `observation.environment_state` [..., 18].
+    """Our [..., 83] states -> LeRobot's `observation.state` [..., 11] and `observation.environment_state` [..., 72].
 
     The one mapping: the export writes it and the Diffusion Policy adapter feeds a live state through it."""
     states = np.asarray(states, dtype=np.float32)
@@ -176,7 +176,7 @@ def select_rows(dataset_dir: Path, action_column: str, tasks: list[str] | None, 
             bad = rows["episode"][np.flatnonzero(~np.isfinite(values).all(axis=1))[0]]
             raise UserError(f"{dataset_dir}: column {name!r} of episode {bad} holds non-finite values")
     if state.shape[1:] != (STATE_DIM,) or action.shape[1:] != (ACTION_DIM,):
-        raise UserError(f"{dataset_dir}: state/action widths {state.shape[1:]}/{action.shape[1:]}, expected 29/7")
+        raise UserError(f"{dataset_dir}: state/action widths {state.shape[1:]}/{action.shape[1:]}, expected {STATE_DIM}/{ACTION_DIM}")
     task_strings = [str(rows["instruction"][i]) for i in starts[:-1]]
     unique_tasks = list(dict.fromkeys(task_strings))
     frames = {

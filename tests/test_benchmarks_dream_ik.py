@@ -37,7 +37,7 @@ def test_counts_reached_frames_per_task(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_a_folder_without_dreams_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    real = EpisodeRecord("mlp", "lift", "real", 0, 5, "lift", False, 0.0, 0, None, np.zeros((1, 29)), np.zeros((0, 7)))
+    real = EpisodeRecord("mlp", "lift", "real", 0, 5, "lift", False, 0.0, 0, None, np.zeros((1, 83)), np.zeros((0, 7)))
     write_episodes([real], tmp_path)
     with pytest.raises(SystemExit) as exit_:
         dik.main([str(tmp_path)])

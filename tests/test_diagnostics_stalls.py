@@ -46,7 +46,7 @@ def record(index: int, success: bool, policy: str = "mlp", length: int = 4) -> E
     rng = np.random.default_rng(index)
     return EpisodeRecord(policy=policy, task="lift", env="real", index=index, seed=100 + index,
                          instruction="Lift the red cube", success=success, episode_return=float(success),
-                         length=length, error=None, states=rng.normal(size=(length + 1, 29)).astype(np.float32),
+                         length=length, error=None, states=rng.normal(size=(length + 1, 83)).astype(np.float32),
                          actions=rng.normal(size=(length, 7)).astype(np.float32), success_step=length if success else None)
 
 

@@ -120,7 +120,7 @@ def test_a_short_dream_video_is_written_beside_the_real_one(tmp_path: Path) -> N
     if any("video skipped" in n for n in notes):
         pytest.skip(f"no offscreen rendering here: {notes}")
     steps = len(real.states)
-    dream = dataclasses.replace(real, env="dream", std=np.full((steps, 29), 0.01, np.float32),
+    dream = dataclasses.replace(real, env="dream", std=np.full((steps, 83), 0.01, np.float32),
                                 p_success=np.linspace(0, 1, steps, dtype=np.float32))
     dream.states = real.states + np.float32(0.002)  # a dream slightly off the real path
     notes, videos = write_dream_videos([dream], folder, episodes=1, real_prefix="zero", reals=[real], size=128)
@@ -141,7 +141,7 @@ def test_without_opengl_only_the_video_is_skipped(tmp_path: Path, monkeypatch: p
         raise RuntimeError("no EGL display")
 
     monkeypatch.setattr(dream_video, "attach_offscreen_context", no_gl)
-    states = np.zeros((3, 29), np.float32)
+    states = np.zeros((3, 83), np.float32)
     scene = DreamScene("lift", seed=0)
     states[:] = observed_state(scene)
     scene.close()
@@ -159,7 +159,7 @@ def test_a_video_stride_films_every_kth_step_and_the_last() -> None:
 
 
 def test_a_diverged_dream_is_drawn_up_to_its_last_finite_state() -> None:
-    states = np.zeros((5, 29), np.float32)
+    states = np.zeros((5, 83), np.float32)
     states[3, 4] = np.nan
     record = EpisodeRecord("p", "lift", "dream", 0, 0, "i", False, 0.0, 4, "non-finite", states, np.zeros((4, 7)))
     assert len(finite_states(record)) == 3
@@ -168,7 +168,7 @@ def test_a_diverged_dream_is_drawn_up_to_its_last_finite_state() -> None:
 
 
 def test_records_keep_the_dream_success_probability_and_read_older_folders(tmp_path: Path) -> None:
-    states = np.zeros((3, 29), np.float32)
+    states = np.zeros((3, 83), np.float32)
     dream = EpisodeRecord("p", "lift", "dream", 0, 7, "i", True, 0.9, 2, None, states, np.zeros((2, 7)),
                           std=np.ones_like(states), p_success=np.array([0.0, 0.2, 0.7], np.float32), success_step=2)
     real = dataclasses.replace(dream, env="real", std=None, p_success=None)

@@ -13,7 +13,7 @@ import torch
 
 from common.errors import UserError
 from common.policies import ChunkExecution, ChunkPolicy, Policy
-from data_prep.tasks import STATE_DIM
+from data_prep.tasks import STATE_DIM, STATE_LAYOUT
 from evaluation.envs import DreamEnv, RobosuiteEnv, Start, StepResult
 from evaluation.expert_policy import ExpertPolicy
 from evaluation.metrics import OBJECT_POS, agreement, summarize, wilson_interval
@@ -519,6 +519,22 @@ def copy_run(folder: Path, run: Path) -> Path:
     return run / "best"
 
 
+OLD_LAYOUT = "eef_pos3+eef_rot6+gripper_qpos2+object18pad.rot6"  # one object, 29 numbers (before issue 46)
+
+
+def test_a_model_saved_with_the_one_object_layout_is_refused_in_one_line(tiny_models: dict[str, Path], tmp_path: Path,
+                                                                         offline: None, capsys: pytest.CaptureFixture):
+    old = copy_run(tiny_models["mlp"], tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "state_layout": OLD_LAYOUT, "state_dim": 29}))
+    code, err = run_rollout_cli(["--policy", str(old), "--tasks", "lift", "--episodes", "1", "--env", "real",
+                                 "--out", str(tmp_path / "results"), "--workers", "1", "--no-progress"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"state_layout {OLD_LAYOUT!r} does not match this code's {STATE_LAYOUT!r}" in errors[0]
+    assert not (tmp_path / "results").exists()
+
+
 def test_cli_dreams_each_start_in_every_world_model(tiny_models: dict[str, Path], tmp_path: Path, offline: None,
                                                      capsys: pytest.CaptureFixture) -> None:
     worlds = [str(copy_run(tiny_models["world"], tmp_path / name)) for name in ("wm_s0", "wm_s1")]
@@ -539,7 +555,8 @@ def test_cli_dreams_each_start_in_every_world_model(tiny_models: dict[str, Path]
     assert "| mlp | lift | dream@wm_s1 | 2 |" in markdown and "Dream vs real over 2 world models" in markdown
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"trajectories_mlp_lift_dream_wm_s0.png", "dream_vs_real_mlp_lift_seed100000_wm_s1.png"} <= figures
-    assert np.load(out / "trajectories.npz")["mlp__lift__dream@wm_s1__0__std"].shape == (4, STATE_DIM)
+    dreamed = next(e for e in lines if e.get("world_model") == "wm_s1" and e["seed"] == 100_000)
+    assert np.load(out / "trajectories.npz")["mlp__lift__dream@wm_s1__0__std"].shape == (dreamed["length"] + 1, STATE_DIM)
 
     same_name = [str(copy_run(tiny_models["world"], tmp_path / "other" / "wm_s0"))]
     code, err = run_rollout_cli(["--policy", str(tiny_models["mlp"]), "--world-model", worlds[0], *same_name,

@@ -127,7 +127,7 @@ model = AutoModel.from_pretrained("local/toy-policy", trust_remote_code=True).ev
 assert type(model).__module__.startswith("transformers_modules."), type(model).__module__  # the saved code
 saved = load_file("toy/best/model.safetensors")
 assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-print("RELOADED", type(model).__name__, tuple(model.predict_actions(torch.zeros(3, 29), "Nudge the red cube up").shape))
+print("RELOADED", type(model).__name__, tuple(model.predict_actions(torch.zeros(3, 83), "Nudge the red cube up").shape))
 '''
 
 

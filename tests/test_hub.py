@@ -165,7 +165,7 @@ saved = load_file(original + "/model.safetensors")
 state = model.state_dict()
 assert all(torch.equal(state[k], v) for k, v in saved.items()), "weights differ"
 with torch.no_grad():
-    x = torch.zeros(2, 29)
+    x = torch.zeros(2, 83)
     if hasattr(model, "predict_actions"):
         out = model.predict_actions(x, ["Lift the red cube"] * 2)
     else:
@@ -188,7 +188,7 @@ def run_fresh_python(code: str, *args: str, env: dict[str, str], cwd: Path) -> s
 
 
 @pytest.mark.parametrize(("kind", "class_name", "shape"),
-                         [("world", "WorldModel", (2, 29)), ("policy", "VLAPolicy", (2, 2, 7)), ("mlp", "MLPPolicy", (2, 2, 7))])
+                         [("world", "WorldModel", (2, 83)), ("policy", "VLAPolicy", (2, 2, 7)), ("mlp", "MLPPolicy", (2, 2, 7))])
 def test_exported_model_loads_by_repo_id_offline_in_a_fresh_process(
     tmp_path: Path, kind: str, class_name: str, shape: tuple[int, ...]
 ) -> None:

@@ -81,7 +81,7 @@ def test_info_describes_a_v3_dataset(exported: Path, dataset: Path) -> None:
     assert info["total_episodes"] == len(np.unique(rows["episode"]))
     assert info["total_tasks"] == len(set(rows["instruction"]))
     shapes = {k: v["shape"] for k, v in info["features"].items()}
-    assert shapes == {"observation.state": [11], "observation.environment_state": [18], "action": [7],
+    assert shapes == {"observation.state": [11], "observation.environment_state": [72], "action": [7],
                       **{k: [1] for k in INDEX_COLUMNS}}
     assert len(info["features"]["observation.state"]["names"]) == 11
     train = len(np.unique(source_rows(dataset, ("train",))["episode"]))

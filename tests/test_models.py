@@ -36,7 +36,8 @@ from modeling_vla import (
 
 torch.set_num_threads(1)  # bit-identical comparisons with the fresh process need the same kernel split
 
-STATE_DIM, ACTION_DIM = 29, 7  # the project's state layout (data_prep.tasks), without importing it
+STATE_DIM, ACTION_DIM = 83, 7  # the project's state layout (data_prep.tasks), without importing it
+ONE_OBJECT = 29  # the dims a one-object task fills: the robot and object slot 0 (synthetic data keeps the rest 0)
 INSTRUCTIONS = ["Lift the red cube", "Pick up the coke can"]
 
 
@@ -46,11 +47,13 @@ INSTRUCTIONS = ["Lift the red cube", "Pick up the coke can"]
 
 
 def synthetic_batch(batch: int = 16, horizon: int = 4, seed: int = 0) -> dict:
-    """Linear dynamics s' = s + 0.1 * a @ M, success when eef x > 0; second half has 4 padding dims."""
+    """Linear dynamics s' = s + 0.1 * a @ M on a one-object state, success when eef x > 0; the second half has 4
+    more padding dims."""
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(ACTION_DIM, STATE_DIM, generator=gen)
-    state_mask = torch.ones(batch, STATE_DIM)
-    state_mask[batch // 2 :, -4:] = 0.0
+    state_mask = torch.zeros(batch, STATE_DIM)
+    state_mask[:, :ONE_OBJECT] = 1.0
+    state_mask[batch // 2 :, ONE_OBJECT - 4 : ONE_OBJECT] = 0.0
     state = torch.randn(batch, STATE_DIM, generator=gen) * state_mask
     actions = torch.rand(batch, horizon, ACTION_DIM, generator=gen) * 2 - 1
     states, current = [], state
@@ -224,10 +227,11 @@ def test_world_model_loss_drops_on_synthetic_dynamics():
 
 def moving_batch(batch: int = 64, seed: int = 0) -> dict:
     """Constant-velocity motion s' = s + u + 0.1 a @ M: s_t alone cannot tell where the state goes next."""
-    mix = torch.randn(ACTION_DIM, STATE_DIM, generator=torch.Generator().manual_seed(0))  # the same dynamics
+    one_object = (torch.arange(STATE_DIM) < ONE_OBJECT).float()
+    mix = torch.randn(ACTION_DIM, STATE_DIM, generator=torch.Generator().manual_seed(0)) * one_object  # same dynamics
     gen = torch.Generator().manual_seed(seed)
-    prev = torch.randn(batch, STATE_DIM, generator=gen)
-    velocity = 0.3 * torch.randn(batch, STATE_DIM, generator=gen)
+    prev = torch.randn(batch, STATE_DIM, generator=gen) * one_object
+    velocity = 0.3 * torch.randn(batch, STATE_DIM, generator=gen) * one_object
     state = prev + velocity
     actions = torch.rand(batch, 2, ACTION_DIM, generator=gen) * 2 - 1
     first = state + velocity + 0.1 * actions[:, 0] @ mix
@@ -324,7 +328,8 @@ def pose_batch(batch: int = 8, horizon: int = 4, seed: int = 0) -> dict:
     for offset in (EEF_ROT6_OFFSET, OBJECT_ROT6_OFFSET, RELATIVE_ROT6_OFFSET):
         frames = torch.linalg.qr(torch.randn(batch, horizon + 1, 3, 3, generator=gen)).Q
         states[..., offset : offset + 6] = torch.cat([frames[..., 0], frames[..., 1]], -1)
-    return {**data, "state": states[:, 0], "next_states": states[:, 1:], "state_mask": torch.ones(batch, STATE_DIM)}
+    mask = (torch.arange(STATE_DIM) < ONE_OBJECT).float().expand(batch, -1)
+    return {**data, "state": states[:, 0] * mask, "next_states": states[:, 1:] * mask.unsqueeze(1), "state_mask": mask}
 
 
 def test_world_model_derive_relative_pose_feeds_and_scores_the_derived_block():
@@ -340,8 +345,8 @@ def test_world_model_derive_relative_pose_feeds_and_scores_the_derived_block():
     raw = derived.denormalize_state(pred, batch["state_mask"].unsqueeze(1))
     before = torch.cat([batch["state"].expand(raw.shape[0], -1, -1).unsqueeze(2), raw[:, :, :-1]], 2)
     eef_frame = torch.tensor([task == "can" for task in batch["task"]])[:, None]
-    expected = modeling_vla.relative_pose_from_poses(raw, before, eef_frame)
-    torch.testing.assert_close(raw, expected, atol=1e-5, rtol=1e-5)
+    expected = modeling_vla.relative_pose_from_poses(raw, before, eef_frame) * batch["state_mask"].unsqueeze(1)
+    torch.testing.assert_close(raw, expected, atol=1e-5, rtol=1e-5)  # (empty slots: masked)
     lift = torch.tensor([task == "lift" for task in batch["task"]])
     cube_minus_eef = raw[..., OBJECT_POS_OFFSET : OBJECT_POS_OFFSET + 3] - raw[..., EEF_POS_OFFSET : EEF_POS_OFFSET + 3]
     block = raw[..., RELATIVE_POS_OFFSET : RELATIVE_POS_OFFSET + 3]
@@ -599,7 +604,7 @@ def held_or_moving_batch(batch: int = 256, seed: int = 0) -> dict:
     This is a Square stall in miniature: pressed against the table the gripper sits where a passing one would be.
     """
     gen = torch.Generator().manual_seed(seed)
-    state = torch.randn(batch, STATE_DIM, generator=gen)
+    state = torch.randn(batch, STATE_DIM, generator=gen) * (torch.arange(STATE_DIM) < ONE_OBJECT)
     moving = torch.arange(batch) % 2 == 1
     prev_state = state.clone()
     prev_state[moving, 2] += 1.0  # the moving half came from above
@@ -636,9 +641,9 @@ def test_policy_prev_state_defaults_to_rest_and_is_checked():
     at_rest = model.predict_actions(state, INSTRUCTIONS[0])
     assert torch.equal(model.predict_actions(state, INSTRUCTIONS[0], prev_state=state), at_rest)
     assert not torch.equal(model.predict_actions(state, INSTRUCTIONS[0], prev_state=state + 1.0), at_rest)
-    with pytest.raises(ValueError, match=r"prev_state: expected shape \[B, 29\]"):
+    with pytest.raises(ValueError, match=r"prev_state: expected shape \[B, 83\]"):
         model.predict_actions(state, INSTRUCTIONS[0], prev_state=state[:, :5])
-    with pytest.raises(ValueError, match=r"prev_state: expected shape \[3, 29\] like state"):
+    with pytest.raises(ValueError, match=r"prev_state: expected shape \[3, 83\] like state"):
         model(instruction=[INSTRUCTIONS[0]] * 3, state=state, prev_state=state[:2],
               actions=torch.zeros(3, 4, ACTION_DIM), step_mask=torch.ones(3, 4))
 
@@ -797,12 +802,15 @@ def test_unknown_backbone_offline_error(monkeypatch):
 def test_config_default_layout_mirrors_the_data_layout() -> None:
     """configuration_vla.py cannot import data_prep (it ships inside model folders), so it copies the layout."""
     from configuration_vla import DEFAULT_STATE_LAYOUT, DEFAULT_STATE_TOKEN_GROUPS
-    from data_prep.tasks import STATE_LAYOUT, STATE_SLICES
+    from data_prep.tasks import MAX_SLOTS, SLOT_DIM, STATE_LAYOUT, STATE_SLICES, slot_offset
+    from modeling_geometry import MAX_SLOTS as GEOMETRY_SLOTS
+    from modeling_geometry import SLOT_DIM as GEOMETRY_SLOT_DIM
 
     assert DEFAULT_STATE_LAYOUT == STATE_LAYOUT and WorldModelConfig().state_dim == STATE_DIM
-    blocks = list(STATE_SLICES.values())
+    assert (GEOMETRY_SLOTS, GEOMETRY_SLOT_DIM) == (MAX_SLOTS, SLOT_DIM)
     token_edges = [sum(DEFAULT_STATE_TOKEN_GROUPS[: i + 1]) for i in range(len(DEFAULT_STATE_TOKEN_GROUPS))]
-    assert token_edges == [blocks[0].stop, blocks[1].stop, blocks[2].stop, blocks[4].stop, blocks[6].stop]
+    robot = [STATE_SLICES[name].stop for name in ("eef pos", "eef rot", "gripper")]
+    assert token_edges == robot + [slot_offset(slot + 1) for slot in range(MAX_SLOTS)]  # one token per object
     offsets = (EEF_POS_OFFSET, EEF_ROT6_OFFSET, OBJECT_POS_OFFSET, OBJECT_ROT6_OFFSET, RELATIVE_POS_OFFSET,
                RELATIVE_ROT6_OFFSET)
     assert offsets == tuple(STATE_SLICES[name].start for name in ("eef pos", "eef rot", "object pos", "object rot",

@@ -61,7 +61,7 @@ else:
     act = noisy if sys.argv[1] == "plain" else fixed
     serve({{"reset": reset, "act": act, "fail": fail, "die": die, "sleep": sleep}}, replies)
 """
-LEROBOT_SHAPES = {"observation.state": [11], "observation.environment_state": [18]}
+LEROBOT_SHAPES = {"observation.state": [11], "observation.environment_state": [72]}
 
 
 def robomimic_shapes(task: str) -> dict[str, list[int]]:
@@ -104,7 +104,7 @@ def test_peer_policy_ends_episodes_whose_action_is_unusable(server_script: Path,
     with PeerServer([sys.executable, str(server_script), "fixed"], tmp_path / "log") as server:
         policy = PeerPolicy(server, "peer", lerobot_observer)
         policy.reset(4)
-        actions = policy.act(np.zeros((4, 29), np.float32), [""] * 4, np.array([True, True, True, True]))
+        actions = policy.act(np.zeros((4, 83), np.float32), [""] * 4, np.array([True, True, True, True]))
     assert "not 7 finite floats" in policy.errors[0] and "no action" in policy.errors[1]
     assert policy.errors[2] is None and "not 7 finite floats" in policy.errors[3]
     np.testing.assert_array_equal(actions[2], [0.5] * 7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,8 +58,9 @@ def test_rows_match_the_source_files(converted, inputs):
     assert every["state"].shape[1:] == (STATE_DIM,) and every["action"].shape[1:] == (7,)
     lift, can = every["task"] == "lift", every["task"] == "can"
     assert lift.sum() == sum(8 + i % 3 for i in range(10)) and can.sum() == sum(9 + i % 3 for i in range(6))
-    expected_mask = np.r_[np.ones(STATE_DIM - 6), np.zeros(6)]  # lift has no object-to-eef rotation
-    assert (every["state_mask"][lift] == expected_mask).all() and (every["state_mask"][can] == 1).all()
+    lift_mask = np.r_[np.ones(23), np.zeros(STATE_DIM - 23)]  # robot, then slot 0: no object-to-eef rotation
+    can_mask = np.r_[np.ones(29), np.zeros(STATE_DIM - 29)]  # robot, then all of slot 0; the other slots are empty
+    assert (every["state_mask"][lift] == lift_mask).all() and (every["state_mask"][can] == can_mask).all()
     assert (every["state"][lift][:, STATE_SLICES["object-eef rot"]] == 0).all()
     assert set(every["source"][can]) == {"low_dim_v15.hdf5"}
     # one episode, value by value, against the raw HDF5 arrays
@@ -362,14 +364,16 @@ def test_empty_directory_is_refused(tmp_path):
         pp.preprocess([tmp_path / "empty"], tmp_path / "out")
 
 
-def test_layout_mismatch_is_refused(converted, tmp_path):
+@pytest.mark.parametrize("layout", ["something-else", "eef_pos3+eef_rot6+gripper_qpos2+object18pad.rot6"])
+def test_layout_mismatch_is_refused(converted, tmp_path, layout):
+    """Another layout, the one-object layout before issue 46 included, is refused in one line."""
     out, _ = converted
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     stats = json.loads((copy / "normalization.json").read_text())
-    stats["state_layout"] = "something-else"
+    stats["state_layout"] = layout
     (copy / "normalization.json").write_text(json.dumps(stats))
-    with pytest.raises(UserError, match="state_layout 'something-else' does not match"):
+    with pytest.raises(UserError, match=f"state_layout '{re.escape(layout)}' does not match"):
         pp.load_vla_dataset(copy)
 
 

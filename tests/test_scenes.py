@@ -12,12 +12,13 @@ from data_prep.scenes import (
     SCENES,
     eef_pos,
     goal_success,
-    make_scene_env,
     object_poses,
     object_poses_from_obs,
     success_from_poses,
     successes_from_poses,
 )
+from data_prep.sim import make_env
+from data_prep.tasks import get_task, state_from_obs
 
 UPRIGHT = np.array([0.0, 0.0, 0.0, 1.0])  # x y z w
 FAR_EEF = np.array([-0.1, 0.0, 1.1])  # the gripper well away from every object (it has let go)
@@ -86,7 +87,7 @@ def test_success_from_poses_takes_whole_recorded_episodes() -> None:
 def place(sim, centres: dict[str, tuple[float, float, float]]) -> None:
     """Put each object at its centre, upright, without stepping the physics."""
     env = sim.env
-    spec = SCENES[sim.scene]
+    spec = SCENES[GOAL_TASKS[sim.task][0]]
     models = {model.name: model for model in env.model.mujoco_objects}
     for slot, pos in centres.items():
         joint = models[spec.object_name(slot)].joints[0]
@@ -96,7 +97,7 @@ def place(sim, centres: dict[str, tuple[float, float, float]]) -> None:
 
 @pytest.mark.parametrize("scene", list(PLACEMENTS))
 def test_sim_rule_is_robosuites_per_object_check_and_agrees_with_the_pose_rule(scene: str) -> None:
-    sim = make_scene_env(scene, next(iter(SCENES[scene].goals)), seed=0)
+    sim = make_env(f"{scene}_{next(iter(SCENES[scene].goals))}", seed=0)
     try:
         sim.reset(3)
         for centres, expected in PLACEMENTS[scene]:
@@ -106,6 +107,9 @@ def test_sim_rule_is_robosuites_per_object_check_and_agrees_with_the_pose_rule(s
             assert by_sim == expected
             obs = env._get_observations(force_update=True)
             assert successes_from_poses(scene, object_poses_from_obs(obs, scene), obs["robot0_eef_pos"]) == expected
+            # the task registry's rule on the model's state (the named object's slot; the state names no goal)
+            state = state_from_obs(obs, sim.task)[0]
+            assert {goal: bool(get_task(f"{scene}_{goal}").success_rule(state)) for goal in expected} == expected
             # robosuite's own bookkeeping: its whole-env check records each object's verdict on the way.
             if scene == "cubes":
                 assert (env.staged_rewards()[1] > 0) == expected["red"]  # Stack's "cube A lifted"
@@ -119,7 +123,7 @@ def test_sim_rule_is_robosuites_per_object_check_and_agrees_with_the_pose_rule(s
 
 @pytest.mark.parametrize("scene", list(SCENES))
 def test_object_poses_come_in_the_scenes_slot_order_and_match_the_observation(scene: str) -> None:
-    sim = make_scene_env(scene, next(iter(SCENES[scene].goals)), seed=0)
+    sim = make_env(f"{scene}_{next(iter(SCENES[scene].goals))}", seed=0)
     try:
         obs = sim.reset(5)
         poses = object_poses(sim.env)
@@ -134,24 +138,29 @@ def test_object_poses_come_in_the_scenes_slot_order_and_match_the_observation(sc
 
 @pytest.mark.parametrize("scene", list(SCENES))
 def test_initial_state_is_the_same_for_every_goal(scene: str) -> None:
-    """The goal enters only through the instruction: a seed's MuJoCo state and observation are goal-free."""
+    """The goal enters only through the instruction: a seed's MuJoCo state, observation, and the model's state and
+    mask (`state_from_obs` under each goal's task) are goal-free, bit for bit."""
     states = []
     for goal in SCENES[scene].goals:
-        sim = make_scene_env(scene, goal, seed=0)
+        task = f"{scene}_{goal}"
+        sim = make_env(task, seed=0)
         obs = sim.reset(11)
-        states.append((sim.env.sim.get_state().flatten(), {k: np.array(v) for k, v in obs.items()}))
+        states.append((sim.env.sim.get_state().flatten(), {k: np.array(v) for k, v in obs.items()},
+                       state_from_obs(obs, task)))
         sim.env.close()
-    first_state, first_obs = states[0]
-    for state, obs in states[1:]:
+    first_state, first_obs, (first_model_state, first_mask) = states[0]
+    assert first_mask.sum() == 11 + sum(get_task(f"{scene}_{next(iter(SCENES[scene].goals))}").state_slot_dims)
+    for state, obs, (model_state, mask) in states[1:]:
         np.testing.assert_array_equal(state, first_state)
         assert obs.keys() == first_obs.keys()
         for key in obs:
             np.testing.assert_array_equal(obs[key], first_obs[key])
+        assert model_state.tobytes() == first_model_state.tobytes() and mask.tobytes() == first_mask.tobytes()
 
 
 def test_bad_scene_goal_or_observation_is_a_one_line_error() -> None:
-    with pytest.raises(UserError, match="unknown scene 'kitchen'"):
-        make_scene_env("kitchen", "red")
+    with pytest.raises(UserError, match="unknown task 'kitchen_red'"):
+        make_env("kitchen_red")
     with pytest.raises(UserError, match="unknown goal 'blue' for scene 'cubes'"):
         make_scene_expert("cubes", "blue")
     with pytest.raises(UserError, match="missing observation keys"):
@@ -179,7 +188,7 @@ def test_expert_places_the_named_object_and_only_it(scene: str, goal: str, seed:
     pose rule agrees with the sim rule for every goal at every step on the live poses; on the step's observation,
     which robosuite samples during the step's physics substeps (up to ~1.5 mm behind), all but at most one
     threshold-crossing step agree."""
-    sim = make_scene_env(scene, goal, seed=0)
+    sim = make_env(f"{scene}_{goal}", seed=0)
     try:
         obs = sim.reset(seed)
         expert = make_scene_expert(scene, goal, seed=seed)

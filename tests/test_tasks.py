@@ -10,6 +10,8 @@ from scipy.spatial.transform import Rotation
 
 from common.errors import UserError
 from data_prep.tasks import (
+    ROBOT_DIM,
+    SLOT_DIM,
     STATE_DIM,
     STATE_SLICES,
     get_task,
@@ -37,7 +39,8 @@ def test_live_robosuite_observation_follows_robomimic_object_order(task: str) ->
     np.testing.assert_allclose(state[STATE_SLICES["eef rot"]], quat_to_rot6(obs["robot0_eef_quat"]), rtol=0, atol=1e-6)
     assert np.abs(obs[relative]).sum() > 0, "object-to-eef entries must be observed after reset, not zeros"
     assert state.shape == mask.shape == (STATE_DIM,)
-    assert mask.sum() == (STATE_DIM - 6 if task == "lift" else STATE_DIM)
+    assert mask.sum() == (ROBOT_DIM + 12 if task == "lift" else ROBOT_DIM + SLOT_DIM)  # slot 0 only
+    assert not state[ROBOT_DIM + SLOT_DIM :].any(), "the other slots of a one-object scene are empty"
 
 
 def test_rot6_is_the_first_two_rotation_matrix_columns_and_ignores_the_quaternion_sign() -> None:
@@ -104,9 +107,11 @@ def expert_at_reset(task: str, seed: int):
     return sim.env, obs, expert
 
 
-@pytest.mark.parametrize("task", ["lift", "can", "square"])
+@pytest.mark.parametrize("task", ["lift", "can", "square", "cubes_green", "nuts_round", "bins_bread"])
 def test_success_from_state_agrees_with_robosuite_along_an_expert_episode(task: str) -> None:
-    """The dream's success rule, applied to each observed state, says what env._check_success says."""
+    """The dream's success rule, applied to each observed state, says what the simulator says (env._check_success;
+    a scene goal's per-object check). The scene goals' rules read the named object's slot, which the state does not
+    name."""
     env, obs, expert = expert_at_reset(task, seed=3)
     if task == "can":  # the constants of can's success_rule (data_prep/tasks.py) are this env's
         np.testing.assert_allclose(env.bin2_pos, [0.1, 0.28, 0.8])
@@ -118,14 +123,15 @@ def test_success_from_state_agrees_with_robosuite_along_an_expert_episode(task: 
     for _ in range(get_task(task).horizon):
         obs, _, _, _ = env.step(expert.act(obs))
         ours.append(bool(success_from_state(state_from_obs(obs, task)[0], task)))
-        theirs.append(bool(env._check_success()))
+        sim_success = get_task(task).sim_success
+        theirs.append(bool(sim_success(env) if sim_success is not None else env._check_success()))
         if sum(theirs) >= 5:  # a few steps of success after the first
             break
     assert ours == theirs
     assert any(theirs) and not all(theirs)  # both outcomes were checked
 
 
-@pytest.mark.parametrize("task", ["lift", "can", "square"])
+@pytest.mark.parametrize("task", ["lift", "can", "square", "cubes_red", "nuts_square", "bins_cereal"])
 def test_relative_pose_from_poses_reproduces_robosuites_observation(task: str) -> None:
     """Dreams may derive the object-to-eef block from the poses: the formula must be robosuite's, lag included."""
     env, obs, expert = expert_at_reset(task, seed=5)
@@ -139,7 +145,7 @@ def test_relative_pose_from_poses_reproduces_robosuites_observation(task: str) -
     np.testing.assert_allclose(derived, states, atol=1e-5)
     moved = np.linalg.norm(np.diff(states[:, STATE_SLICES["eef pos"]], axis=0), axis=-1).max()
     assert moved > 0.005  # the lag matters only while things move, so they must have moved
-    if task != "lift":  # robosuite reads the object of the previous step: the same-step formula is off
+    if get_task(task).relative_pose_frame != "world":  # the object of the previous step: the same-step formula is off
         same_step = relative_pose_from_poses(states, states, task)
         assert np.abs(same_step - states).max() > 1e-3
     rest = relative_pose_from_poses(states[:1], states[:1], task)
@@ -151,7 +157,9 @@ def test_each_task_names_a_relative_pose_frame_that_the_world_model_knows() -> N
     from configuration_vla import RELATIVE_POSE_FRAMES, WorldModelConfig
 
     frames = {name: get_task(name).relative_pose_frame for name in task_names()}
-    assert frames == {"lift": "world", "can": "eef_lagged", "square": "eef_lagged"}
+    assert {name: frames[name] for name in ("lift", "can", "square")} == {"lift": "world", "can": "eef_lagged",
+                                                                          "square": "eef_lagged"}
+    assert frames["cubes_red"] == frames["cubes_green"] == "world" and frames["bins_milk"] == "eef_lagged"
     assert set(frames.values()) <= set(RELATIVE_POSE_FRAMES)
     assert WorldModelConfig(derive_relative_pose=True, relative_pose_frames=frames).relative_pose_frames == frames
 
@@ -162,9 +170,13 @@ def test_a_task_is_registered_once_and_must_fit_the_state() -> None:
     lift = get_task("lift")
     with pytest.raises(ValueError, match="'lift' is registered already"):
         register_task(lift)
-    with pytest.raises(ValueError, match="does not fit the state's 18 object slots"):
+    with pytest.raises(ValueError, match="do not fit the state's 4 object slots of 18"):
         register_task(dataclasses.replace(lift, name="wide", object_dim=20))
-    assert "wide" not in task_names()
+    with pytest.raises(ValueError, match="do not fit the state's 4 object slots of 18"):
+        register_task(dataclasses.replace(lift, name="crowded", object_dim=50, slot_widths=(10,) * 5))
+    with pytest.raises(ValueError, match="slot_widths .* do not add up to object_dim 10"):
+        register_task(dataclasses.replace(lift, name="odd", slot_widths=(4, 4)))
+    assert not {"wide", "crowded", "odd"} & set(task_names())
 
 
 def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:

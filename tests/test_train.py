@@ -686,8 +686,8 @@ def test_init_from_can_start_reading_yaw_features_through_zero_weights(dataset: 
     ta.train(tune)
     saved, tuned = state_dict_of(first)["mlp.0.weight"], state_dict_of(tmp_path / "tune" / "final")["mlp.0.weight"]
     assert tuned.shape[1] == saved.shape[1] + 2  # cos, sin of 4 d, between the state and the instruction
-    torch.testing.assert_close(torch.cat([tuned[:, :29], tuned[:, 31:]], 1), saved, atol=1e-6, rtol=0)
-    assert tuned[:, 29:31].abs().max() < 1e-6
+    torch.testing.assert_close(torch.cat([tuned[:, :STATE_DIM], tuned[:, STATE_DIM + 2 :]], 1), saved, atol=1e-6, rtol=0)
+    assert tuned[:, STATE_DIM : STATE_DIM + 2].abs().max() < 1e-6
     assert json.loads((tmp_path / "tune" / "final" / "config.json").read_text())["relative_yaw_harmonics"] == [4]
     again = tiny_config(
         dataset, tmp_path / "again", model="mlp", model_config={"relative_yaw_harmonics": [1]},
@@ -702,8 +702,9 @@ def test_init_from_can_start_reading_yaw_features_through_zero_weights(dataset: 
     ta.train(saw)
     sawed = state_dict_of(tmp_path / "saw" / "final")["mlp.0.weight"]
     assert sawed.shape[1] == tuned.shape[1] + 1  # wrap(4 d) / pi, after cos and sin
-    torch.testing.assert_close(torch.cat([sawed[:, :31], sawed[:, 32:]], 1), tuned, atol=1e-6, rtol=0)
-    assert sawed[:, 31].abs().max() < 1e-6
+    yaw_end = STATE_DIM + 2
+    torch.testing.assert_close(torch.cat([sawed[:, :yaw_end], sawed[:, yaw_end + 1 :]], 1), tuned, atol=1e-6, rtol=0)
+    assert sawed[:, yaw_end].abs().max() < 1e-6
 
 
 def dropped_weight(folder: Path, copy: Path) -> Path:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from data_prep.tasks import task_names
+from data_prep.tasks import default_tasks
 
 
 def measure(task: str, episodes: int, cached: bool) -> float:
@@ -32,7 +32,7 @@ def measure(task: str, episodes: int, cached: bool) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=task_names())
+    p.add_argument("--tasks", nargs="+", default=default_tasks())
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--child", nargs=2, metavar=("TASK", "CACHED"), help=argparse.SUPPRESS)
     return p

@@ -5,7 +5,7 @@ the peer's server) and the recorded demos its replay mode plays back.
     records = rollout(env, policy, starts, instructions, horizon)        # evaluation/rollout.py, unchanged
 
 Two observation builders: `robomimic_observer(env)` asks the real simulators for robomimic's obs dict (the keys a
-robomimic-format HDF5 stores, quaternions as robosuite gives them) and `lerobot_observer` cuts our 29-d state into
+robomimic-format HDF5 stores, quaternions as robosuite gives them) and `lerobot_observer` cuts our 83-d state into
 LeRobot's `observation.state` / `observation.environment_state` with the export's own mapping. Replay mode
 (`ReplayDemo`, `replay_payload`) sends each episode's recorded actions and recorded observations, built by the same
 builders from the HDF5, so the same path is exercised as in evaluation.
@@ -137,7 +137,7 @@ class ReplayDemo:
     start: Start  # the demo's seed: vla-generate's demo starts from the reset of its seed, reproduced bit for bit
     actions: np.ndarray  # [T, 7] as executed (not the expert's labels: they would not reproduce the trajectory)
     obs: dict[str, np.ndarray]  # robomimic keys, [T, ...]
-    states: np.ndarray  # [T, 29] our state of each step
+    states: np.ndarray  # [T, 83] our state of each step
 
 
 def replay_demos(hdf5: Path, limit: int | None = None) -> list[ReplayDemo]:

@@ -29,7 +29,7 @@ from protocol import PeerError, PeerServer
 from common.errors import UserError
 from data_prep.preprocess import find_inputs
 from data_prep.robomimic_io import read_robomimic_hdf5
-from data_prep.tasks import get_task, task_names
+from data_prep.tasks import default_tasks, get_task
 from evaluation.envs import RobosuiteEnv, Start
 from evaluation.records import EpisodeRecord, write_episodes
 from evaluation.rollout import rollout
@@ -46,7 +46,7 @@ OBSERVERS = ("robomimic", "lerobot")
 def common_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--data", type=Path, help="folder (or files) of vla-generate HDF5 demos, one file per task")
     p.add_argument("--out", type=Path, default=Path(default_out), help="work folder of this peer (default: %(default)s)")
-    p.add_argument("--tasks", nargs="+", default=task_names(), help="tasks (default: all)")
+    p.add_argument("--tasks", nargs="+", default=default_tasks(), help="tasks (default: lift can square)")
     p.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="evaluation episode i starts from seed + i")
     p.add_argument("--select-episodes", type=int, default=50,
