@@ -596,8 +596,9 @@ def rollout_driver_stages(paths: PipelinePaths, size: PipelineSize, seed: int) -
 
 def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[str], seed: int) -> list[Stage]:
     """The world model's dataset: demos + play data + whole episodes of a three-task MLP-BC trained on the demos,
-    failures kept."""
+    failures kept; a multi-object scene's episodes once per goal of the scene (`vla-preprocess --relabel-goals`)."""
     from data_prep.generate import OUTPUT_NAME
+    from data_prep.scenes import GOAL_TASKS
 
     report = paths.raw_onpolicy / "generate_report.json"
     driver = rollout_driver(size)
@@ -613,7 +614,8 @@ def world_data_stages(paths: PipelinePaths, size: PipelineSize, tasks: Sequence[
         Stage(
             "preprocess_world",
             console("vla-preprocess", "--inputs", paths.raw, paths.raw_play, paths.raw_onpolicy,
-                    "--out", paths.world_dataset, "--seed", seed, "--overwrite"),
+                    "--out", paths.world_dataset, "--seed", seed, "--overwrite",
+                    *(["--relabel-goals"] if any(task in GOAL_TASKS for task in tasks) else [])),
             (paths.world_dataset / "normalization.json", paths.world_dataset / "README.md"),
             env=paths.private_env,
         ),

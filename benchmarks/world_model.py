@@ -293,7 +293,11 @@ def one_step_metrics(dynamics: Dynamics, data: Validation, chunk: int = 8192) ->
         "success": None,
     }
     if probs[0] is not None:
-        result["success"] = classification(np.concatenate(probs) > 0.5, t.success > 0.5)
+        predicted_success = np.concatenate(probs) > 0.5
+        result["success"] = classification(predicted_success, t.success > 0.5)
+        # per task: a scene's goals share their states, so only the instruction tells them apart (issue 46)
+        result["success_per_task"] = by_task(t, all_rows, lambda at: classification(predicted_success[at],
+                                                                                  t.success[at] > 0.5))
     return result
 
 
@@ -532,6 +536,14 @@ def markdown_section(results: dict[str, Any]) -> str:
               "| model | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
     for name, m in models.items():
         lines.append(f"| {name} | " + " | ".join(fmt(m["one_step_mse_per_task"].get(t)) for t in tasks) + " |")
+    if any(m.get("success_per_task") for m in models.values()):
+        lines += ["", "Success head per task, balanced accuracy (positive rate):", "",
+                  "| model | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
+        for name, m in models.items():
+            cells = [(m.get("success_per_task") or {}).get(t) for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(
+                "n/a" if c is None else f"{fmt(c['balanced_accuracy'], '.3f')} ({c['positive_rate']:.3f})"
+                for c in cells) + " |")
     lines += block_table(models, "one_step_by_state_group", "One-step MSE per state block")
     lines += block_table(models, "open_loop_final_by_state_group", f"Open-loop MSE after {v['horizon']} steps per state block")
     physical = list(PHYSICAL_BLOCKS)

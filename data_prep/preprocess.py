@@ -181,6 +181,25 @@ def episode_rows(
     }
 
 
+def goal_relabelled_rows(rows: dict[str, np.ndarray], first_id: int, split: str, seed: int) -> list[dict[str, np.ndarray]]:
+    """A scene episode once per goal of its scene (issue 46, world-model data only): the same steps with that goal's
+    instruction and its success read off the recorded next states by the goal's rule (the named goal's own labels
+    too, so no copy mixes the simulator's reward with the pose rule: docs/experiments/042). Episode ids first_id..."""
+    from data_prep.scenes import GOAL_TASKS, get_scene
+
+    scene = GOAL_TASKS[str(rows["task"][0])][0]
+    copies = []
+    for offset, goal in enumerate(get_scene(scene).goals):
+        task = f"{scene}_{goal}"
+        success = np.asarray(get_task(task).success_rule(rows["next_state"]), dtype=bool)
+        steps = len(success)
+        copies.append({**rows, "task": np.full(steps, task, dtype=object),
+                       "instruction": np.full(steps, pick_instruction(task, split, first_id + offset, seed), dtype=object),
+                       "episode": np.full(steps, first_id + offset, dtype=np.int64),
+                       "reward": success.astype(np.float32), "success": success})
+    return copies
+
+
 @dataclass
 class SourceSummary:
     path: Path
@@ -197,8 +216,11 @@ class Collected:
     sources: list[SourceSummary]
 
 
-def collect(paths: list[Path], seed: int, valid_fraction: float) -> Collected:
-    """Read and validate every input file; rows of all files grouped by split."""
+def collect(paths: list[Path], seed: int, valid_fraction: float, relabel_goals: bool = False) -> Collected:
+    """Read and validate every input file; rows of all files grouped by split (with `relabel_goals`, every episode of
+    a multi-object scene once per goal of its scene: `goal_relabelled_rows`)."""
+    from data_prep.scenes import GOAL_TASKS
+
     sources = [read_robomimic_hdf5(p) for p in paths]  # validates headers before the long read
     labels = source_labels(paths)
     parts: dict[str, list[dict[str, np.ndarray]]] = {split: [] for split in SPLITS}
@@ -210,10 +232,13 @@ def collect(paths: list[Path], seed: int, valid_fraction: float) -> Collected:
             splits = episode_splits(source, valid_fraction, seed)
             for episode in source:
                 split = splits[episode.name]
-                parts[split].append(episode_rows(source, labels[path], episode, episode_id, split, seed))
-                summary.episodes[split] += 1
+                rows = episode_rows(source, labels[path], episode, episode_id, split, seed)
+                copies = goal_relabelled_rows(rows, episode_id, split, seed) if (
+                    relabel_goals and source.task in GOAL_TASKS) else [rows]
+                parts[split] += copies
+                summary.episodes[split] += len(copies)
                 summary.failed += int(episode.rewards[-1] <= 0)
-                episode_id += 1
+                episode_id += len(copies)
                 progress.update()
             summaries.append(summary)
     columns = {}
@@ -450,6 +475,7 @@ def preprocess(
     overwrite: bool = False,
     valid_fraction: float = 0.1,
     shard_rows: int = DEFAULT_SHARD_ROWS,
+    relabel_goals: bool = False,
 ) -> PreprocessResult:
     """Convert robomimic HDF5 files (or folders of them) into the dataset repo at `out`."""
     out = Path(out)
@@ -460,7 +486,7 @@ def preprocess(
     given = [Path(p) for p in inputs]
     found = find_inputs(given)
     check_output_dir(out, COMMAND, overwrite, inputs=[*given, *found])
-    collected = collect(found, seed, valid_fraction)
+    collected = collect(found, seed, valid_fraction, relabel_goals)
     tmp = temp_dir(out)
     try:
         (tmp / "data").mkdir()
@@ -527,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="validation share for files without mask/valid")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="max rows per parquet file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out written by vla-preprocess")
+    parser.add_argument("--relabel-goals", action="store_true",
+                        help="world-model data only: every multi-object scene episode once per goal of its scene, with "
+                             "that goal's instruction and success (never for policy data: it pairs instructions with "
+                             "episodes that do something else)")
     return parser
 
 
@@ -534,7 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
-        result = preprocess(args.inputs, args.out, args.seed, args.overwrite, args.valid_fraction, args.shard_rows)
+        result = preprocess(args.inputs, args.out, args.seed, args.overwrite, args.valid_fraction, args.shard_rows,
+                            args.relabel_goals)
         for split in SPLITS:
             print(f"{split}: {result.episodes[split]} episodes, {result.rows[split]} rows, {result.shards[split]} shard(s)")
         print(f"wrote {result.out}")

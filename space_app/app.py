@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -165,6 +166,17 @@ class DreamSession:
         self._lock = threading.Lock()  # one rollout at a time: the models are shared and the CPU is small
         self._models: dict[str, Any] = {}
 
+    def tasks(self) -> list[str]:
+        """The registered tasks both models were trained on (a multi-object scene appears once its models know it;
+        a model given by repo id, whose config is not read here, counts as knowing every task)."""
+        known = task_names()
+        for source in (self.config.world_model, self.config.policy):
+            config = Path(source) / "config.json"
+            if config.is_file():
+                trained = json.loads(config.read_text()).get("tasks") or known
+                known = [task for task in known if task in trained]
+        return known
+
     def model(self, kind: str) -> Any:
         if kind not in self._models:
             source = self.config.world_model if kind == "world" else self.config.policy
@@ -201,6 +213,8 @@ class DreamSession:
         return dream, twin
 
     def run(self, request: Request) -> Outcome:
+        if request.task not in self.tasks():
+            raise UserError(f"task {request.task!r}: the models were trained on {self.tasks()}")
         real = request.with_real and HAS_ROBOSUITE and request.start_kind == SEED
         title = f"dream: {shortened(request.instruction)!r} ({request.task}, {request.start_kind} {request.number})"
         every = math.ceil((request.horizon + 1) / VIDEO_MAX_FRAMES)
@@ -315,7 +329,7 @@ def build_app(session: DreamSession) -> Any:
         with gr.Row():
             with gr.Column(scale=1):
                 instruction = gr.Textbox(label="instruction", value=get_task("lift").instruction, max_length=MAX_INSTRUCTION)
-                task = gr.Dropdown(task_names(), value="lift", label="task")
+                task = gr.Dropdown(session.tasks(), value="lift", label="task (a scene's goals: cubes_red, ...)")
                 start_kind = gr.Radio([HELD_OUT, SEED], value=HELD_OUT, label="initial state")
                 number = gr.Number(value=0, precision=0, label="held-out episode index / simulator seed")
                 horizon = gr.Slider(1, max(get_task(t).horizon for t in task_names()), value=DEFAULT_HORIZON, step=1, label="max steps")

@@ -461,3 +461,24 @@ def test_linked_task_folders_are_searched(tmp_path):
     os.symlink("..", tmp_path / "raw_v2" / "square" / "loop")  # a cycle ends the walk instead of recursing forever
     found = pp.find_inputs([tmp_path / "raw_v2"])
     assert sorted(p.parent.name for p in found) == ["lift", "square"]
+
+
+def test_relabel_goals_shows_the_world_model_each_episode_under_every_goal_of_its_scene(tmp_path):
+    """Issue 46, point 4: two red-cube demos become four episodes: succeeding for the red goal's instructions, never
+    for the green goal's; the states are the same, the labels come from each goal's rule on the recorded states."""
+    fixture = FIXTURES / "tiny_cubes_red.hdf5"
+    pp.preprocess([fixture], tmp_path / "plain", seed=0)
+    pp.preprocess([fixture], tmp_path / "relabelled", seed=0, relabel_goals=True)
+    plain, relabelled = (pp.load_vla_dataset(tmp_path / name) for name in ("plain", "relabelled"))
+    rows = {split: relabelled[split].with_format("numpy")[:] for split in pp.SPLITS}
+    every = {k: np.concatenate([rows[s][k] for s in pp.SPLITS]) for k in ("task", "instruction", "episode", "success",
+                                                                           "reward", "state")}
+    assert len(set(every["episode"])) == 2 * sum(len(set(plain[s]["episode"])) for s in pp.SPLITS) == 4
+    red, green = every["task"] == "cubes_red", every["task"] == "cubes_green"
+    np.testing.assert_array_equal(every["state"][red], every["state"][green])  # the same steps, twice
+    assert every["success"][red].any() and not every["success"][green].any()
+    np.testing.assert_array_equal(every["reward"], every["success"].astype(np.float32))
+    plain_success = np.concatenate([plain[s].with_format("numpy")[:]["success"] for s in pp.SPLITS])
+    assert np.sum(plain_success != every["success"][red]) <= 1  # pose rule vs simulator: a threshold step at most
+    assert set(every["instruction"][green]) <= set(instructions_for("cubes_green", "train")
+                                                   + instructions_for("cubes_green", "validation"))

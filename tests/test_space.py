@@ -133,3 +133,13 @@ def test_figure_title_is_bounded_and_figures_leave_no_files(session, tmp_path: P
         assert outcome.trajectory.size[0] > 100 and outcome.uncertainty.size[0] > 100  # images, in memory
     assert all(len(title) < 100 for title in titles), titles
     assert list(temp.iterdir()) == []
+
+
+def test_only_the_tasks_both_models_know_are_offered(session) -> None:
+    """A multi-object scene's goals (registered tasks) appear once the Space's models were trained on them."""
+    import space_app.app as space
+    from common.errors import UserError
+
+    assert session.tasks() == ["lift"]
+    with pytest.raises(UserError, match=r"task 'cubes_red': the models were trained on \['lift'\]"):
+        session.run(space.check_request("Lift the red cube", "cubes_red", space.SEED, 0, 4, False))

@@ -731,3 +731,22 @@ def test_init_from_refuses_what_it_cannot_fine_tune(dataset: Path, tmp_path: Pat
         cfg = tiny_config(dataset, tmp_path / f"out{n}", model=kind, model_config=model_config, init_from=str(folder))
         with pytest.raises(UserError, match=re.escape(message)):
             ta.train(cfg)
+
+
+def test_fixed_instruction_trains_the_language_blind_control(dataset: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """fixed_instruction (issue 46's chance line): every batch of both splits carries the one string, nothing else."""
+    seen: list[str] = []
+    original = ta.WindowDataset.__getitems__
+
+    def spy(self, indices):
+        batch = original(self, indices)
+        seen.extend(batch["instruction"])
+        return batch
+
+    monkeypatch.setattr(ta.WindowDataset, "__getitems__", spy)
+    ta.train(tiny_config(dataset, tmp_path / "blind", model="mlp", max_steps=2, eval_every=2, save_every=2,
+                         fixed_instruction="Do the task."))
+    assert seen and set(seen) == {"Do the task."}
+    with pytest.raises(UserError, match="fixed_instruction=' ', expected a non-empty string or null"):
+        tiny_config(dataset, tmp_path / "bad", fixed_instruction=" ").validate("cfg")
