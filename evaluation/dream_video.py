@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.tasks import STATE_SLICES, get_task, rot6_to_matrix
+from data_prep.scenes import GOAL_TASKS, get_scene
+from data_prep.tasks import STATE_SLICES, get_task, rot6_to_matrix, slot_offset
 from evaluation.arm_ik import ArmIK, IKResult
 from evaluation.records import EpisodeRecord
 from evaluation.video import RenderingUnavailable, attach_offscreen_context, open_writer, shown_steps, video_path
@@ -49,26 +50,31 @@ EEF_BLOCKS = ("eef pos", "eef rot")
 
 @dataclass(frozen=True)
 class ObjectSlot:
-    """One object of the state: the robosuite object (root body `<name>_main`) and its STATE_SLICES blocks."""
+    """One object of the state: the robosuite object (root body `<name>_main`) and where its pose is in the state."""
 
     name: str
-    pos: str = "object pos"
-    rot: str = "object rot"
+    pos: slice
+    rot: slice
 
 
 def object_slots(task: str) -> tuple[ObjectSlot, ...]:
-    """The objects a task's state holds: its robosuite object, named by its first observation key (`cube_pos`)."""
-    return (ObjectSlot(get_task(task).object_keys[0].removesuffix("_pos")),)
+    """The objects a task's state holds, in slot order: a scene's objects, or a one-object task's robosuite object
+    named by its first observation key (`cube_pos`)."""
+    names = (get_scene(GOAL_TASKS[task][0]).objects if task in GOAL_TASKS
+             else (get_task(task).object_keys[0].removesuffix("_pos"),))
+    return tuple(ObjectSlot(name, slice(slot_offset(i), slot_offset(i) + 3), slice(slot_offset(i) + 3, slot_offset(i) + 9))
+                 for i, name in enumerate(names))
 
 
-def pose_blocks(task: str) -> tuple[str, ...]:
-    """STATE_SLICES names of every pose in the state (the end effector's, then each object's position and rot6)."""
-    return EEF_BLOCKS + tuple(name for slot in object_slots(task) for name in (slot.pos, slot.rot))
+def pose_slices(task: str) -> tuple[slice, ...]:
+    """Every pose in the state: the end effector's, then each object's position and rot6."""
+    return tuple(STATE_SLICES[name] for name in EEF_BLOCKS) + tuple(
+        part for slot in object_slots(task) for part in (slot.pos, slot.rot))
 
 
 def pose_std(std: np.ndarray, task: str) -> np.ndarray:
     """[T, 83] ensemble std -> [T]: summed over the pose dims (the strip's curve)."""
-    return sum(np.asarray(std)[:, STATE_SLICES[name]].sum(axis=1) for name in pose_blocks(task))
+    return sum(np.asarray(std)[:, part].sum(axis=1) for part in pose_slices(task))
 
 
 @dataclass
@@ -115,8 +121,8 @@ class DreamScene:
         qpos = self.data.qpos
         for slot, address in self.objects:
             quat = np.zeros(4)
-            self.mujoco.mju_mat2Quat(quat, rot6_to_matrix(state[STATE_SLICES[slot.rot]]).reshape(-1))
-            qpos[address : address + 7] = np.concatenate([state[STATE_SLICES[slot.pos]], quat])  # w x y z
+            self.mujoco.mju_mat2Quat(quat, rot6_to_matrix(state[slot.rot]).reshape(-1))
+            qpos[address : address + 7] = np.concatenate([state[slot.pos], quat])  # w x y z
         qpos[self.gripper] = np.clip(state[STATE_SLICES["gripper"]], *self.gripper_range)
         eef_pos, eef_rot = state[STATE_SLICES["eef pos"]], rot6_to_matrix(state[STATE_SLICES["eef rot"]])
         ik = self.ik.solve(eef_pos, eef_rot)

@@ -32,7 +32,7 @@ def magenta_pixels(image: np.ndarray) -> int:
     return int(((r > MAGENTA[0]) & (b > MAGENTA[0]) & (g < MAGENTA[1])).sum())
 
 
-@pytest.mark.parametrize("task", ["lift", "square"])
+@pytest.mark.parametrize("task", ["lift", "square", "cubes_green"])
 def test_scene_places_the_object_and_fingers_at_the_dreamed_pose(task: str) -> None:
     scene = DreamScene(task, seed=3)
     try:
@@ -42,7 +42,9 @@ def test_scene_places_the_object_and_fingers_at_the_dreamed_pose(task: str) -> N
         state[STATE_SLICES["object rot"]] = quat_to_rot6(rotation.as_quat())  # x y z w
         state[STATE_SLICES["gripper"]] = (0.02, -0.02)
         frame = scene.pose(state)
-        (slot,) = object_slots(task)
+        slot = object_slots(task)[0]  # slot 0 (the cubes scene: the red cube; the green one stays where it was)
+        assert [s.name for s in object_slots(task)] == {"lift": ["cube"], "square": ["SquareNut"],
+                                                          "cubes_green": ["cubeA", "cubeB"]}[task]
         body = scene.model.body(f"{slot.name}_main").id
         np.testing.assert_allclose(scene.data.xpos[body], (0.05, -0.08, 0.95), atol=1e-9)
         np.testing.assert_allclose(scene.data.xmat[body].reshape(3, 3), rotation.as_matrix(), atol=1e-6)
