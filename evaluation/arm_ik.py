@@ -13,6 +13,7 @@ after frame warm-starts each frame from the previous solution (with restarts whe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ MAX_ITERATIONS = 150
 DAMPING = 0.05  # d of the damped least squares: steady near singular poses, still exact away from them
 MAX_JOINT_STEP = 0.2  # rad per iteration: large errors are approached in steps, not one linearised jump
 NULL_SPACE_GAIN = 0.1  # pull of the spare degree of freedom towards the rest posture, per iteration
+RANDOM_RESTARTS = 8  # random joint configurations tried when the warm starts miss (fixed seed: the same video twice)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class IKResult:
     position_error: float  # m, end-effector site to the target position
     orientation_error: float  # degrees, hand body to the target orientation
     iterations: int
+    random_start: bool = False  # the joints came from a random restart (the warm starts all missed)
 
     @property
     def ok(self) -> bool:
@@ -58,7 +61,7 @@ def rotation_error(target: np.ndarray, current: np.ndarray) -> np.ndarray:
 class ArmIK:
     """Damped-least-squares IK on the arm joints of a robosuite env's first robot (see the module docstring)."""
 
-    def __init__(self, env: Any):
+    def __init__(self, env: Any, random_restarts: int = RANDOM_RESTARTS):
         import mujoco
 
         self.mujoco = mujoco
@@ -73,6 +76,7 @@ class ArmIK:
         self.body = int(self.model.body(robot.robot_model.eef_name[arm]).id)
         self.rest = np.clip(np.asarray(robot.init_qpos, dtype=np.float64), self.low, self.high)
         self.last_reached: np.ndarray | None = None  # the joints of the last solve that reached its target
+        self.random_restarts = random_restarts
         self._jacp = np.zeros((3, self.model.nv))
         self._jacr = np.zeros((3, self.model.nv))
 
@@ -83,19 +87,24 @@ class ArmIK:
     def solve(self, position: np.ndarray, rotation: np.ndarray, max_iterations: int = MAX_ITERATIONS) -> IKResult:
         """Move the arm joints (in the simulator's qpos) to the target; the other joints are left as they are.
 
-        Starts from the joints the simulator holds; if that misses, from the last pose that reached its target and
-        then from the rest posture (a miss can leave the arm stretched against its joint limits, a dead end for the
-        frames after it). The arm is left at the best of these tries.
+        Starts from the joints the simulator holds; if that misses, from the last pose that reached its target, then
+        from the rest posture (a miss can leave the arm stretched against its joint limits, a dead end for the frames
+        after it), then from `random_restarts` random joint configurations (a target none of them reaches is most
+        likely out of the arm's reach, not a local minimum). The arm is left at the best of these tries
+        (`IKResult.random_start`: it came from a random restart).
         """
         position = np.asarray(position, dtype=np.float64)
         rotation = np.asarray(rotation, dtype=np.float64)
+        rng = np.random.default_rng(0)
+        warm = [(self.data.qpos[self.qpos].astype(np.float64), False), (self.last_reached, False), (self.rest, False)]
+        randoms = [(rng.uniform(self.low, self.high), True) for _ in range(self.random_restarts)]
         best_q, best = None, None
-        for start in (self.data.qpos[self.qpos].astype(np.float64), self.last_reached, self.rest):
+        for start, random_start in warm + randoms:
             if start is None:
                 continue
             q, result = self._descend(np.clip(start, self.low, self.high), position, rotation, max_iterations)
             if best is None or result.score < best.score:
-                best_q, best = q, result
+                best_q, best = q, dataclasses.replace(result, random_start=random_start)
             if result.ok:
                 break
         if best.ok:

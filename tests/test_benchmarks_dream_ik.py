@@ -33,7 +33,8 @@ def test_counts_reached_frames_per_task(tmp_path: Path, capsys: pytest.CaptureFi
     (row,) = json.loads((tmp_path / "ik.json").read_text())
     assert (row["task"], row["dreams"], row["frames"], row["reached"]) == ("lift", 1, 4, 3)  # real episodes not posed
     assert row["position_cm"][2] > 10  # the unreachable frame's error, in cm (the arm stretched towards it)
-    assert "| lift | 1 | 4 | 3 (75.0 %) |" in capsys.readouterr().out
+    assert row["reached_by_random_restart"] == 0  # the warm start reaches the others; no restart reaches the far one
+    assert "| lift | 1 | 4 | 3 (75.0 %) | 0 | 1 |" in capsys.readouterr().out
 
 
 def test_a_folder_without_dreams_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
