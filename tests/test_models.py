@@ -842,3 +842,38 @@ def test_vla_with_a_bf16_backbone_trains_its_adapters_in_fp32(tiny_llama):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.7 * losses[0], losses
     actions = model.predict_actions(torch.randn(3, STATE_DIM), ["Lift the red cube", "lift it", "lift it"])
     assert actions.dtype == torch.float32 and torch.isfinite(actions).all()
+
+
+def test_world_model_success_head_reads_the_goal_from_the_instruction():
+    """Issue 46: two cubes, the same states under two instructions (relabelled episodes): the success head must say
+    "red lifted" for the red instruction and "green lifted" for the green one, which only the words tell apart."""
+    gen = torch.Generator().manual_seed(0)
+    batch, red_z, green_z = 256, 11 + 2, 11 + 18 + 2  # the cubes' heights: slot 0 and slot 1 of the state
+    mask = torch.zeros(STATE_DIM)
+    mask[: 11 + 12] = 1.0
+    mask[11 + 18 : 11 + 18 + 12] = 1.0
+    def heights(n: int) -> torch.Tensor:  # everything still but the two cubes' heights
+        state = torch.zeros(n, STATE_DIM)
+        state[:, [red_z, green_z]] = torch.randn(n, 2, generator=gen)
+        return state
+
+    state = heights(batch)
+    next_states = state.unsqueeze(1).repeat(1, 2, 1)
+    goals = ["Lift the red cube", "Lift the green cube"]
+    instruction = [goals[i % 2] for i in range(batch)]
+    red = torch.tensor([i % 2 == 0 for i in range(batch)])
+    lifted = torch.where(red, next_states[..., 0, red_z], next_states[..., 0, green_z]) > 0
+    data = {"instruction": instruction, "state": state, "state_mask": mask.expand(batch, -1),
+            "actions": torch.zeros(batch, 2, ACTION_DIM), "next_states": next_states, "step_mask": torch.ones(batch, 2),
+            "success": lifted.float().unsqueeze(1).repeat(1, 2), "done": torch.zeros(batch, 2)}
+    torch.manual_seed(0)
+    model = WorldModel(tiny_world_config(multi_step=2))
+    train_losses(model, data, steps=150, lr=1e-2)
+    test_state = heights(batch)
+    for goal, z in zip(goals, (red_z, green_z), strict=True):
+        _, _, p_success, _ = model.step(test_state, torch.zeros(batch, ACTION_DIM), [goal] * batch,
+                                        state_mask=mask.expand(batch, -1))
+        label = test_state[:, z] > 0
+        predicted = p_success > 0.5
+        balanced = ((predicted & label).sum() / label.sum() + (~predicted & ~label).sum() / (~label).sum()) / 2
+        assert balanced > 0.9, (goal, balanced)
