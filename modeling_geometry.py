@@ -39,6 +39,20 @@ def relative_yaw_features(state: torch.Tensor, harmonics: Sequence[int], sawtoot
     return torch.cat(parts, -1)
 
 
+def layout_mask(state: torch.Tensor) -> torch.Tensor:
+    """The state mask read off states of the default layout [..., 83]: 1 for the robot, for every entry of a filled
+    object slot and 0 for an empty slot (all zeros), except a slot's relative rotation when it is all zeros (a cube's
+    padding: a real rot6 has unit columns, never all zeros). Exactly `data_prep.tasks.state_mask` of the state's task
+    (tests/test_tasks.py), so a policy given only a state masks it as it was trained (the mask depends on the scene,
+    never on the goal)."""
+    objects = state[..., OBJECT_POS_OFFSET:].unflatten(-1, (MAX_SLOTS, SLOT_DIM))
+    rel = RELATIVE_ROT6_OFFSET - OBJECT_POS_OFFSET
+    filled = (objects != 0).any(-1, keepdim=True).to(state.dtype)
+    rotation = (objects[..., rel : rel + 6] != 0).any(-1, keepdim=True).to(state.dtype)
+    slots = torch.cat([filled.expand(*filled.shape[:-1], rel), rotation.expand(*rotation.shape[:-1], 6)], -1)
+    return torch.cat([torch.ones_like(state[..., :OBJECT_POS_OFFSET]), slots.flatten(-2)], -1)
+
+
 def rot6_to_matrix(rot6: torch.Tensor) -> torch.Tensor:
     """6-D rotations [..., 6] -> rotation matrices [..., 3, 3] (Gram-Schmidt, so imagined columns need not be exact)."""
     col0 = rot6[..., 0:3] / rot6[..., 0:3].norm(dim=-1, keepdim=True).clamp(min=1e-12)

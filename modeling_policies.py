@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 try:  # inside a saved model folder (loaded as a package by trust_remote_code)
-    from .configuration_vla import MLPPolicyConfig, VLAConfig
-    from .modeling_geometry import relative_yaw_features
+    from .configuration_vla import DEFAULT_STATE_DIM, DEFAULT_STATE_LAYOUT, MLPPolicyConfig, VLAConfig
+    from .modeling_geometry import layout_mask, relative_yaw_features
     from .modeling_prefix import PREFIX_ATTENTION, InstructionPrefix
     from .modeling_shared import (
         NormalizedModelMixin,
@@ -34,8 +34,8 @@ try:  # inside a saved model folder (loaded as a package by trust_remote_code)
         valid_steps,
     )
 except ImportError:  # inside the project
-    from configuration_vla import MLPPolicyConfig, VLAConfig
-    from modeling_geometry import relative_yaw_features
+    from configuration_vla import DEFAULT_STATE_DIM, DEFAULT_STATE_LAYOUT, MLPPolicyConfig, VLAConfig
+    from modeling_geometry import layout_mask, relative_yaw_features
     from modeling_prefix import PREFIX_ATTENTION, InstructionPrefix
     from modeling_shared import (
         NormalizedModelMixin,
@@ -69,9 +69,17 @@ class ChunkPolicyMixin(NormalizedModelMixin):
     def _state_input(
         self, state: torch.Tensor, state_mask: torch.Tensor | None, prev_state: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """[normalised s_t] or, with config.velocity_input, [normalised s_t, v_t]; prev_state None = at rest."""
+        """[normalised s_t] or, with config.velocity_input, [normalised s_t, v_t]; prev_state None = at rest.
+
+        Without `state_mask` (a policy acting: it sees a state, not its task), the mask is read off the state
+        (`layout_mask`), as the training rows' masks were: padding and empty slots normalise to 0 either way."""
         self._check_layout(state)
-        mask = torch.ones_like(state) if state_mask is None else torch.as_tensor(state_mask, dtype=state.dtype, device=state.device)
+        if state_mask is not None:
+            mask = torch.as_tensor(state_mask, dtype=state.dtype, device=state.device)
+        elif self.config.state_layout == DEFAULT_STATE_LAYOUT and state.shape[-1] == DEFAULT_STATE_DIM:
+            mask = layout_mask(state)
+        else:
+            mask = torch.ones_like(state)
         normalized = self.normalize_state(state, mask)
         prev = self._prev_state(state, prev_state)  # checked even when unread: a wrong shape is a caller's bug
         parts = [normalized]

@@ -877,3 +877,18 @@ def test_world_model_success_head_reads_the_goal_from_the_instruction():
         predicted = p_success > 0.5
         balanced = ((predicted & label).sum() / label.sum() + (~predicted & ~label).sum() / (~label).sum()) / 2
         assert balanced > 0.9, (goal, balanced)
+
+
+def test_an_acting_policy_masks_padding_and_empty_slots_as_in_training():
+    """Given only a state, a policy reads its mask off it (layout_mask): a Lift state's empty slots and padding
+    normalise to 0, not to (0 - mean) / std of another scene's objects (issue 46: slot 1 holds the cubes scene's)."""
+    torch.manual_seed(0)
+    config = MLPPolicyConfig(hidden_dim=16, num_layers=1, chunk_size=2, state_mean=[0.8] * STATE_DIM,
+                             state_std=[0.02] * STATE_DIM)
+    model = MLPPolicy(config).eval()
+    state = torch.zeros(2, STATE_DIM)
+    state[:, : 11 + 12] = torch.rand(2, 11 + 12) + 0.5  # the robot and a cube: slot 0's first 12 numbers
+    lift_mask = (torch.arange(STATE_DIM) < 11 + 12).float().expand(2, -1)
+    acting = model.predict_actions(state, INSTRUCTIONS[0])
+    torch.testing.assert_close(acting, model.predict_actions(state, INSTRUCTIONS[0], state_mask=lift_mask))
+    assert not torch.allclose(acting, model.predict_actions(state, INSTRUCTIONS[0], state_mask=torch.ones(2, STATE_DIM)))

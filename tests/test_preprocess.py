@@ -482,3 +482,15 @@ def test_relabel_goals_shows_the_world_model_each_episode_under_every_goal_of_it
     assert np.sum(plain_success != every["success"][red]) <= 1  # pose rule vs simulator: a threshold step at most
     assert set(every["instruction"][green]) <= set(instructions_for("cubes_green", "train")
                                                    + instructions_for("cubes_green", "validation"))
+
+
+def test_every_rows_mask_is_the_one_a_policy_reads_off_its_state(converted):
+    """Acting, a policy sees only the state (modeling_geometry.layout_mask); training rows carry the dataset's mask."""
+    import torch
+
+    from modeling_geometry import layout_mask
+
+    _, rows = converted
+    for split in pp.SPLITS:
+        state, mask = rows[split]["state"], rows[split]["state_mask"]
+        np.testing.assert_array_equal(layout_mask(torch.as_tensor(state)).numpy(), mask)

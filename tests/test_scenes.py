@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from common.errors import UserError
 from data_prep.experts_multi import CLEARANCE, Block, clearance, clearest_yaw, make_scene_expert
@@ -19,6 +20,7 @@ from data_prep.scenes import (
 )
 from data_prep.sim import make_env
 from data_prep.tasks import get_task, state_from_obs
+from modeling_geometry import layout_mask
 
 UPRIGHT = np.array([0.0, 0.0, 0.0, 1.0])  # x y z w
 FAR_EEF = np.array([-0.1, 0.0, 1.1])  # the gripper well away from every object (it has let go)
@@ -149,6 +151,7 @@ def test_initial_state_is_the_same_for_every_goal(scene: str) -> None:
                        state_from_obs(obs, task)))
         sim.env.close()
     first_state, first_obs, (first_model_state, first_mask) = states[0]
+    np.testing.assert_array_equal(layout_mask(torch.as_tensor(first_model_state)).numpy(), first_mask)
     assert first_mask.sum() == 11 + sum(get_task(f"{scene}_{next(iter(SCENES[scene].goals))}").state_slot_dims)
     for state, obs, (model_state, mask) in states[1:]:
         np.testing.assert_array_equal(state, first_state)

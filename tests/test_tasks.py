@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 
 from common.errors import UserError
@@ -22,6 +23,7 @@ from data_prep.tasks import (
     success_from_state,
     task_names,
 )
+from modeling_geometry import layout_mask
 
 
 @pytest.mark.parametrize("task", ["lift", "can", "square"])
@@ -40,6 +42,7 @@ def test_live_robosuite_observation_follows_robomimic_object_order(task: str) ->
     assert np.abs(obs[relative]).sum() > 0, "object-to-eef entries must be observed after reset, not zeros"
     assert state.shape == mask.shape == (STATE_DIM,)
     assert mask.sum() == (ROBOT_DIM + 12 if task == "lift" else ROBOT_DIM + SLOT_DIM)  # slot 0 only
+    np.testing.assert_array_equal(layout_mask(torch.as_tensor(state)).numpy(), mask)  # what an acting policy uses
     assert not state[ROBOT_DIM + SLOT_DIM :].any(), "the other slots of a one-object scene are empty"
 
 
