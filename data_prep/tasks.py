@@ -335,14 +335,15 @@ def scene_expert(scene: str, goal: str) -> Callable[..., Any]:
 def register_scene(scene: scenes.SceneSpec) -> None:
     """Register every goal of `scene` as the task "<scene>_<goal>" (the same env, state and expert code per goal)."""
     keys = [scene.object_keys(slot) for slot in scene.slots]
-    widths = [10 if scene.relative_pose_frame == "world" else 14 for _ in keys]  # pos, quat, relative pos (, quat)
-    starts = np.cumsum([0, *widths[:-1]])
-    quats = tuple(int(q) for start in starts for q in ((start + 3,) if scene.relative_pose_frame == "world"
-                                                          else (start + 3, start + 10)))
+    flat = [key for slot_keys in keys for key in slot_keys]
+    key_widths = [QUAT_DIM if key.endswith("_quat") else 3 for key in flat]  # positions 3, quaternions 4
+    offsets = np.cumsum([0, *key_widths[:-1]])
+    quats = tuple(int(offset) for offset, key in zip(offsets, flat, strict=True) if key.endswith("_quat"))
+    widths = [sum(QUAT_DIM if key.endswith("_quat") else 3 for key in slot_keys) for slot_keys in keys]
     for goal in scene.goals.values():
         register_task(TaskSpec(
             name=f"{scene.name}_{goal.name}", env_name=scene.env_name, horizon=scene.horizon,
-            env_kwargs=dict(scene.env_kwargs), object_dim=sum(widths), object_keys=tuple(k for ks in keys for k in ks),
+            env_kwargs=dict(scene.env_kwargs), object_dim=sum(widths), object_keys=tuple(flat),
             object_quats=quats, slot_widths=tuple(widths), relative_pose_frame=scene.relative_pose_frame,
             instructions=Instructions(goal.instruction, train=goal.train, validation=goal.validation),
             success_rule=GoalRule(scene.name, goal.name, scene.slots.index(goal.slot)),
